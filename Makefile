@@ -1,0 +1,33 @@
+# Quick start: `make demo` and `make test` on a fresh machine (both set up .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedrec-installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency declarations change; a no-op (well under a second) otherwise.
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) scripts/demo.py --logdir runs/demo
+
+lint: install
+	$(PY) -m ruff check fedrec privacy scripts tests bench
+	$(PY) -m ruff format --check fedrec privacy scripts tests bench
+	$(PY) -m mypy fedrec privacy
+
+test: install lint
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,1 @@
+"""privacy: differential privacy and encrypted aggregation, usable without fedrec."""
