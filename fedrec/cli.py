@@ -16,12 +16,16 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     """Parser with the flags every training script shares; trailing ``dotted.key=value`` overrides."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/flags.md)")
-    parser.add_argument("--logdir", required=True, help="directory for summary.json, TensorBoard, checkpoints")
+    parser.add_argument(
+        "--logdir", required=True, help="directory for summary.json, TensorBoard, checkpoints"
+    )
     parser.add_argument("--devices", default="cpu", help="'cpu', a CUDA index '0', or a list '0,1'")
     parser.add_argument("--num_eval_batches", type=int, default=None, help="cap evaluation batches")
     parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     parser.add_argument("--resume", action="store_true", help="continue from LOGDIR's last checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.05")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.05"
+    )
     return parser
 
 
@@ -43,7 +47,9 @@ def parse_devices(spec: str) -> list[torch.device]:
     try:
         indices = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise ConfigError(f"--devices {spec!r}: expected 'cpu', a CUDA index like '0', or a list like '0,1'") from None
+        raise ConfigError(
+            f"--devices {spec!r}: expected 'cpu', a CUDA index like '0', or a list like '0,1'"
+        ) from None
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for index in indices:
         if index < 0 or index >= available:

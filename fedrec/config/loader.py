@@ -80,7 +80,9 @@ def build_model_section(data: Any, path: str = "model") -> ModelSection:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{path}' = {data!r}: expected a mapping with a 'name'")
     if "name" not in data:
-        raise ConfigError(f"config key '{path}.name' is required (known models: {', '.join(registry.names('model'))})")
+        raise ConfigError(
+            f"config key '{path}.name' is required (known models: {', '.join(registry.names('model'))})"
+        )
     name = coerce(data["name"], str, f"{path}.name")
     try:
         model_cls = registry.lookup("model", name)

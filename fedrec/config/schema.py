@@ -93,7 +93,9 @@ class TrainConfig:
         for key in ("max_steps", "num_eval_batches", "eval_every", "num_threads"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer or null")
+                raise ConfigError(
+                    f"config key '{path}.{key}' = {value!r}: expected a positive integer or null"
+                )
         if self.lr <= 0:
             raise ConfigError(f"config key '{path}.lr' = {self.lr!r}: expected a positive number")
         if self.weight_decay < 0:

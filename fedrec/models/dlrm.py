@@ -1,0 +1,189 @@
+"""DLRM: Deep Learning Recommendation Model (Naumov et al. 2019, arXiv:1906.00091).
+
+Named parts as in TorchRec: a sparse arch (one EmbeddingBag per categorical feature), a dense arch
+(bottom MLP over the dense features), the feature interaction (pairwise dot products or
+concatenation) and the over arch (top MLP). The default configuration is the DLRM Kaggle reference:
+bottom 13-512-256-64-16, top 367-512-256-1, binary cross-entropy. No transport or privacy code here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrec import registry
+from fedrec.errors import ConfigError
+from fedrec.models.layers import MLP
+
+
+@dataclass
+class DLRMConfig:
+    """``model:`` keys of DLRM (the seed's names)."""
+
+    arch_sparse_feature_size: int = 16
+    arch_mlp_bot: list[int] = field(default_factory=lambda: [13, 512, 256, 64, 16])
+    arch_mlp_top: list[int] = field(default_factory=lambda: [367, 512, 256, 1])
+    arch_interaction_op: Literal["dot", "cat"] = "dot"
+    arch_interaction_itself: bool = False
+    sigmoid_bot: Literal["relu", "sigmoid", "none"] = "relu"  # activation after the bottom MLP
+    sigmoid_top: Literal["sigmoid", "none"] = "sigmoid"  # output activation of the top MLP
+    loss_function: Literal["bce", "mse"] = "bce"
+    embedding_rows: int | None = None  # cap on rows per table (hashing); null = the data's vocabulary
+
+    def validate(self, path: str) -> None:
+        if self.arch_sparse_feature_size < 1:
+            raise ConfigError(
+                f"config key '{path}.arch_sparse_feature_size' = {self.arch_sparse_feature_size!r}: "
+                "expected a positive integer"
+            )
+        for key in ("arch_mlp_bot", "arch_mlp_top"):
+            widths = getattr(self, key)
+            if len(widths) < 2 or any(w < 1 for w in widths):
+                raise ConfigError(
+                    f"config key '{path}.{key}' = {widths!r}: expected at least two positive layer widths"
+                )
+        if self.arch_mlp_bot[-1] != self.arch_sparse_feature_size:
+            raise ConfigError(
+                f"config key '{path}.arch_mlp_bot' = {self.arch_mlp_bot!r}: last width must equal "
+                f"arch_sparse_feature_size ({self.arch_sparse_feature_size})"
+            )
+        if self.arch_mlp_top[-1] != 1:
+            raise ConfigError(
+                f"config key '{path}.arch_mlp_top' = {self.arch_mlp_top!r}: last width must be 1 (one score)"
+            )
+        if self.embedding_rows is not None and self.embedding_rows < 1:
+            raise ConfigError(
+                f"config key '{path}.embedding_rows' = {self.embedding_rows!r}: expected a positive integer or null"
+            )
+
+
+def interaction_size(op: str, num_vectors: int, dim: int, itself: bool) -> int:
+    """Width of the interaction output for ``num_vectors`` vectors of size ``dim``."""
+    if op == "cat":
+        return num_vectors * dim
+    pairs = num_vectors * (num_vectors + 1) // 2 if itself else num_vectors * (num_vectors - 1) // 2
+    return dim + pairs
+
+
+class SparseArch(nn.Module):
+    """One sum-pooled EmbeddingBag per categorical feature (DLRM-reference uniform initialisation)."""
+
+    def __init__(self, table_sizes: list[int], dim: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.tables = nn.ModuleList()
+        for rows in table_sizes:
+            table = nn.EmbeddingBag(rows, dim, mode="sum")
+            bound = math.sqrt(1.0 / rows)
+            with torch.no_grad():
+                table.weight.uniform_(-bound, bound, generator=generator)
+            self.tables.append(table)
+
+    def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:
+        """``sparse``: [B, num_tables] indices, one per table -> list of [B, dim]."""
+        batch = sparse.shape[0]
+        offsets = torch.arange(batch, device=sparse.device)
+        return [table(sparse[:, t].contiguous(), offsets) for t, table in enumerate(self.tables)]
+
+
+class InteractionArch(nn.Module):
+    """Pairwise dot products of all vectors (plus the dense vector) or their concatenation."""
+
+    def __init__(self, op: str, itself: bool):
+        super().__init__()
+        self.op = op
+        self.itself = itself
+
+    def forward(self, dense: torch.Tensor, embedded: list[torch.Tensor]) -> torch.Tensor:
+        if self.op == "cat":
+            return torch.cat([dense, *embedded], dim=1)
+        vectors = torch.stack([dense, *embedded], dim=1)  # [B, n, d]
+        products = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, n, n]
+        n = vectors.shape[1]
+        rows, cols = torch.tril_indices(n, n, offset=0 if self.itself else -1, device=dense.device)
+        return torch.cat([dense, products[:, rows, cols]], dim=1)
+
+
+@registry.load("model", "dlrm")
+class DLRM(nn.Module):
+    """DLRM for click-through rate: ``forward(batch)`` returns one raw score per example."""
+
+    Config = DLRMConfig
+    TASK = "ctr"
+
+    def __init__(self, config: DLRMConfig, *, table_sizes: list[int], seed: int | None = None):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        num_vectors = len(table_sizes) + 1
+        expected = interaction_size(
+            config.arch_interaction_op,
+            num_vectors,
+            config.arch_sparse_feature_size,
+            config.arch_interaction_itself,
+        )
+        if config.arch_mlp_top[0] != expected:
+            raise ConfigError(
+                f"config key 'model.arch_mlp_top' = {config.arch_mlp_top!r}: first width must equal the "
+                f"interaction output size {expected} for {len(table_sizes)} tables"
+            )
+        if config.embedding_rows is not None:
+            table_sizes = [min(rows, config.embedding_rows) for rows in table_sizes]
+        self.config = config
+        self.table_sizes = list(table_sizes)
+        self.sparse_arch = SparseArch(self.table_sizes, config.arch_sparse_feature_size, generator)
+        self.dense_arch = MLP(config.arch_mlp_bot, config.sigmoid_bot, generator)
+        self.interaction = InteractionArch(config.arch_interaction_op, config.arch_interaction_itself)
+        self.over_arch = MLP(config.arch_mlp_top, "none", generator)
+
+    @classmethod
+    def check_config(cls, config: DLRMConfig, dataset_cls: Any, path: str) -> None:
+        """Check the architecture against the dataset's feature counts (before any data is read)."""
+        if getattr(dataset_cls, "TASK", None) != cls.TASK:
+            raise ConfigError(
+                f"config key '{path}.preproc.dataset': model 'dlrm' needs a click-through dataset (criteo), "
+                f"got {getattr(dataset_cls, 'TASK', '?')!r} data"
+            )
+        if config.arch_mlp_bot[0] != dataset_cls.NUM_DENSE:
+            raise ConfigError(
+                f"config key '{path}.arch_mlp_bot' = {config.arch_mlp_bot!r}: first width must equal the "
+                f"number of dense features ({dataset_cls.NUM_DENSE})"
+            )
+        expected = interaction_size(
+            config.arch_interaction_op,
+            dataset_cls.NUM_SPARSE + 1,
+            config.arch_sparse_feature_size,
+            config.arch_interaction_itself,
+        )
+        if config.arch_mlp_top[0] != expected:
+            raise ConfigError(
+                f"config key '{path}.arch_mlp_top' = {config.arch_mlp_top!r}: first width must equal the "
+                f"interaction output size ({expected} for {config.arch_interaction_op!r} over "
+                f"{dataset_cls.NUM_SPARSE} tables + dense, dim {config.arch_sparse_feature_size})"
+            )
+
+    @classmethod
+    def from_data(cls, config: DLRMConfig, meta: dict[str, Any], *, seed: int | None = None) -> DLRM:
+        return cls(config, table_sizes=list(meta["table_sizes"]), seed=seed)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dense = self.dense_arch(batch["dense"])
+        sparse = batch["sparse"]
+        if self.config.embedding_rows is not None:
+            sparse = sparse % self.config.embedding_rows
+        embedded = self.sparse_arch(sparse)
+        return self.over_arch(self.interaction(dense, embedded)).squeeze(1)
+
+    def predict(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores -> click probabilities (or raw outputs when sigmoid_top is 'none')."""
+        return torch.sigmoid(scores) if self.config.sigmoid_top == "sigmoid" else scores
+
+    def loss(self, scores: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if self.config.loss_function == "bce":
+            if self.config.sigmoid_top == "sigmoid":
+                return F.binary_cross_entropy_with_logits(scores, labels, reduction=reduction)
+            return F.binary_cross_entropy(scores.clamp(1e-7, 1 - 1e-7), labels, reduction=reduction)
+        return F.mse_loss(self.predict(scores), labels, reduction=reduction)
