@@ -57,9 +57,7 @@ def lookup(kind: str, name: str) -> Any:
         known = sorted(_REGISTRY[kind])
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RegistryError(
-            f"unknown {kind} {name!r}{hint}; known: {', '.join(known) or 'none'}"
-        ) from None
+        raise RegistryError(f"unknown {kind} {name!r}{hint}; known: {', '.join(known) or 'none'}") from None
 
 
 def names(kind: str) -> list[str]:

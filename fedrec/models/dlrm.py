@@ -73,11 +73,13 @@ def interaction_size(op: str, num_vectors: int, dim: int, itself: bool) -> int:
 class SparseArch(nn.Module):
     """One sum-pooled EmbeddingBag per categorical feature (DLRM-reference uniform initialisation)."""
 
-    def __init__(self, table_sizes: list[int], dim: int, generator: torch.Generator | None = None):
+    def __init__(
+        self, table_sizes: list[int], dim: int, generator: torch.Generator | None = None, sparse: bool = False
+    ):
         super().__init__()
         self.tables = nn.ModuleList()
         for rows in table_sizes:
-            table = nn.EmbeddingBag(rows, dim, mode="sum")
+            table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse)
             bound = math.sqrt(1.0 / rows)
             with torch.no_grad():
                 table.weight.uniform_(-bound, bound, generator=generator)
@@ -115,7 +117,9 @@ class DLRM(nn.Module):
     Config = DLRMConfig
     TASK = "ctr"
 
-    def __init__(self, config: DLRMConfig, *, table_sizes: list[int], seed: int | None = None):
+    def __init__(
+        self, config: DLRMConfig, *, table_sizes: list[int], seed: int | None = None, sparse: bool = False
+    ):
         super().__init__()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         num_vectors = len(table_sizes) + 1
@@ -134,7 +138,7 @@ class DLRM(nn.Module):
             table_sizes = [min(rows, config.embedding_rows) for rows in table_sizes]
         self.config = config
         self.table_sizes = list(table_sizes)
-        self.sparse_arch = SparseArch(self.table_sizes, config.arch_sparse_feature_size, generator)
+        self.sparse_arch = SparseArch(self.table_sizes, config.arch_sparse_feature_size, generator, sparse)
         self.dense_arch = MLP(config.arch_mlp_bot, config.sigmoid_bot, generator)
         self.interaction = InteractionArch(config.arch_interaction_op, config.arch_interaction_itself)
         self.over_arch = MLP(config.arch_mlp_top, "none", generator)
@@ -166,8 +170,11 @@ class DLRM(nn.Module):
             )
 
     @classmethod
-    def from_data(cls, config: DLRMConfig, meta: dict[str, Any], *, seed: int | None = None) -> DLRM:
-        return cls(config, table_sizes=list(meta["table_sizes"]), seed=seed)
+    def from_data(
+        cls, config: DLRMConfig, meta: dict[str, Any], *, seed: int | None = None, sparse: bool = False
+    ) -> DLRM:
+        """Size the tables from the processed data; ``sparse`` gives embedding tables sparse gradients."""
+        return cls(config, table_sizes=list(meta["table_sizes"]), seed=seed, sparse=sparse)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         dense = self.dense_arch(batch["dense"])

@@ -53,15 +53,16 @@ class MatrixFactorization(nn.Module):
         global_mean: float = 0.0,
         rating_range: tuple[float, float] | None = None,
         seed: int | None = None,
+        sparse: bool = False,
     ):
         super().__init__()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.config = config
         self.rating_range = rating_range
-        self.user_embedding = nn.Embedding(num_users, config.embedding_dim)
-        self.item_embedding = nn.Embedding(num_items, config.embedding_dim)
-        self.user_bias = nn.Embedding(num_users, 1)
-        self.item_bias = nn.Embedding(num_items, 1)
+        self.user_embedding = nn.Embedding(num_users, config.embedding_dim, sparse=sparse)
+        self.item_embedding = nn.Embedding(num_items, config.embedding_dim, sparse=sparse)
+        self.user_bias = nn.Embedding(num_users, 1, sparse=sparse)
+        self.item_bias = nn.Embedding(num_items, 1, sparse=sparse)
         self.global_bias = nn.Parameter(torch.tensor([float(global_mean)]))
         with torch.no_grad():
             self.user_embedding.weight.normal_(0.0, config.init_std, generator=generator)
@@ -82,7 +83,7 @@ class MatrixFactorization(nn.Module):
 
     @classmethod
     def from_data(
-        cls, config: MFConfig, meta: dict[str, Any], *, seed: int | None = None
+        cls, config: MFConfig, meta: dict[str, Any], *, seed: int | None = None, sparse: bool = False
     ) -> MatrixFactorization:
         return cls(
             config,
@@ -93,6 +94,7 @@ class MatrixFactorization(nn.Module):
             if "rating_min" in meta
             else None,
             seed=seed,
+            sparse=sparse,
         )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Evaluation metrics: AUC, log loss, accuracy (click-through); RMSE, MAE, HR@K, NDCG@K (ratings)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve via the Mann-Whitney U statistic (ties get average ranks).
+
+    Returns NaN when only one class is present.
+    """
+    labels = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    rank_sum = float(ranks[labels].sum())
+    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities (clipped to [eps, 1 - eps])."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(probabilities, dtype=np.float64).ravel(), eps, 1.0 - eps)
+    return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log1p(-p)))
+
+
+def accuracy(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> float:
+    labels = np.asarray(labels).ravel() > 0.5
+    return float(np.mean((np.asarray(probabilities).ravel() >= threshold) == labels))
+
+
+def rmse(targets: np.ndarray, predictions: np.ndarray) -> float:
+    diff = np.asarray(predictions, dtype=np.float64).ravel() - np.asarray(targets, dtype=np.float64).ravel()
+    return float(np.sqrt(np.mean(diff * diff)))
+
+
+def mae(targets: np.ndarray, predictions: np.ndarray) -> float:
+    diff = np.asarray(predictions, dtype=np.float64).ravel() - np.asarray(targets, dtype=np.float64).ravel()
+    return float(np.mean(np.abs(diff)))
+
+
+def hit_rate_and_ndcg(
+    positive_scores: np.ndarray, negative_scores: np.ndarray, k: int = 10
+) -> tuple[float, float]:
+    """HR@k and NDCG@k when each held-out item is ranked against sampled negatives.
+
+    Args:
+        positive_scores: [N] score of each held-out (user, item).
+        negative_scores: [N, M] scores of M sampled items the user never rated.
+
+    Ties count against the positive item (a pessimistic rank), so a constant model scores 0.
+    """
+    positive_scores = np.asarray(positive_scores, dtype=np.float64).reshape(-1, 1)
+    rank = (np.asarray(negative_scores, dtype=np.float64) >= positive_scores).sum(axis=1)  # 0 = top
+    hits = rank < k
+    ndcg = np.where(hits, 1.0 / np.log2(rank + 2.0), 0.0)
+    return float(hits.mean()), float(ndcg.mean())
+
+
+def sample_negatives(
+    users: np.ndarray,
+    rated_indptr: np.ndarray,
+    rated_items: np.ndarray,
+    num_items: int,
+    num_negatives: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """For each user, ``num_negatives`` items drawn uniformly from those the user never rated.
+
+    ``rated_indptr``/``rated_items`` are a CSR of each user's sorted rated items.
+    """
+    users = np.asarray(users)
+    out = rng.integers(0, num_items, size=(len(users), num_negatives))
+    for _ in range(100):
+        collide = np.zeros(out.shape, dtype=bool)
+        for row, user in enumerate(users):
+            rated = rated_items[rated_indptr[user] : rated_indptr[user + 1]]
+            if rated.size:
+                pos = np.searchsorted(rated, out[row])
+                pos = np.minimum(pos, rated.size - 1)
+                collide[row] = rated[pos] == out[row]
+        if not collide.any():
+            return out
+        out[collide] = rng.integers(0, num_items, size=int(collide.sum()))
+    raise ValueError("could not sample negatives: users have rated almost every item")
+
+
+def rated_csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (indptr, sorted items) of the items each user rated."""
+    order = np.lexsort((items, users))
+    users_sorted = np.asarray(users)[order]
+    items_sorted = np.asarray(items)[order]
+    indptr = np.searchsorted(users_sorted, np.arange(num_users + 1))
+    return indptr, items_sorted
