@@ -12,11 +12,11 @@ install: $(STAMP)
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-build-isolation -e '.[dev,bench]'
 	touch $(STAMP)
 
 demo: install
-	$(PY) scripts/demo.py --logdir runs/demo
+	$(PY) scripts/train.py --config configs/dlrm.yml --logdir runs/demo
 
 lint: install
 	$(PY) -m ruff check fedrec privacy scripts tests bench
