@@ -1,0 +1,136 @@
+"""Lazy row noise gives final parameters with the same distribution as dense per-step noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from privacy.dp.lazy_noise import LazyRowNoise
+from privacy.dp.optimizer import DPSGD
+from privacy.dp.sampling import PoissonBatchSampler
+
+ROWS, DIM, USED_ROWS, N = 10, 2, 6, 40  # rows 6..9 are never looked up by any example
+SIGMA, CLIP, RATE, STEPS = 1.0, 1.0, 0.25, 12
+LRS = [0.5] * 6 + [0.2] * 6  # a learning-rate change mid-run must stay exact
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(ROWS, DIM, mode="sum")
+        self.lin = nn.Linear(DIM, 1)
+
+    def forward(self, idx, x):
+        return self.lin(self.bag(idx.view(-1, 1)) + x).squeeze(1)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(123)
+    idx = torch.randint(0, USED_ROWS, (N,), generator=gen)
+    x = torch.randn(N, DIM, generator=gen)
+    y = torch.randn(N, generator=gen)
+    batches = list(PoissonBatchSampler(N, sample_rate=RATE, steps=STEPS, seed=7))
+    return idx, x, y, batches
+
+
+DATA = _data()
+
+
+def train(seed: int, *, lazy: bool) -> np.ndarray:
+    idx, x, y, batches = DATA
+    torch.manual_seed(0)  # same initial model in every run
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=LRS[0])
+    dp = DPSGD(
+        model,
+        opt,
+        noise_multiplier=SIGMA,
+        max_grad_norm=CLIP,
+        sample_rate=RATE,
+        num_examples=N,
+        lazy_noise=lazy,
+        seed=seed,
+    )
+    for step, batch in enumerate(batches):
+        opt.param_groups[0]["lr"] = LRS[step]
+        b = torch.tensor(batch, dtype=torch.long)
+        loss = (model(idx[b], x[b]) - y[b]) ** 2
+        dp.step(loss)
+    dp.flush()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+
+
+def run_many(lazy: bool, seeds: range) -> np.ndarray:
+    return np.stack([train(s, lazy=lazy) for s in seeds])
+
+
+def untouched_variance_pvalue(samples: np.ndarray) -> tuple[float, float]:
+    """Chi-square test of the never-read rows against their exact law N(w0, sigma^2 C^2 sum (lr/B)^2)."""
+    torch.manual_seed(0)
+    initial = Tiny().bag.weight.detach().numpy()[USED_ROWS:].reshape(-1)
+    values = samples[:, USED_ROWS * DIM : ROWS * DIM] - initial
+    expected_var = SIGMA**2 * CLIP**2 * sum((lr / (N * RATE)) ** 2 for lr in LRS)
+    statistic = float((values**2).sum() / expected_var)
+    dof = values.size
+    p = 2 * min(stats.chi2.cdf(statistic, dof), stats.chi2.sf(statistic, dof))
+    return p, float(values.var() / expected_var)
+
+
+@pytest.fixture(scope="module")
+def lazy_runs():
+    return run_many(True, range(300))
+
+
+@pytest.fixture(scope="module")
+def dense_runs():
+    return run_many(False, range(1000, 1300))
+
+
+def test_lazy_matches_dense_in_distribution(lazy_runs, dense_runs):
+    # Every coordinate (touched rows, untouched rows, dense layer): two-sample KS test, Bonferroni.
+    coords = lazy_runs.shape[1]
+    pvalues = [stats.ks_2samp(lazy_runs[:, j], dense_runs[:, j]).pvalue for j in range(coords)]
+    assert min(pvalues) > 0.001 / coords, pvalues
+    # Variances per coordinate agree (Levene), and means too.
+    for j in range(coords):
+        assert stats.levene(lazy_runs[:, j], dense_runs[:, j]).pvalue > 0.001 / coords
+    assert not np.allclose(lazy_runs[0], lazy_runs[1])  # noise was really drawn
+
+
+def test_untouched_rows_have_exact_law(lazy_runs, dense_runs):
+    for runs in (lazy_runs, dense_runs):
+        p, ratio = untouched_variance_pvalue(runs)
+        assert p > 1e-4, (p, ratio)
+        assert 0.9 < ratio < 1.1
+
+
+def test_variance_test_detects_a_20_percent_error(monkeypatch):
+    """The statistical check has power: a lazy implementation with 1.2x variance fails it."""
+    original = LazyRowNoise.advance
+
+    def wrong(self, variance):
+        original(self, 1.2 * variance)
+
+    monkeypatch.setattr(LazyRowNoise, "advance", wrong)
+    p, ratio = untouched_variance_pvalue(run_many(True, range(300)))
+    assert p < 1e-4 and ratio > 1.1
+
+
+def test_lazy_noise_is_drawn_only_for_rows_read():
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp = DPSGD(model, opt, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, num_examples=4, seed=0)
+    idx = torch.tensor([1, 2])
+    for _ in range(3):
+        dp.step(model(idx, torch.zeros(2, DIM)) ** 2)
+    lazy = dp.lazy[id(model.bag.weight)]
+    # rows 1, 2 were flushed before the 2nd and 3rd reads: 2 rows x DIM x 2 reads
+    assert lazy.noise_draws == 2 * DIM * 2
+    before = model.bag.weight.detach().clone()
+    state = model.state_dict()  # state_dict() flushes every row first
+    assert dp.is_flushed
+    assert not torch.equal(before[5], state["bag.weight"][5])
+    torch.testing.assert_close(state["bag.weight"], model.bag.weight.detach())
