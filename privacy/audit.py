@@ -1,0 +1,378 @@
+"""Empirical privacy audit of DP-SGD: a lower bound on epsilon from a membership attack on a canary.
+
+Jagielski, Ullman, Oprea 2020, "Auditing differentially private machine learning: how private is
+private SGD?" (NeurIPS) and Nasr, Song, Thakurta, Papernot, Carlini 2021, "Adversary instantiation:
+lower bounds for differentially private machine learning" (IEEE S&P). Train the same small model
+many times on a dataset D ("out") and on D plus one canary record ("in"), score every trained model
+with a membership statistic, and threshold it. Any (epsilon, delta)-DP mechanism forces every test
+to satisfy ``FPR + e^eps * FNR >= 1 - delta`` and ``FNR + e^eps * FPR >= 1 - delta``, so
+
+    eps >= max( log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR) ).
+
+With Clopper-Pearson upper bounds on FPR and FNR (each at level alpha / 2) the bound holds with
+confidence ``1 - alpha``. The threshold is chosen on one half of the trained models and the bound
+evaluated on the other half, so choosing it does not bias the bound.
+
+The model is logistic regression trained with DP-SGD (Poisson sampling at rate q, per-example
+clipping to norm C, Gaussian noise of std sigma * C on the sum, a fixed denominator q * n), many
+models at once as batched tensors. The canary is crafted so its gradient lies in a coordinate no
+other record touches (a "Dirac" canary: a large value in an otherwise empty feature), so its clipped
+gradient is exactly C along that coordinate whenever it is sampled. Two statistics:
+
+* ``final``: the trained model's logit on the canary (black box on the released model only);
+* ``iterates``: the log-likelihood ratio of the canary coordinate's per-step updates under "in"
+  versus "out" (white box on every intermediate model, which DP-SGD's guarantee also covers and
+  federated clients see each round). This is the stronger test, close to tight for the sampled
+  Gaussian mechanism.
+
+A correct implementation must give a lower bound below the accountant's epsilon; ``broken='no_noise'``
+(noise multiplier 0 while epsilon is still claimed for sigma) or ``'no_clip'`` must be flagged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy import stats
+
+from privacy.accounting.user_level import epsilon as accountant_epsilon
+from privacy.errors import PrivacyError
+
+Broken = Literal["no_noise", "no_clip"]
+STATISTICS = ("iterates", "final")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What to train and how many times. Privacy parameters are the claimed ones."""
+
+    noise_multiplier: float = 1.5
+    max_grad_norm: float = 1.0
+    sample_rate: float = 0.1
+    steps: int = 50
+    delta: float = 1e-5
+    num_examples: int = 100  # records in D, besides the canary
+    num_features: int = 4  # real features; the canary uses one more, empty in D
+    lr: float = 0.002  # small, so the canary's logit stays where its gradient is always clipped
+    canary_scale: float = 1000.0
+    trials: int = 4000  # models trained per world (with and without the canary)
+    confidence: float = 0.95
+    seed: int = 0
+    accountant: str = "rdp"
+    broken: Broken | None = None  # a deliberately broken mechanism (the claim still uses sigma)
+    engine: Literal["torch", "opacus"] = "torch"  # batched reference DP-SGD, or Opacus (one model at a time)
+    chunk: int = 4000  # models trained together (memory: chunk * (n + 1) * (d + 1) floats)
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise PrivacyError(
+                f"noise_multiplier = {self.noise_multiplier!r}: expected > 0 (the claimed noise)"
+            )
+        if not 0 < self.sample_rate <= 1:
+            raise PrivacyError(f"sample_rate = {self.sample_rate!r}: expected a number in (0, 1]")
+        if not 0 < self.confidence < 1:
+            raise PrivacyError(f"confidence = {self.confidence!r}: expected a number in (0, 1)")
+        for key in ("steps", "num_examples", "num_features", "trials", "chunk"):
+            if getattr(self, key) < 1:
+                raise PrivacyError(f"{key} = {getattr(self, key)!r}: expected a positive integer")
+        if self.trials < 20:
+            raise PrivacyError(f"trials = {self.trials}: expected at least 20 (half choose the threshold)")
+        if self.broken not in (None, "no_noise", "no_clip"):
+            raise PrivacyError(f"broken = {self.broken!r}: expected None, 'no_noise' or 'no_clip'")
+        if self.engine not in ("torch", "opacus"):
+            raise PrivacyError(f"engine = {self.engine!r}: expected 'torch' or 'opacus'")
+        if self.engine == "opacus" and self.broken == "no_clip":
+            raise PrivacyError(
+                "broken = 'no_clip' is available with engine 'torch' only (Opacus always clips)"
+            )
+
+
+@dataclass
+class StatisticResult:
+    """The bound one membership statistic gives."""
+
+    statistic: str
+    epsilon_lower_bound: float
+    threshold: float
+    tpr: float
+    fpr: float
+    fpr_upper: float
+    fnr_upper: float
+    evaluation_trials: int
+
+
+@dataclass
+class AuditResult:
+    config: AuditConfig
+    claimed_epsilon: float
+    results: list[StatisticResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def epsilon_lower_bound(self) -> float:
+        return max(r.epsilon_lower_bound for r in self.results)
+
+    @property
+    def violated(self) -> bool:
+        """The attack proves more leakage than claimed: the mechanism or its accounting is broken."""
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+    def to_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "claimed_epsilon": self.claimed_epsilon,
+            "epsilon_lower_bound": self.epsilon_lower_bound,
+            "violated": self.violated,
+            "verdict": "VIOLATION: empirical epsilon exceeds the claim"
+            if self.violated
+            else "consistent with the claim",
+            "statistics": [asdict(r) for r in self.results],
+            "seconds": self.seconds,
+        }
+
+
+def clopper_pearson_upper(successes: int, trials: int, alpha: float) -> float:
+    """One-sided upper confidence bound (level 1 - alpha) on a binomial proportion."""
+    if successes >= trials:
+        return 1.0
+    return float(stats.beta.ppf(1 - alpha, successes + 1, trials - successes))
+
+
+def epsilon_lower_bound(
+    *, false_positives: int, negatives: int, false_negatives: int, positives: int, delta: float, alpha: float
+) -> tuple[float, float, float]:
+    """(eps lower bound, FPR upper, FNR upper) at confidence 1 - alpha (alpha / 2 per rate)."""
+    fpr_u = clopper_pearson_upper(false_positives, negatives, alpha / 2)
+    fnr_u = clopper_pearson_upper(false_negatives, positives, alpha / 2)
+    bounds = [0.0]
+    for a, b in ((fpr_u, fnr_u), (fnr_u, fpr_u)):
+        if 1 - delta - a > 0 and b > 0:
+            bounds.append(math.log((1 - delta - a) / b))
+    return max(bounds), fpr_u, fnr_u
+
+
+def _best_threshold(scores_in: np.ndarray, scores_out: np.ndarray, *, delta: float, alpha: float) -> float:
+    """The threshold (predict 'in' when score > t) with the largest bound on the selection half."""
+    candidates = np.unique(np.concatenate([scores_in, scores_out]))
+    if len(candidates) > 400:
+        candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, 400)))
+    sorted_in, sorted_out = np.sort(scores_in), np.sort(scores_out)
+    best, best_t = -1.0, float(candidates[0])
+    for t in candidates:
+        tp = len(sorted_in) - np.searchsorted(sorted_in, t, side="right")
+        fp = len(sorted_out) - np.searchsorted(sorted_out, t, side="right")
+        eps, _, _ = epsilon_lower_bound(
+            false_positives=int(fp),
+            negatives=len(sorted_out),
+            false_negatives=int(len(sorted_in) - tp),
+            positives=len(sorted_in),
+            delta=delta,
+            alpha=alpha,
+        )
+        if eps > best:
+            best, best_t = eps, float(t)
+    return best_t
+
+
+def evaluate_statistic(
+    name: str, scores_in: np.ndarray, scores_out: np.ndarray, *, delta: float, confidence: float
+) -> StatisticResult:
+    """Choose a threshold on the first half of each world's scores, bound epsilon on the second."""
+    alpha = 1 - confidence
+    half_in, half_out = len(scores_in) // 2, len(scores_out) // 2
+    threshold = _best_threshold(scores_in[:half_in], scores_out[:half_out], delta=delta, alpha=alpha)
+    eval_in, eval_out = scores_in[half_in:], scores_out[half_out:]
+    tp = int(np.sum(eval_in > threshold))
+    fp = int(np.sum(eval_out > threshold))
+    eps, fpr_u, fnr_u = epsilon_lower_bound(
+        false_positives=fp,
+        negatives=len(eval_out),
+        false_negatives=len(eval_in) - tp,
+        positives=len(eval_in),
+        delta=delta,
+        alpha=alpha,
+    )
+    return StatisticResult(
+        statistic=name,
+        epsilon_lower_bound=eps,
+        threshold=threshold,
+        tpr=tp / len(eval_in),
+        fpr=fp / len(eval_out),
+        fpr_upper=fpr_u,
+        fnr_upper=fnr_u,
+        evaluation_trials=len(eval_in) + len(eval_out),
+    )
+
+
+def make_dataset(
+    config: AuditConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features n x (d + 1) with the last column empty, labels from a planted model, canary row)."""
+    n, d = config.num_examples, config.num_features
+    features = torch.zeros(n, d + 1, dtype=torch.float64)
+    features[:, :d] = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    planted = torch.randn(d, generator=generator, dtype=torch.float64)
+    probability = torch.sigmoid(features[:, :d] @ planted)
+    labels = (torch.rand(n, generator=generator, dtype=torch.float64) < probability).to(torch.float64)
+    canary = torch.zeros(d + 1, dtype=torch.float64)
+    canary[d] = config.canary_scale
+    return features, labels, canary
+
+
+def train_models(
+    config: AuditConfig, *, with_canary: bool, models: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DP-SGD on ``models`` logistic regressions at once.
+
+    Returns (final weights ``models x (d + 1)``, canary-coordinate updates ``models x steps`` scaled
+    back to gradient-sum units, i.e. what one step added to that coordinate before the learning rate).
+    """
+    features, labels, canary = make_dataset(config, torch.Generator().manual_seed(config.seed))
+    if with_canary:
+        features = torch.cat([features, canary[None, :]])
+        labels = torch.cat([labels, torch.ones(1, dtype=torch.float64)])
+    n, dim = features.shape
+    c = config.max_grad_norm
+    sigma = 0.0 if config.broken == "no_noise" else config.noise_multiplier
+    denominator = config.sample_rate * config.num_examples  # fixed: expected batch size of D
+    weights = torch.zeros(models, dim, dtype=torch.float64)
+    canary_updates = torch.zeros(models, config.steps, dtype=torch.float64)
+    for step in range(config.steps):
+        mask = (torch.rand(models, n, generator=generator, dtype=torch.float64) < config.sample_rate).to(
+            torch.float64
+        )
+        logits = weights @ features.T  # models x n
+        residual = torch.sigmoid(logits) - labels  # d loss / d logit
+        # Per-example gradient residual_i * x_i; its norm is |residual_i| * ||x_i||.
+        norms = residual.abs() * features.norm(dim=1)
+        if config.broken == "no_clip":
+            factor = torch.ones_like(norms)
+        else:
+            factor = torch.clamp(c / torch.clamp(norms, min=1e-12), max=1.0)
+        gradient_sum = (mask * residual * factor) @ features  # models x dim
+        noise = torch.randn(models, dim, generator=generator, dtype=torch.float64) * (sigma * c)
+        noisy = gradient_sum + noise
+        weights = weights - config.lr * noisy / denominator
+        canary_updates[:, step] = -noisy[:, dim - 1]
+    return weights, canary_updates
+
+
+def train_models_opacus(
+    config: AuditConfig, *, with_canary: bool, models: int, first_index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same training through Opacus (GradSampleModule, DPOptimizer, Poisson DPDataLoader).
+
+    One model at a time (about 1 ms per step on one core), so use a few hundred trials. Returns
+    the same (final weights, canary-coordinate updates) as ``train_models``.
+    """
+    import warnings
+
+    from opacus import GradSampleModule
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+    from torch.utils.data import TensorDataset
+
+    features, labels, canary = make_dataset(config, torch.Generator().manual_seed(config.seed))
+    if with_canary:
+        features = torch.cat([features, canary[None, :]])
+        labels = torch.cat([labels, torch.ones(1, dtype=torch.float64)])
+    dataset = TensorDataset(features.float(), labels.float())
+    dim = features.shape[1]
+    sigma = 0.0 if config.broken == "no_noise" else config.noise_multiplier
+    step_size = config.lr / (config.sample_rate * config.num_examples)  # the fixed denominator, as above
+    all_weights = torch.zeros(models, dim, dtype=torch.float64)
+    all_updates = torch.zeros(models, config.steps, dtype=torch.float64)
+    for index in range(models):
+        # One seed per (audit seed, world, model): models never share randomness.
+        model_seed = (config.seed * 2 + int(with_canary)) * 1_000_000_007 + first_index + index
+        generator = torch.Generator().manual_seed(model_seed)
+        linear = torch.nn.Linear(dim, 1, bias=False)
+        torch.nn.init.zeros_(linear.weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure_mode; the audit needs no CSPRNG
+            module = GradSampleModule(linear)
+            optimizer = DPOptimizer(
+                torch.optim.SGD(module.parameters(), lr=step_size),
+                noise_multiplier=sigma,
+                max_grad_norm=config.max_grad_norm,
+                expected_batch_size=None,
+                loss_reduction="sum",
+                generator=generator,
+            )
+            loader = DPDataLoader(dataset, sample_rate=config.sample_rate, generator=generator)
+        step = 0
+        while step < config.steps:
+            for batch_features, batch_labels in loader:
+                before = linear.weight.detach()[0, -1].item()
+                optimizer.zero_grad()
+                logits = module(batch_features).squeeze(-1)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, batch_labels, reduction="sum"
+                )
+                loss.backward()
+                optimizer.step()
+                all_updates[index, step] = (linear.weight.detach()[0, -1].item() - before) / step_size
+                step += 1
+                if step == config.steps:
+                    break
+        all_weights[index] = linear.weight.detach()[0].to(torch.float64)
+    return all_weights, all_updates
+
+
+def _scores(config: AuditConfig, weights: torch.Tensor, updates: torch.Tensor) -> dict[str, np.ndarray]:
+    """Membership statistics: the final logit on the canary, and the iterates' log-likelihood ratio."""
+    final = (weights[:, -1] * config.canary_scale).numpy()
+    sigma_c = config.noise_multiplier * config.max_grad_norm  # the claimed noise: the auditor's model
+    c, q = config.max_grad_norm, config.sample_rate
+    # Per step, "in": u ~ (1-q) N(0, s^2) + q N(C, s^2); "out": u ~ N(0, s^2). log of the density ratio:
+    exponent = (2 * updates * c - c * c) / (2 * sigma_c**2)
+    per_step = torch.logaddexp(
+        torch.full_like(exponent, math.log1p(-q)) if q < 1 else torch.full_like(exponent, -math.inf),
+        math.log(q) + exponent,
+    )
+    return {"final": final, "iterates": per_step.sum(dim=1).numpy()}
+
+
+def run_audit(config: AuditConfig) -> AuditResult:
+    """Train ``trials`` models per world, score, and bound epsilon with every statistic."""
+    start = time.perf_counter()
+    claimed = accountant_epsilon(
+        noise_multiplier=config.noise_multiplier,
+        sample_rate=config.sample_rate,
+        steps=config.steps,
+        delta=config.delta,
+        accountant=config.accountant,
+    )
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    collected: dict[bool, dict[str, list[np.ndarray]]] = {True: {}, False: {}}
+    for with_canary in (True, False):
+        remaining = config.trials
+        while remaining:
+            count = min(config.chunk, remaining)
+            if config.engine == "opacus":
+                weights, updates = train_models_opacus(
+                    config, with_canary=with_canary, models=count, first_index=config.trials - remaining
+                )
+            else:
+                weights, updates = train_models(
+                    config, with_canary=with_canary, models=count, generator=generator
+                )
+            for name, values in _scores(config, weights, updates).items():
+                collected[with_canary].setdefault(name, []).append(values)
+            remaining -= count
+    result = AuditResult(config=config, claimed_epsilon=claimed)
+    for name in STATISTICS:
+        scores_in = np.concatenate(collected[True][name])
+        scores_out = np.concatenate(collected[False][name])
+        if np.isnan(scores_in).any() or np.isnan(scores_out).any():
+            raise PrivacyError(f"audit statistic {name!r} produced NaN scores; check lr and canary_scale")
+        result.results.append(
+            evaluate_statistic(name, scores_in, scores_out, delta=config.delta, confidence=config.confidence)
+        )
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,474 @@
+"""Turn a run's privacy ledger (and its summary.json) into the numbers of a privacy budget report.
+
+``build_run_report(logdir)`` returns a JSON-ready dict: run configuration, accountant and delta,
+example-level epsilon per client (distribution and histogram), epsilon against rounds, remaining
+budgets, exclusions, user-level DP-FedAvg epsilon, utility, and a plain-language statement.
+``compare_runs`` lines several runs up for a utility-against-epsilon comparison and refuses runs
+accounted at different deltas (their epsilons are not comparable).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from privacy.accounting.user_level import epsilon_from_merged
+from privacy.errors import LedgerError, PrivacyError
+from privacy.ledger import LEDGER_FILENAME, PrivacyLedger
+
+REPORT_FORMAT = "fedrec-privacy-report"
+REPORT_VERSION = 1
+SUMMARY_FILENAME = "summary.json"
+# Metric names tried, in order, when --metric is not given (last component of a flattened key).
+UTILITY_METRICS = (
+    "auc",
+    "roc_auc",
+    "accuracy",
+    "acc",
+    "ndcg",
+    "hit_rate",
+    "hr",
+    "rmse",
+    "mae",
+    "logloss",
+    "loss",
+)
+LOWER_IS_BETTER = ("rmse", "mae", "logloss", "loss")
+_SPLIT_PREFERENCE = ("test", "val", "valid", "validation", "eval")
+# Epsilon-against-rounds points: every round for RDP (cheap, cached), fewer for PRV (FFT per history).
+MAX_TIMELINE_POINTS = {"rdp": 200, "prv": 12}
+
+
+def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any]:
+    """The report of the run in ``logdir`` (reads ``privacy_ledger.sqlite`` and ``summary.json``).
+
+    Raises:
+        LedgerError: no ledger in ``logdir``, or a corrupted/truncated one.
+        PrivacyError: a ``--metric`` that summary.json does not have.
+    """
+    if not os.path.isdir(logdir):
+        raise LedgerError(f"--logdir {logdir}: not a directory")
+    path = os.path.join(logdir, LEDGER_FILENAME)
+    if not os.path.isfile(path):
+        raise LedgerError(f"--logdir {logdir}: no privacy ledger ({LEDGER_FILENAME}); was the run private?")
+    with PrivacyLedger.read(path, full_check=True) as ledger:
+        info = ledger.info
+        spends = ledger.client_spends()
+        rounds = ledger.rounds()
+        exclusions = ledger.exclusions()
+        events = ledger.events()
+        clients = ledger.clients()
+    delta, accountant = info.delta, info.accountant
+
+    final, timeline = _example_level_timeline(spends, rounds, delta=delta, accountant=accountant)
+    excluded_at = {}
+    for item in exclusions:
+        excluded_at.setdefault(item.client, item)
+    per_client = []
+    for client in clients:
+        client_spends = [s for s in spends if s.client == client]
+        eps = final.get(client, 0.0)
+        budget = info.client_epsilon_budget
+        per_client.append(
+            {
+                "client": client,
+                "epsilon": _finite_or_none(eps),
+                "epsilon_infinite": math.isinf(eps),
+                "rounds": len({s.round for s in client_spends}),
+                "steps": sum(s.steps for s in client_spends),
+                "remaining_budget": None if budget is None else max(0.0, budget - eps),
+                "excluded_from_round": excluded_at[client].round if client in excluded_at else None,
+            }
+        )
+    spent = [final[c] for c in final]
+    example = None
+    if spent:
+        finite = [e for e in spent if math.isfinite(e)]
+        example = {
+            "clients": len(spent),
+            "clients_infinite": len(spent) - len(finite),
+            "epsilon": {
+                "min": _finite_or_none(min(spent)),
+                "median": _finite_or_none(float(statistics.median(spent))),
+                "max": _finite_or_none(max(spent)),
+                "mean": _finite_or_none(float(np.mean(finite)))
+                if finite and len(finite) == len(spent)
+                else None,
+            },
+            "histogram": _histogram(finite),
+            "mechanisms": _mechanisms(spends),
+        }
+    user = None
+    if rounds:
+        user = {
+            "rounds": len(rounds),
+            "epsilon": _finite_or_none(timeline["user_level"][-1]) if timeline["user_level"] else None,
+            "epsilon_infinite": bool(timeline["user_level"]) and math.isinf(timeline["user_level"][-1]),
+            "noise_multipliers": sorted({r.noise_multiplier for r in rounds}),
+            "clip_norms": sorted({r.clip_norm for r in rounds}),
+            "client_sampling_rates": sorted({r.client_sampling_rate for r in rounds}),
+            "min_survivors": sorted({r.min_survivors for r in rounds}),
+            "sampling": sorted({r.sampling for r in rounds}),
+        }
+    budget_summary = None
+    if info.client_epsilon_budget is not None and per_client:
+        remaining = [c["remaining_budget"] for c in per_client]
+        budget_summary = {
+            "client_epsilon_budget": info.client_epsilon_budget,
+            "remaining_min": min(remaining),
+            "remaining_median": float(statistics.median(remaining)),
+            "remaining_max": max(remaining),
+            "clients_exhausted": sum(1 for r in remaining if r <= 0),
+        }
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "generated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "logdir": os.path.abspath(logdir),
+        "ledger": os.path.abspath(path),
+        "run": {
+            "ledger_id": info.ledger_id,
+            "run_id": info.run_id,
+            "delta": delta,
+            "accountant": accountant,
+            "client_epsilon_budget": info.client_epsilon_budget,
+            "user_epsilon_budget": info.user_epsilon_budget,
+            "created_at": _dt.datetime.fromtimestamp(info.created_at, _dt.UTC).isoformat(timespec="seconds"),
+            "resumes": sum(1 for e in events if e.kind == "resume"),
+            "config": info.config,
+            "ledger_schema_version": info.schema_version,
+            "spend_records": len(spends),
+            "round_records": len(rounds),
+        },
+        "example_level": example,
+        "user_level": user,
+        "epsilon_by_round": {key: [_finite_or_none(v) for v in values] for key, values in timeline.items()},
+        "budget": budget_summary,
+        "clients": per_client,
+        "exclusions": [
+            {"client": e.client, "round": e.round, "reason": e.reason, "epsilon": _finite_or_none(e.epsilon)}
+            for e in exclusions
+        ],
+        "utility": read_utility(logdir, metric=metric),
+    }
+    report["headline"] = _headline(report)
+    report["caveats"] = _caveats(report)
+    report["statement"] = plain_language(report)
+    return report
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no infinity: infinite epsilon is None here, with an explicit ``*_infinite`` flag."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _example_level_timeline(
+    spends: Sequence[Any], rounds: Sequence[Any], *, delta: float, accountant: str
+) -> tuple[dict[str, float], dict[str, list]]:
+    """Final epsilon per client and (max, median, min over clients so far, user-level) after rounds."""
+    round_ids = sorted({s.round for s in spends} | {r.round for r in rounds})
+    limit = MAX_TIMELINE_POINTS[accountant]
+    if len(round_ids) > limit:
+        picks = np.unique(np.linspace(0, len(round_ids) - 1, limit).round().astype(int))
+        checkpoints = {round_ids[i] for i in picks}
+    else:
+        checkpoints = set(round_ids)
+    spends_by_round: dict[int, list] = {}
+    for s in spends:
+        spends_by_round.setdefault(s.round, []).append(s)
+    rounds_by_round: dict[int, list] = {}
+    for r in rounds:
+        rounds_by_round.setdefault(r.round, []).append(r)
+
+    mechanisms: dict[str, dict[tuple[float, float], int]] = {}
+    user_mechanisms: dict[tuple[float, float], int] = {}
+    eps_now: dict[str, float] = {}
+    timeline: dict[str, list] = {
+        "round": [],
+        "example_max": [],
+        "example_median": [],
+        "example_min": [],
+        "user_level": [],
+    }
+    for index in round_ids:
+        changed = set()
+        for s in spends_by_round.get(index, []):
+            per = mechanisms.setdefault(s.client, {})
+            per[(s.noise_multiplier, s.sample_rate)] = (
+                per.get((s.noise_multiplier, s.sample_rate), 0) + s.steps
+            )
+            changed.add(s.client)
+        for r in rounds_by_round.get(index, []):
+            key = (r.noise_multiplier, r.client_sampling_rate)
+            user_mechanisms[key] = user_mechanisms.get(key, 0) + 1
+        if index not in checkpoints and index != round_ids[-1]:
+            for client in changed:
+                eps_now.pop(client, None)  # stale: recomputed at the next checkpoint
+            continue
+        for client in mechanisms:
+            if client in changed or client not in eps_now:
+                eps_now[client] = _merged_epsilon(mechanisms[client], delta, accountant)
+        values = list(eps_now.values())
+        timeline["round"].append(index)
+        timeline["example_max"].append(max(values) if values else None)
+        timeline["example_median"].append(float(statistics.median(values)) if values else None)
+        timeline["example_min"].append(min(values) if values else None)
+        timeline["user_level"].append(
+            _merged_epsilon(user_mechanisms, delta, accountant) if user_mechanisms else None
+        )
+    if not spends:
+        for key in ("example_max", "example_median", "example_min"):
+            timeline[key] = []
+    if not rounds:
+        timeline["user_level"] = []
+    return eps_now, timeline
+
+
+def _merged_epsilon(mechanisms: dict[tuple[float, float], int], delta: float, accountant: str) -> float:
+    merged = tuple(sorted((sigma, rate, steps) for (sigma, rate), steps in mechanisms.items()))
+    return epsilon_from_merged(merged, delta=delta, accountant=accountant)
+
+
+def _histogram(values: Sequence[float]) -> dict[str, list] | None:
+    if not values:
+        return None
+    bins = int(min(20, max(5, round(math.sqrt(len(values))))))
+    low, high = min(values), max(values)
+    if high - low < 1e-12:
+        low, high = low - 0.5 * max(abs(low), 1e-3) * 0.01, high + 0.5 * max(abs(high), 1e-3) * 0.01
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def _mechanisms(spends: Sequence[Any]) -> list[dict[str, Any]]:
+    totals: dict[tuple[float, float], list[int]] = {}
+    for s in spends:
+        entry = totals.setdefault((s.noise_multiplier, s.sample_rate), [0, 0])
+        entry[0] += s.steps
+        entry[1] += 1
+    return [
+        {"noise_multiplier": sigma, "sample_rate": rate, "steps_total": steps, "records": records}
+        for (sigma, rate), (steps, records) in sorted(totals.items())
+    ]
+
+
+def read_utility(logdir: str, *, metric: str | None = None) -> dict[str, Any] | None:
+    """The run's utility from ``summary.json``: the named (dotted) metric, or the first known one.
+
+    Returns None when there is no summary.json or no known metric; a named metric that is missing
+    or not a number is an error (never a silently different metric).
+    """
+    path = os.path.join(logdir, SUMMARY_FILENAME)
+    if not os.path.isfile(path):
+        if metric is not None:
+            raise PrivacyError(f"--metric {metric}: {path} does not exist")
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise PrivacyError(f"{path}: not readable JSON ({err})") from None
+    flat = dict(_flatten(summary))
+    # The run's configuration and environment hold numbers too (lr, threads); they are not utility.
+    flat = {key: value for key, value in flat.items() if not key.startswith(("config.", "environment."))}
+    if metric is not None:
+        value = flat.get(metric)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            known = ", ".join(sorted(flat)[:20]) or "none"
+            raise PrivacyError(f"--metric {metric}: not a finite number in {path} (numeric keys: {known})")
+        chosen = metric
+    else:
+        chosen = _pick_metric(flat)
+        if chosen is None:
+            return None
+    name = chosen.rsplit(".", 1)[-1].lower()
+    return {
+        "metric": chosen,
+        "value": float(flat[chosen]),
+        "higher_is_better": not any(name.endswith(m) for m in LOWER_IS_BETTER),
+        "source": os.path.abspath(path),
+    }
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, float]]:
+    items: list[tuple[str, float]] = []
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            items.extend(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        items.append((prefix, float(value)))
+    return items
+
+
+def _pick_metric(flat: dict[str, float]) -> str | None:
+    def split_rank(key: str) -> int:
+        lowered = key.lower()
+        for rank, split in enumerate(_SPLIT_PREFERENCE):
+            if (
+                split in lowered.replace("-", "_").split(".")
+                or lowered.startswith(f"{split}_")
+                or f".{split}_" in lowered
+            ):
+                return rank
+        return len(_SPLIT_PREFERENCE)
+
+    for name in UTILITY_METRICS:
+        candidates = []
+        for key in flat:
+            last = key.rsplit(".", 1)[-1].lower()
+            if last == name or last.endswith(f"_{name}"):
+                candidates.append(key)
+        if candidates:
+            return sorted(candidates, key=lambda k: (split_rank(k), k))[0]
+    return None
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The one epsilon a comparison plots: user-level when the run had DP-FedAvg rounds."""
+    user, example = report["user_level"], report["example_level"]
+    if user is not None:
+        return {"kind": "user-level", "epsilon": user["epsilon"], "infinite": user["epsilon_infinite"]}
+    if example is not None:
+        return {
+            "kind": "example-level, worst client",
+            "epsilon": example["epsilon"]["max"],
+            "infinite": example["clients_infinite"] > 0,
+        }
+    return None
+
+
+def _caveats(report: dict[str, Any]) -> list[str]:
+    notes = []
+    run, user, example = report["run"], report["user_level"], report["example_level"]
+    if example is None and user is None:
+        notes.append(
+            "The ledger holds no spend: nothing private was released yet, or the run recorded nothing."
+        )
+    if example is not None and example["clients_infinite"]:
+        notes.append(
+            f"{example['clients_infinite']} client(s) trained with noise multiplier 0: their epsilon is infinite "
+            "(no example-level privacy)."
+        )
+    if user is not None and "fixed_size" in user["sampling"]:
+        notes.append(
+            "Some rounds sampled a fixed number of clients; the user-level epsilon treats them as Poisson sampling at "
+            "rate num_sampled / num_clients, a common approximation, not a proof."
+        )
+    if run["resumes"]:
+        notes.append(
+            f"The run was resumed {run['resumes']} time(s); spends recorded before a crash are kept, so epsilon may "
+            "over-count (never under-count)."
+        )
+    return notes
+
+
+def _fmt(value: float | None, infinite: bool = False) -> str:
+    if infinite or value is None:
+        return "infinite"
+    return f"{value:.3g}"
+
+
+def plain_language(report: dict[str, Any]) -> str:
+    """A paragraph saying what the numbers promise, and what they do not."""
+    run, user, example = report["run"], report["user_level"], report["example_level"]
+    delta = run["delta"]
+    parts = []
+    if example is not None:
+        eps = example["epsilon"]
+        worst = _fmt(eps["max"], example["clients_infinite"] > 0)
+        parts.append(
+            f"Example level: for every one of the {example['clients']} clients, and every single interaction in its "
+            f"data, anyone who sees everything that client sent can tell whether that interaction was used only to a "
+            f"limited degree: with epsilon = {worst} (the worst client; median {_fmt(eps['median'])}) and delta = "
+            f"{delta:g}, no test of 'was this record used?' can have its odds of being right multiplied by more than "
+            f"e^epsilon"
+            + (f" = {math.exp(eps['max']):.3g}" if eps["max"] is not None and eps["max"] < 50 else "")
+            + f", except with probability at most {delta:g}."
+        )
+    if user is not None:
+        parts.append(
+            f"User level (DP-FedAvg over {user['rounds']} rounds): the same promise holds for a client's entire data "
+            f"at once, with epsilon = {_fmt(user['epsilon'], user['epsilon_infinite'])} and delta = {delta:g}, "
+            "provided the aggregate is released only when at least the assumed minimum number of clients reported."
+        )
+    if run["client_epsilon_budget"] is not None:
+        parts.append(
+            f"Each client's budget is epsilon = {run['client_epsilon_budget']:g}; clients that would have exceeded it "
+            f"were left out ({len({e['client'] for e in report['exclusions']})} client(s))."
+        )
+    parts.append(
+        "What this does not promise: it does not hide facts that many records share (population trends), it does "
+        "not protect a person whose data is spread over several clients, and it covers only what this ledger "
+        "recorded, computed by the "
+        + run["accountant"].upper()
+        + " accountant for the code as written: a bug in "
+        "clipping or noise voids it (the empirical audit, scripts/privacy_audit.py, checks for that). Epsilons "
+        "above about 10 promise little in practice."
+    )
+    return " ".join(parts)
+
+
+def compare_runs(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Utility against epsilon for several runs' reports.
+
+    Raises:
+        PrivacyError: the runs were accounted at different deltas.
+    """
+    if len(reports) < 2:
+        raise PrivacyError(f"a comparison needs at least 2 runs; got {len(reports)}")
+    deltas = {r["run"]["delta"] for r in reports}
+    if len(deltas) > 1:
+        listed = ", ".join(f"{r['logdir']} (delta {r['run']['delta']:g})" for r in reports)
+        raise PrivacyError(
+            f"runs have different deltas, their epsilons are not comparable: {listed}; compare runs with one delta"
+        )
+    rows, caveats = [], []
+    for r in reports:
+        headline = r["headline"] or {}
+        rows.append(
+            {
+                "logdir": r["logdir"],
+                "epsilon_kind": headline.get("kind"),
+                "epsilon": headline.get("epsilon"),
+                "epsilon_infinite": headline.get("infinite", False),
+                "example_level_max": (r["example_level"] or {}).get("epsilon", {}).get("max"),
+                "user_level": (r["user_level"] or {}).get("epsilon"),
+                "accountant": r["run"]["accountant"],
+                "utility_metric": (r["utility"] or {}).get("metric"),
+                "utility": (r["utility"] or {}).get("value"),
+                "higher_is_better": (r["utility"] or {}).get("higher_is_better"),
+            }
+        )
+    if len({row["epsilon_kind"] for row in rows}) > 1:
+        caveats.append(
+            "Runs report different kinds of epsilon (user-level vs example-level): the plot marks each kind apart."
+        )
+    if len({row["accountant"] for row in rows}) > 1:
+        caveats.append(
+            "Runs used different accountants; both give valid upper bounds, PRV usually the tighter one."
+        )
+    metrics = {row["utility_metric"] for row in rows if row["utility_metric"]}
+    if len(metrics) > 1:
+        caveats.append(
+            f"Runs report different utility metrics ({', '.join(sorted(metrics))}): utility axes differ."
+        )
+    missing = [row["logdir"] for row in rows if row["utility"] is None]
+    if missing:
+        caveats.append(f"No utility found in summary.json for: {', '.join(missing)} (left off the plot).")
+    return {
+        "format": REPORT_FORMAT + "-comparison",
+        "version": REPORT_VERSION,
+        "generated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "delta": deltas.pop(),
+        "runs": rows,
+        "caveats": caveats,
+    }
