@@ -131,7 +131,7 @@ class StreamingAggregator:
         everyone = set().union(*map(set, self._contributors))
         chunks = []
         for vector, contributors in zip(self._sums, self._contributors):
-            chunks.append((list(contributors), b"" if vector is None else vector.serialize()))
+            chunks.append((sorted(contributors), b"" if vector is None else vector.serialize()))
         header = wire.Header(
             kind=wire.KIND_AGGREGATE,
             scheme=self.spec.params.scheme,

@@ -167,7 +167,7 @@ class EncryptionClient:
             EncryptionError: wrong parameters/schema/round, malformed bytes, a chunk nobody contributed
                 to, decrypted counts or weights inconsistent with the header, or excess CKKS noise.
         """
-        spec, params = self.spec, self.spec.params
+        spec = self.spec
         header, body = wire.decode(aggregate, max_body=self._max_aggregate_body())
         if header.kind != wire.KIND_AGGREGATE:
             raise EncryptionError(

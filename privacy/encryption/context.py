@@ -36,16 +36,21 @@ _U64 = struct.Struct("<Q")
 _MAX_SPEC_BYTES = 1 << 16
 
 
-@dataclass(frozen=True)
 class KeyMaterial:
-    """What the key authority hands out: secret context to clients, public context to the aggregator."""
+    """What the key authority hands out: secret context to clients, public context to the aggregator.
 
-    secret_context: bytes
-    public_context: bytes
-    spec: AggregationSpec
+    A plain class (not a dataclass) so that no printer walks into the key bytes.
+    """
 
-    def __repr__(self) -> str:  # keep key bytes out of logs
-        return f"KeyMaterial(spec={self.spec.params.scheme}, param_hash={self.spec.param_hash.hex()[:12]})"
+    __slots__ = ("public_context", "secret_context", "spec")
+
+    def __init__(self, *, secret_context: bytes, public_context: bytes, spec: AggregationSpec) -> None:
+        self.secret_context = secret_context
+        self.public_context = public_context
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"KeyMaterial(scheme={self.spec.params.scheme}, param_hash={self.spec.param_hash.hex()[:12]})"
 
 
 @dataclass(frozen=True)
