@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -318,7 +319,7 @@ class BaseTrainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
             self.load_state_dict(state)
-        except (RuntimeError, KeyError, EOFError, ValueError) as err:
+        except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
             raise FedrecError(
                 f"{path}: cannot resume from this checkpoint ({str(err).splitlines()[0]})"
             ) from None
