@@ -53,7 +53,9 @@ weights_strategy = st.one_of(st.just(1), st.just(MAX_WEIGHT), st.integers(1, MAX
     weight_draws=st.lists(weights_strategy, min_size=MAX_CLIENTS, max_size=MAX_CLIENTS),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_decrypted_aggregate_matches_plaintext_fedavg(bfv_keys, client_cache, n_clients, case, mode, weight_draws, seed):
+def test_decrypted_aggregate_matches_plaintext_fedavg(
+    bfv_keys, client_cache, n_clients, case, mode, weight_draws, seed
+):
     length = length_for(case, bfv_keys.spec.params.values_per_ciphertext)
     schema = flat_schema(length)
     client = client_cache(bfv_keys, schema)
@@ -113,7 +115,9 @@ def test_identical_updates_give_the_same_model(bfv_keys, client_cache, n_clients
     _, result = run_round(client, bfv_keys, schema, [off_grid] * n_clients, weights, seed=seed)
     assert np.abs(result.average - schema.flatten(off_grid)).max() <= result.error_bound + 1e-12
     as_dict = client.decrypt_aggregate(
-        run_round(client, bfv_keys, schema, [on_grid] * n_clients, weights)[0].aggregate, round_idx=0, as_dict=True
+        run_round(client, bfv_keys, schema, [on_grid] * n_clients, weights)[0].aggregate,
+        round_idx=0,
+        as_dict=True,
     ).average
     for name, value in on_grid.items():
         np.testing.assert_array_equal(as_dict[name], value)
@@ -176,7 +180,7 @@ def test_aggregator_cannot_decrypt(bfv_keys, client_cache):
     assert not aggregator.context.is_private() and not aggregator.context.has_secret_key()
     closed = aggregator.close()
     header, body = wire.decode(closed.aggregate, max_body=len(closed.aggregate))
-    (_, vector_bytes), = wire.decode_aggregate_body(body, header.chunk_count)
+    ((_, vector_bytes),) = wire.decode_aggregate_body(body, header.chunk_count)
     public = load_context(bfv_keys.public_context, role="public").context
     with pytest.raises(ValueError, match="secret"):
         ts.bfv_vector_from(public, vector_bytes).decrypt()
@@ -215,7 +219,9 @@ def test_context_whose_spec_disagrees_with_its_tenseal_parameters_is_rejected(bf
     with pytest.raises(EncryptionError, match="does not match its spec"):
         load_context(glued, role="public")
     # Same bytes, honest spec: loads.
-    load_context(context_module._envelope(context_module.ROLE_PUBLIC, bfv_keys.spec, tenseal_bytes), role="public")
+    load_context(
+        context_module._envelope(context_module.ROLE_PUBLIC, bfv_keys.spec, tenseal_bytes), role="public"
+    )
     with pytest.raises(EncryptionError, match=r"too short|magic"):
         load_context(b"FRHK", role="public")
     with pytest.raises(EncryptionError, match="context bytes"):
@@ -241,7 +247,10 @@ def test_partial_delivery_and_stragglers(bfv_keys, client_cache):
     assert client.num_chunks == 2
     rng = np.random.default_rng(11)
     updates = client_updates(rng, 3, schema.size, "uniform")
-    payloads = [client.encrypt_update(u, weight=w, round_idx=4, client_id=i) for i, (u, w) in enumerate(zip(updates, [5, 7, 9]))]
+    payloads = [
+        client.encrypt_update(u, weight=w, round_idx=4, client_id=i)
+        for i, (u, w) in enumerate(zip(updates, [5, 7, 9]))
+    ]
     aggregator = StreamingAggregator(bfv_keys.public_context, schema, round_idx=4)
     for p in payloads[0] + payloads[1][:1]:  # client 1 delivers chunk 0 only; client 2 never delivers
         aggregator.add(p)
@@ -255,7 +264,9 @@ def test_partial_delivery_and_stragglers(bfv_keys, client_cache):
     split = client._layout[0][1]
     first = fedavg(updates[:2], [5, 7], CLIP)[:split]
     assert np.abs(result.average[:split] - first).max() <= result.error_bound + 1e-12
-    assert np.abs(result.average[split:] - np.clip(updates[0][split:], -CLIP, CLIP)).max() <= result.error_bound
+    assert (
+        np.abs(result.average[split:] - np.clip(updates[0][split:], -CLIP, CLIP)).max() <= result.error_bound
+    )
 
 
 def test_a_round_nobody_delivered_to_cannot_be_decrypted(bfv_keys, client_cache):

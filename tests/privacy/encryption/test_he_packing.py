@@ -75,11 +75,25 @@ def test_stochastic_rounding_is_unbiased():
 
 
 def test_smaller_client_clip_uses_the_shared_grid():
-    q = quantise(np.array([0.9, -0.9]), weight=1, clip=0.5, grid_clip=1.0, precision_bits=4, rng=np.random.default_rng(0))
+    q = quantise(
+        np.array([0.9, -0.9]),
+        weight=1,
+        clip=0.5,
+        grid_clip=1.0,
+        precision_bits=4,
+        rng=np.random.default_rng(0),
+    )
     np.testing.assert_array_equal(q, [8, -8])  # 0.5 on a 1/16 grid
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_quantise_rejects_non_finite(bad):
     with pytest.raises(EncryptionError, match="finite"):
-        quantise(np.array([0.0, bad]), weight=1, clip=1.0, grid_clip=1.0, precision_bits=8, rng=np.random.default_rng(0))
+        quantise(
+            np.array([0.0, bad]),
+            weight=1,
+            clip=1.0,
+            grid_clip=1.0,
+            precision_bits=8,
+            rng=np.random.default_rng(0),
+        )

@@ -82,7 +82,9 @@ def test_mismatched_primes_and_bad_plain_modulus_are_rejected():
     good = coeff_primes(4096, (60, 49))
     with pytest.raises(EncryptionError, match="coeff prime"):
         check_security(
-            SchemeParams("bfv", 4096, (60, 49), (good[0], good[1] + 2), plain_modulus=batching_prime(2**20, 4096))
+            SchemeParams(
+                "bfv", 4096, (60, 49), (good[0], good[1] + 2), plain_modulus=batching_prime(2**20, 4096)
+            )
         )
     for t in (2**20, good[0], 12289):  # not prime, equal to a coefficient prime, not 1 mod 2N
         with pytest.raises(EncryptionError, match="plain_modulus"):
@@ -129,7 +131,9 @@ def test_quant_spec_validation(kwargs):
 
 
 @settings(deadline=None, max_examples=30)
-@given(quant=quant_specs, per_chunk=st.integers(1, 64), key=st.text("0123456789abcdef", min_size=32, max_size=32))
+@given(
+    quant=quant_specs, per_chunk=st.integers(1, 64), key=st.text("0123456789abcdef", min_size=32, max_size=32)
+)
 def test_spec_json_round_trip(quant, per_chunk, key):
     spec = AggregationSpec(params=plan_bfv(quant), quant=quant, ciphertexts_per_chunk=per_chunk, key_id=key)
     again = AggregationSpec.from_json(spec.to_json())
