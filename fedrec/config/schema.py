@@ -103,9 +103,112 @@ class TrainConfig:
 
 
 @dataclass
+class FaultInjectionConfig:
+    """Deliberate client faults for testing the federated fault handling (all off by default)."""
+
+    raise_clients: list[int] = field(default_factory=list)  # these clients raise whenever sampled
+    hang_clients: list[int] = field(default_factory=list)  # these clients sleep hang_seconds first
+    hang_seconds: float = 0.0
+    kill_clients: list[int] = field(default_factory=list)  # these clients SIGKILL their own rank
+    rounds: list[int] | None = None  # restrict the faults to these rounds; null = every round
+
+    def validate(self, path: str) -> None:
+        if self.hang_seconds < 0:
+            raise ConfigError(f"config key '{path}.hang_seconds' = {self.hang_seconds!r}: expected >= 0")
+
+
+@dataclass
+class FLConfig:
+    """``fl:``: the federated simulation run by scripts/train_fl.py (keys in configs/flags.md)."""
+
+    algorithm: str = "fed_avg"  # registry kind 'fl_algo'
+    algorithm_params: dict[str, Any] = field(default_factory=dict)  # the algorithm's own Config keys
+    import_modules: list[str] = field(default_factory=list)  # modules registering your own algorithms
+    secure: bool = False  # DP-SGD on each client + encrypted updates + ledger record before send
+    num_workers: int | None = 100  # simulated clients; null = one per user (natural partition only)
+    client_num_per_round: int = 10
+    rounds: int = 10
+    local_epochs: int = 1
+    local_steps: int | None = None  # cap on each client's local optimiser steps per round
+    partition: Literal["iid", "dirichlet", "natural"] = "iid"
+    dirichlet_alpha: float = 0.5
+    server_lr: float = 1.0
+    client_timeout: float = 600.0  # seconds; a slower client is dropped from its round
+    min_completion_rate: float = 0.8  # fraction of sampled clients that must return, else retry
+    max_round_retries: int = 3
+    eval_every: int = 1  # rounds between validations (the last round always evaluates)
+    fixed_point_bits: int = 24  # plain mode: updates are summed as exact integers in units of 2^-bits
+    faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+
+    def validate(self, path: str) -> None:
+        positive = ("client_num_per_round", "rounds", "local_epochs", "eval_every")
+        for key in positive:
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
+        for key in ("num_workers", "local_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"config key '{path}.{key}' = {value!r}: expected a positive integer or null"
+                )
+        if self.max_round_retries < 0:
+            raise ConfigError(
+                f"config key '{path}.max_round_retries' = {self.max_round_retries!r}: expected >= 0"
+            )
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(
+                f"config key '{path}.dirichlet_alpha' = {self.dirichlet_alpha!r}: expected a number > 0"
+            )
+        if self.server_lr <= 0:
+            raise ConfigError(f"config key '{path}.server_lr' = {self.server_lr!r}: expected a number > 0")
+        if self.client_timeout <= 0:
+            raise ConfigError(
+                f"config key '{path}.client_timeout' = {self.client_timeout!r}: expected seconds > 0"
+            )
+        if not 0.0 < self.min_completion_rate <= 1.0:
+            raise ConfigError(
+                f"config key '{path}.min_completion_rate' = {self.min_completion_rate!r}: expected a value in (0, 1]"
+            )
+        if not 8 <= self.fixed_point_bits <= 40:
+            raise ConfigError(
+                f"config key '{path}.fixed_point_bits' = {self.fixed_point_bits!r}: expected 8 to 40"
+            )
+        if self.num_workers is not None and self.client_num_per_round > self.num_workers:
+            raise ConfigError(
+                f"config key '{path}.client_num_per_round' = {self.client_num_per_round!r}: above the "
+                f"number of clients ({path}.num_workers = {self.num_workers})"
+            )
+
+
+@dataclass
+class CommunicationsConfig:
+    """``communications:``: how the simulation's MPI ranks map onto hosts and GPUs."""
+
+    # The seed's format (FedML's gpu_mapping): host -> [n_0, n_1, ...], n_j processes on GPU j of the
+    # host; MPI ranks are assigned in order (rank 0, the aggregator, first). null = --devices for all.
+    gpu_map: dict[str, list[int]] | None = None
+
+    def validate(self, path: str) -> None:
+        if self.gpu_map is None:
+            return
+        if not self.gpu_map:
+            raise ConfigError(f"config key '{path}.gpu_map' = {{}}: expected host: [processes per GPU]")
+        for host, counts in self.gpu_map.items():
+            if not counts or any(c < 0 for c in counts):
+                raise ConfigError(
+                    f"config key '{path}.gpu_map.{host}' = {counts!r}: expected a list of process counts >= 0"
+                )
+        if sum(sum(c) for c in self.gpu_map.values()) < 1:
+            raise ConfigError(f"config key '{path}.gpu_map' = {self.gpu_map!r}: assigns no process")
+
+
+@dataclass
 class ExperimentConfig:
     """The whole run. Sections later features add (privacy, fl, encryption, ...) go here too."""
 
     model: ModelSection
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
+    fl: FLConfig | None = None  # federated simulation (scripts/train_fl.py)
+    communications: CommunicationsConfig | None = None  # MPI ranks to hosts and GPUs

@@ -1,0 +1,287 @@
+"""Split a training set among simulated clients: IID, Dirichlet non-IID over labels, natural per user.
+
+A :class:`Partition` is two integer arrays: ``order`` (row indices of the training split, grouped by
+client) and ``offsets`` (client ``c`` owns ``order[offsets[c]:offsets[c + 1]]``). That is all the
+state a simulation of any number of clients keeps; a client's rows are read only when it trains.
+Partitions are deterministic given the seed and are saved as ``.npz`` (no pickle) so that every MPI
+rank memory-maps the same one.
+
+- ``iid``: a seeded permutation cut into near-equal parts.
+- ``dirichlet``: each client draws its label distribution from Dirichlet(alpha * p), p the global
+  label distribution, and fills an equal share of the data from it (Hsu, Qi, Brown 2019,
+  https://arxiv.org/abs/1909.06335), the seed's way to mimic users on Criteo. Small alpha gives
+  clients dominated by one label; large alpha approaches IID. Ratings are binned to integers.
+- ``natural``: one client per user (MovieLens), or users grouped into ``num_clients`` clients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedrec.errors import ConfigError, DataError
+
+PARTITION_KINDS = ("iid", "dirichlet", "natural")
+
+
+@dataclass
+class Partition:
+    """Rows of a training split grouped by client."""
+
+    kind: str
+    order: np.ndarray  # row indices into the training split, grouped by client
+    offsets: np.ndarray  # [num_clients + 1]; client c owns order[offsets[c]:offsets[c + 1]]
+    users: np.ndarray | None = (
+        None  # natural partitions: the users of client c are users[user_offsets[c]:...]
+    )
+    user_offsets: np.ndarray | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.offsets) - 1
+
+    def client_rows(self, client: int) -> np.ndarray:
+        """Training-split row indices of ``client`` (sorted, so memory-mapped reads are sequential)."""
+        self._check_client(client)
+        return np.sort(np.asarray(self.order[self.offsets[client] : self.offsets[client + 1]]))
+
+    def client_size(self, client: int) -> int:
+        self._check_client(client)
+        return int(self.offsets[client + 1] - self.offsets[client])
+
+    def client_users(self, client: int) -> np.ndarray:
+        """Users owned by ``client`` (natural partitions only)."""
+        self._check_client(client)
+        if self.users is None or self.user_offsets is None:
+            raise DataError(f"a {self.kind!r} partition does not assign users to clients")
+        return np.asarray(self.users[self.user_offsets[client] : self.user_offsets[client + 1]])
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(np.asarray(self.offsets))
+
+    def _check_client(self, client: int) -> None:
+        if not 0 <= int(client) < self.num_clients:
+            raise DataError(f"client {client} out of range: the partition has {self.num_clients} clients")
+
+    def save(self, path: str) -> None:
+        """Write ``path`` (.npz) atomically."""
+        arrays: dict[str, Any] = {
+            "kind": np.array(self.kind),
+            "order": np.asarray(self.order),
+            "offsets": np.asarray(self.offsets),
+        }
+        if self.users is not None and self.user_offsets is not None:
+            arrays["users"] = np.asarray(self.users)
+            arrays["user_offsets"] = np.asarray(self.user_offsets)
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> Partition:
+        """Read a partition written by :meth:`save` (no pickle)."""
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: partition file not found")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                kind = str(npz["kind"])
+                order, offsets = npz["order"], npz["offsets"]
+                users = npz["users"] if "users" in npz.files else None
+                user_offsets = npz["user_offsets"] if "user_offsets" in npz.files else None
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"{path}: not a partition file ({err})") from None
+        if kind not in PARTITION_KINDS or offsets.ndim != 1 or len(offsets) < 2 or offsets[-1] != len(order):
+            raise DataError(f"{path}: inconsistent partition file")
+        return cls(kind, order, offsets, users, user_offsets)
+
+
+def _group(client_of_row: np.ndarray, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, offsets) grouping row indices by their client id (stable: rows keep their order)."""
+    order = np.argsort(client_of_row, kind="stable")
+    counts = np.bincount(client_of_row, minlength=num_clients)
+    offsets = np.zeros(num_clients + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    index_dtype = np.int32 if len(client_of_row) < 2**31 else np.int64
+    return order.astype(index_dtype), offsets
+
+
+def _check_counts(num_rows: int, num_clients: int, what: str) -> None:
+    if num_clients < 1:
+        raise ConfigError(f"--num_workers {num_clients}: expected at least 1 client")
+    if num_clients > num_rows:
+        raise ConfigError(
+            f"--num_workers {num_clients}: the training split has only {num_rows} {what}, "
+            "too few to give each worker a sample"
+        )
+
+
+def equal_sizes(num_rows: int, num_clients: int) -> np.ndarray:
+    """Near-equal client sizes summing to ``num_rows`` (the first ``num_rows % num_clients`` get one more)."""
+    sizes = np.full(num_clients, num_rows // num_clients, dtype=np.int64)
+    sizes[: num_rows % num_clients] += 1
+    return sizes
+
+
+def iid_partition(num_rows: int, num_clients: int, *, seed: int) -> Partition:
+    """A seeded random permutation cut into near-equal client shares."""
+    _check_counts(num_rows, num_clients, "rows")
+    rng = np.random.default_rng([seed, 0x11D])
+    client_of_row = np.empty(num_rows, dtype=np.int64)
+    client_of_row[rng.permutation(num_rows)] = np.repeat(
+        np.arange(num_clients), equal_sizes(num_rows, num_clients)
+    )
+    order, offsets = _group(client_of_row, num_clients)
+    return Partition("iid", order, offsets)
+
+
+def label_classes(labels: np.ndarray) -> np.ndarray:
+    """Integer class of each row: binary clicks as they are, ratings rounded to the nearest integer."""
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels.astype(np.int64)
+    return np.rint(labels.astype(np.float64)).astype(np.int64)
+
+
+def dirichlet_partition(labels: np.ndarray, num_clients: int, *, alpha: float, seed: int) -> Partition:
+    """Non-IID over labels: client c's label mix ~ Dirichlet(alpha * p), equal client sizes.
+
+    Clients are filled in turn; when a label runs out, the client's remaining quota is drawn from
+    the labels left, in proportion to its own mix (the last clients therefore get what is left).
+    """
+    labels = label_classes(labels)
+    num_rows = len(labels)
+    _check_counts(num_rows, num_clients, "rows")
+    if not alpha > 0:
+        raise ConfigError(f"config key 'fl.dirichlet_alpha' = {alpha!r}: expected a number > 0")
+    rng = np.random.default_rng([seed, 0xD1])
+    classes, class_of_row = np.unique(labels, return_inverse=True)
+    num_classes = len(classes)
+    pools = [rng.permutation(np.flatnonzero(class_of_row == k)) for k in range(num_classes)]
+    taken = np.zeros(num_classes, dtype=np.int64)
+    prior = np.array([len(p) for p in pools], dtype=np.float64) / num_rows
+    mixes = None
+    if num_classes > 1:
+        mixes = rng.dirichlet(alpha * prior, size=num_clients)
+        degenerate = ~np.all(np.isfinite(mixes), axis=1)  # every gamma draw underflowed (tiny alpha)
+        if degenerate.any():
+            mixes[degenerate] = np.eye(num_classes)[
+                rng.choice(num_classes, size=int(degenerate.sum()), p=prior)
+            ]
+    client_of_row = np.empty(num_rows, dtype=np.int64)
+    for client, size in enumerate(equal_sizes(num_rows, num_clients)):
+        remaining = np.array([len(p) for p in pools], dtype=np.int64) - taken
+        want = np.zeros(num_classes, dtype=np.int64)
+        if mixes is None:
+            want[0] = size
+        else:
+            want = rng.multinomial(size, mixes[client])
+        want = np.minimum(want, remaining)
+        short = int(size - want.sum())
+        while short > 0:  # top up from the labels that still have rows, by this client's own mix
+            room = remaining - want
+            weights = (mixes[client] if mixes is not None else np.ones(num_classes)) * (room > 0)
+            if weights.sum() <= 0:
+                weights = (room > 0).astype(np.float64)
+            extra = np.minimum(rng.multinomial(short, weights / weights.sum()), room)
+            if extra.sum() == 0:
+                extra[int(np.argmax(room))] = min(short, int(room.max()))
+            want += extra
+            short = int(size - want.sum())
+        for k in np.flatnonzero(want):
+            rows = pools[k][taken[k] : taken[k] + want[k]]
+            client_of_row[rows] = client
+            taken[k] += want[k]
+    order, offsets = _group(client_of_row, num_clients)
+    return Partition("dirichlet", order, offsets)
+
+
+def natural_partition(users: np.ndarray, num_clients: int | None, *, seed: int) -> Partition:
+    """Each user's rows go to one client: one client per user, or users grouped into ``num_clients``.
+
+    Users are listed in ascending id; with grouping, a seeded permutation deals users round-robin.
+    """
+    users = np.asarray(users).astype(np.int64)
+    distinct = np.unique(users)
+    if num_clients is None:
+        num_clients = len(distinct)
+    if num_clients > len(distinct):
+        raise ConfigError(
+            f"--num_workers {num_clients}: the training split has only {len(distinct)} users, "
+            "too few to give each worker a sample (natural partition: one or more users per client)"
+        )
+    _check_counts(len(users), num_clients, "rows")
+    if num_clients == len(distinct):
+        client_of_user = np.arange(len(distinct))
+    else:
+        rng = np.random.default_rng([seed, 0x05E])
+        client_of_user = np.empty(len(distinct), dtype=np.int64)
+        client_of_user[rng.permutation(len(distinct))] = np.arange(len(distinct)) % num_clients
+    client_of_row = client_of_user[np.searchsorted(distinct, users)]
+    order, offsets = _group(client_of_row, num_clients)
+    user_order, user_offsets = _group(client_of_user, num_clients)
+    return Partition("natural", order, offsets, distinct[user_order], user_offsets)
+
+
+def make_partition(
+    kind: str,
+    train_arrays: dict[str, np.ndarray],
+    num_clients: int | None,
+    *,
+    seed: int,
+    alpha: float = 0.5,
+) -> Partition:
+    """Partition a training split (its named arrays) by ``kind``; input errors name the key at fault."""
+    labels = train_arrays["label"]
+    if kind == "natural":
+        if "user" not in train_arrays:
+            raise ConfigError(
+                "config key 'fl.partition' = 'natural': the data has no users (natural needs movielens)"
+            )
+        return natural_partition(train_arrays["user"], num_clients, seed=seed)
+    if num_clients is None:
+        raise ConfigError(
+            f"config key 'fl.num_workers' = null: only the natural partition allows it, not {kind!r}"
+        )
+    if kind == "iid":
+        return iid_partition(len(labels), num_clients, seed=seed)
+    if kind == "dirichlet":
+        return dirichlet_partition(labels, num_clients, alpha=alpha, seed=seed)
+    raise ConfigError(f"config key 'fl.partition' = {kind!r}: expected one of {', '.join(PARTITION_KINDS)}")
+
+
+def partition_statistics(partition: Partition, labels: np.ndarray) -> dict[str, Any]:
+    """Figures for summary.json: client sizes, label skew (mean total-variation distance to the global mix)."""
+    sizes = partition.sizes()
+    classes = label_classes(np.asarray(labels))
+    values, class_of_row = np.unique(classes, return_inverse=True)
+    client_of_row = np.empty(len(classes), dtype=np.int64)
+    client_of_row[np.asarray(partition.order)] = np.repeat(np.arange(partition.num_clients), sizes)
+    counts = np.zeros((partition.num_clients, len(values)), dtype=np.int64)
+    np.add.at(counts, (client_of_row, class_of_row), 1)
+    mixes = counts / np.maximum(sizes[:, None], 1)
+    global_mix = counts.sum(axis=0) / max(int(counts.sum()), 1)
+    tv = 0.5 * np.abs(mixes - global_mix[None, :]).sum(axis=1)
+    stats: dict[str, Any] = {
+        "kind": partition.kind,
+        "num_clients": partition.num_clients,
+        "rows": int(sizes.sum()),
+        "client_rows": {
+            "min": int(sizes.min()),
+            "median": float(np.median(sizes)),
+            "mean": float(sizes.mean()),
+            "max": int(sizes.max()),
+        },
+        "label_values": [int(v) for v in values],
+        "global_label_mix": [float(x) for x in global_mix],
+        "mean_tv_distance_to_global_mix": float(tv.mean()),
+        "single_label_clients": int(((counts > 0).sum(axis=1) == 1).sum()),
+    }
+    if partition.user_offsets is not None:
+        users_per_client = np.diff(np.asarray(partition.user_offsets))
+        stats["users_per_client"] = {"min": int(users_per_client.min()), "max": int(users_per_client.max())}
+    return stats
