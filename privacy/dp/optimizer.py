@@ -212,7 +212,7 @@ class DPSGD:
             if self.lazy_noise:
                 lr = float(self._group_of[id(weight)]["lr"])
                 weight.grad = None
-                weight.index_add_(0, rows, values, alpha=-lr * scale)
+                weight.index_put_((rows,), values.mul(-lr * scale), accumulate=True)
                 self.lazy[id(weight)].advance((lr * std * scale) ** 2)
             else:
                 grad = self.noise.normal(weight.shape, device=weight.device, dtype=weight.dtype).mul_(std)

@@ -28,10 +28,12 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 from privacy.dp.embedding_clip import (
+    Lookups,
     check_embedding_module,
     embedding_bag_lookups,
     embedding_lookups,
-    per_sample_gradient,
+    grouped_per_sample_gradient,
+    split_by_table,
 )
 from privacy.errors import PrivacyError
 
@@ -170,32 +172,23 @@ class _LinearTape(_Tape):
 
 
 class _EmbeddingTape(_Tape):
-    def _per_sample(self):
+    """Embedding tables are clipped together, in groups of one dim/dtype/device (see _EmbeddingGroup)."""
+
+    def lookups(self) -> Lookups:
         module = self.module
         if isinstance(module, nn.EmbeddingBag):
             indices = self.inputs[0]
             offsets = self.inputs[1] if len(self.inputs) > 1 else self.kwargs.get("offsets")
             psw = self.inputs[2] if len(self.inputs) > 2 else self.kwargs.get("per_sample_weights")
-            lookups = embedding_bag_lookups(module, indices, offsets, psw)
-        else:
-            indices = self.inputs[0]
-            if indices.dim() == 0:
-                raise PrivacyError(f"module '{self.name}' (Embedding): a 0-d index has no sample dimension")
-            lookups = embedding_lookups(module, indices)
-        return per_sample_gradient(lookups, self.grad_output, module.num_embeddings)
+            return embedding_bag_lookups(module, indices, offsets, psw)
+        indices = self.inputs[0]
+        if indices.dim() == 0:
+            raise PrivacyError(f"module '{self.name}' (Embedding): a 0-d index has no sample dimension")
+        return embedding_lookups(module, indices)
 
     def batch_size(self) -> int:
         assert self.output is not None
         return int(self.output.shape[0])
-
-    def squared_norms(self) -> torch.Tensor:
-        self._grad = self._per_sample()
-        return self._grad.squared_norms()
-
-    def clipped_sum(self, clip: torch.Tensor, out: ClippedGradients) -> None:
-        rows, values = self._grad.clipped_sum(clip)
-        out.sparse[self.module.weight] = (rows, values.to(self.module.weight.dtype))
-        del self._grad
 
     def zero_sum(self, out: ClippedGradients) -> None:
         weight = self.module.weight
@@ -203,6 +196,25 @@ class _EmbeddingTape(_Tape):
             torch.zeros(0, dtype=torch.long, device=weight.device),
             torch.zeros(0, weight.shape[1], dtype=weight.dtype, device=weight.device),
         )
+
+
+class _EmbeddingGroup:
+    """Embedding tapes of one (dim, dtype, device), coalesced in a single shared row space."""
+
+    def __init__(self, tapes: list[_EmbeddingTape]) -> None:
+        self.tapes = tapes
+
+    def squared_norms(self) -> torch.Tensor:
+        tables = [(t.lookups(), t.grad_output, t.module.num_embeddings) for t in self.tapes]
+        self._grad, self._offsets = grouped_per_sample_gradient(tables)
+        return self._grad.squared_norms()
+
+    def clipped_sum(self, clip: torch.Tensor, out: ClippedGradients) -> None:
+        rows, values = self._grad.clipped_sum(clip)
+        for tape, (table_rows, table_values) in zip(self.tapes, split_by_table(rows, values, self._offsets)):
+            weight = tape.module.weight
+            out.sparse[weight] = (table_rows, table_values.to(weight.dtype))
+        del self._grad
 
 
 class _OpacusTape(_Tape):
@@ -224,6 +236,33 @@ class _OpacusTape(_Tape):
         del self._samples
 
 
+class _FreeParamTape(_Tape):
+    """Parameters a container module owns directly (e.g. a model's global bias).
+
+    No layer rule applies, so their per-sample gradients come from one batched backward
+    (``is_grads_batched``) of the per-sample losses, restricted to these parameters: autograd only
+    walks the path from the loss to them. Memory is batch x their size, so their total size is capped.
+    """
+
+    def set_samples(self, samples: dict[Any, torch.Tensor]) -> None:
+        self._samples = samples
+
+    def squared_norms(self) -> torch.Tensor:
+        batch = next(iter(self._samples.values())).shape[0]
+        sq = torch.zeros(batch, dtype=torch.float64, device=next(iter(self._samples.values())).device)
+        for g in self._samples.values():
+            sq += g.reshape(batch, -1).pow(2).sum(dim=1).to(torch.float64)
+        return sq
+
+    def clipped_sum(self, clip: torch.Tensor, out: ClippedGradients) -> None:
+        for p, g in self._samples.items():
+            out.dense[p] = torch.einsum("i,i...->...", clip.to(g.dtype), g).to(p.dtype)
+        del self._samples
+
+
+FREE_PARAMETER_LIMIT = 65_536  # elements; per-sample gradients of free parameters are kept densely
+
+
 def _tape_for(name: str, module: nn.Module) -> _Tape:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise PrivacyError(
@@ -237,6 +276,8 @@ def _tape_for(name: str, module: nn.Module) -> _Tape:
         return _EmbeddingTape(name, module)
     if type(module) in _OPACUS_FALLBACK and type(module) in GradSampleModule.GRAD_SAMPLERS:
         return _OpacusTape(name, module)
+    if any(True for _ in module.children()):
+        return _FreeParamTape(name, module)
     raise PrivacyError(
         f"module '{name}' ({type(module).__name__}) has trainable parameters but no per-sample "
         f"gradient rule for DP-SGD; supported layers: {', '.join(SUPPORTED_LAYERS)}"
@@ -284,8 +325,18 @@ class PerSampleClipper:
             self.tapes.append(_tape_for(name or type(module).__name__, module))
         if not self.tapes:
             raise PrivacyError("model has no trainable parameters: nothing to train with DP-SGD")
+        self.free_tapes = [t for t in self.tapes if isinstance(t, _FreeParamTape)]
+        free_size = sum(p.numel() for t in self.free_tapes for p in t.params())
+        if free_size > FREE_PARAMETER_LIMIT:
+            names = ", ".join(t.name or "<model>" for t in self.free_tapes)
+            raise PrivacyError(
+                f"modules {names} own {free_size} trainable parameter elements directly: expected at most "
+                f"{FREE_PARAMETER_LIMIT} outside supported layers ({', '.join(SUPPORTED_LAYERS)})"
+            )
         self._handles = [
-            tape.module.register_forward_hook(self._make_hook(tape), with_kwargs=True) for tape in self.tapes
+            tape.module.register_forward_hook(self._make_hook(tape), with_kwargs=True)
+            for tape in self.tapes
+            if not isinstance(tape, _FreeParamTape)
         ]
 
     def _make_hook(self, tape: _Tape):
@@ -345,27 +396,55 @@ class PerSampleClipper:
                     f"{batch}: expected the first dimension (or bag count) to be the sample"
                 )
         out = ClippedGradients()
+        used: list[_Tape] = []
+        free_params = [p for t in self.free_tapes for p in t.params()]
+        if batch > 0 and free_params and per_sample_loss.requires_grad:
+            # Row i of the identity picks loss_i: one vmapped backward gives every d loss_i / d p.
+            losses = per_sample_loss.reshape(batch, -1).sum(dim=1)
+            eye = torch.eye(batch, device=losses.device, dtype=losses.dtype)
+            free_grads = torch.autograd.grad(
+                losses,
+                free_params,
+                grad_outputs=eye,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            by_param = {
+                id(p): (
+                    p,
+                    torch.zeros(batch, *p.shape, dtype=p.dtype, device=p.device) if g is None else g.detach(),
+                )
+                for p, g in zip(free_params, free_grads)
+            }
+            for tape in self.free_tapes:
+                tape.set_samples({by_param[id(p)][0]: by_param[id(p)][1] for p in tape.params()})
+                used.append(tape)
         if batch > 0 and recorded:
             grads = torch.autograd.grad(
                 per_sample_loss.sum(), [t.output for t in recorded], allow_unused=True
             )
-            used = []
             for tape, grad in zip(recorded, grads):
                 if grad is not None:
                     tape.grad_output = grad.detach()
                     used.append(tape)
-        else:
-            used = []
         device = per_sample_loss.device
-        sq = torch.zeros(batch, device=device, dtype=torch.float64)
+        groups: dict[tuple, list[_EmbeddingTape]] = {}
         for tape in used:
-            sq += tape.squared_norms().to(device=device, dtype=torch.float64)
+            if isinstance(tape, _EmbeddingTape):
+                w = tape.module.weight
+                groups.setdefault((w.shape[1], tape.grad_output.dtype, w.device), []).append(tape)
+        parts: list[Any] = [t for t in used if not isinstance(t, _EmbeddingTape)]
+        parts += [_EmbeddingGroup(g) for g in groups.values()]
+        sq = torch.zeros(batch, device=device, dtype=torch.float64)
+        for part in parts:
+            sq += part.squared_norms().to(device=device, dtype=torch.float64)
         norms = sq.sqrt()
         clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        for part in parts:
+            part.clipped_sum(clip, out)
         for tape in self.tapes:
-            if tape in used:
-                tape.clipped_sum(clip.to(tape.grad_output.device), out)
-            else:
+            if tape not in used:
                 tape.zero_sum(out)
         out.norms = norms
         out.clip_factors = clip

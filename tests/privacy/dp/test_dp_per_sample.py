@@ -210,3 +210,48 @@ def test_eval_forward_under_no_grad_is_not_recorded():
         lin(torch.randn(4, 3))
     got = clipper.clip(lin(torch.randn(2, 3)).squeeze(1))
     assert got.batch_size == 2
+
+
+class BiasedMF(nn.Module):
+    """Matrix factorisation with a global bias owned by the model itself (a 'free' parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.user = nn.Embedding(5, 3)
+        self.item = nn.Embedding(7, 3)
+        self.item_bias = nn.Embedding(7, 1)
+        self.global_bias = nn.Parameter(torch.tensor([0.4]))
+
+    def forward(self, samples):
+        users = torch.stack([s[0] for s in samples])
+        items = torch.stack([s[1] for s in samples])
+        dot = (self.user(users) * self.item(items)).sum(dim=1)
+        return self.global_bias + self.item_bias(items).squeeze(1) + dot
+
+
+def test_free_parameters_of_a_container_module():
+    torch.manual_seed(3)
+    model = BiasedMF().double()
+    t = torch.tensor
+    r = torch.float64
+    batch = [(t(0), t(1), t(4.0, dtype=r)), (t(0), t(1), t(2.0, dtype=r)), (t(4), t(6), t(5.0, dtype=r))]
+
+    def loss_fn(m, samples):
+        return (m(samples) - torch.stack([s[2] for s in samples])) ** 2
+
+    expected, norms = naive_clipped_sum(model, loss_fn, batch, 1.5)
+    got = PerSampleClipper(model, max_grad_norm=1.5).clip(loss_fn(model, batch))
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    for p, want in expected.items():
+        torch.testing.assert_close(got.to_dense(p), want, rtol=1e-10, atol=1e-12)
+
+
+def test_large_free_parameters_refused():
+    class Big(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.table = nn.Parameter(torch.zeros(1000, 100))
+
+    with pytest.raises(PrivacyError, match="at most"):
+        PerSampleClipper(Big(), max_grad_norm=1.0)
