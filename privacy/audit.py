@@ -314,7 +314,10 @@ def train_models_opacus(
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
                     logits, batch_labels, reduction="sum"
                 )
-                loss.backward()
+                with warnings.catch_warnings():
+                    # "full backward hook is firing ... no inputs require gradients": expected here.
+                    warnings.simplefilter("ignore", UserWarning)
+                    loss.backward()
                 optimizer.step()
                 all_updates[index, step] = (linear.weight.detach()[0, -1].item() - before) / step_size
                 step += 1

@@ -638,6 +638,25 @@ class PrivacyLedger:
             return None
         return max(0.0, budget - self.client_epsilon(client))
 
+    def position(self) -> dict[str, int]:
+        """Rows per event table now: store it in a checkpoint, check it with ``check_position`` on resume."""
+        return {
+            table: int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])
+            for table in ("client_spends", "rounds", "exclusions")
+        }
+
+    def check_position(self, position: dict[str, int]) -> None:
+        """Raise LedgerError if the ledger holds fewer rows than a checkpoint saw (it lost spends)."""
+        now = self.position()
+        for table, count in position.items():
+            if table not in now:
+                raise LedgerError(f"privacy ledger {self.path}: checkpoint names unknown table {table!r}")
+            if now[table] < int(count):
+                raise LedgerError(
+                    f"privacy ledger {self.path}: {table} has {now[table]} rows but the checkpoint saw {count}; "
+                    "the ledger lost records (restored from an older copy?)"
+                )
+
     def check_integrity(self) -> None:
         """Run the full ``PRAGMA integrity_check``; raise LedgerError on any problem."""
         rows = self._query("PRAGMA integrity_check")

@@ -23,6 +23,7 @@ import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def validate_entry(*, noise_multiplier: float, sample_rate: float, steps: int) -
     return sigma, rate, int(steps)
 
 
-def merge_history(history: Iterable[Sequence[float]]) -> tuple[HistoryEntry, ...]:
+def merge_history(history: Iterable[Sequence[Any]]) -> tuple[HistoryEntry, ...]:
     """Sum the steps of entries with the same (noise, rate); order does not change a composition."""
     steps_by_mechanism: dict[tuple[float, float], int] = {}
     for entry in history:

@@ -68,10 +68,10 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
     delta, accountant = info.delta, info.accountant
 
     final, timeline = _example_level_timeline(spends, rounds, delta=delta, accountant=accountant)
-    excluded_at = {}
+    excluded_at: dict[str, Any] = {}
     for item in exclusions:
         excluded_at.setdefault(item.client, item)
-    per_client = []
+    per_client: list[dict[str, Any]] = []
     for client in clients:
         client_spends = [s for s in spends if s.client == client]
         eps = final.get(client, 0.0)
@@ -119,7 +119,7 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
         }
     budget_summary = None
     if info.client_epsilon_budget is not None and per_client:
-        remaining = [c["remaining_budget"] for c in per_client]
+        remaining: list[float] = [float(c["remaining_budget"]) for c in per_client]
         budget_summary = {
             "client_epsilon_budget": info.client_epsilon_budget,
             "remaining_min": min(remaining),
@@ -226,8 +226,8 @@ def _example_level_timeline(
             _merged_epsilon(user_mechanisms, delta, accountant) if user_mechanisms else None
         )
     if not spends:
-        for key in ("example_max", "example_median", "example_min"):
-            timeline[key] = []
+        for name in ("example_max", "example_median", "example_min"):
+            timeline[name] = []
     if not rounds:
         timeline["user_level"] = []
     return eps_now, timeline
@@ -287,9 +287,10 @@ def read_utility(logdir: str, *, metric: str | None = None) -> dict[str, Any] | 
             raise PrivacyError(f"--metric {metric}: not a finite number in {path} (numeric keys: {known})")
         chosen = metric
     else:
-        chosen = _pick_metric(flat)
-        if chosen is None:
+        picked = _pick_metric(flat)
+        if picked is None:
             return None
+        chosen = picked
     name = chosen.rsplit(".", 1)[-1].lower()
     return {
         "metric": chosen,

@@ -264,3 +264,21 @@ def test_prv_ledger_matches_prv_accountant(path):
         reference = PRVAccountant()
         reference.history = [(1.0, 0.1, 100)]
         assert ledger.client_epsilon(1) == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+def test_checkpoint_position_detects_a_ledger_that_lost_rows(path, tmp_path):
+    with PrivacyLedger.open(path, delta=1e-5) as ledger:
+        ledger.record_client_spend(client=1, round=0, **SPEND)
+        early = ledger.position()
+        # An older copy of the file, as a careless restore would bring back.
+        ledger._con.execute("PRAGMA wal_checkpoint(FULL)")
+        backup = tmp_path / "old.sqlite"
+        with open(path, "rb") as src, open(backup, "wb") as dst:
+            dst.write(src.read())
+        ledger.record_client_spend(client=1, round=1, **SPEND)
+        later = ledger.position()
+        assert later == {"client_spends": 2, "rounds": 0, "exclusions": 0}
+        ledger.check_position(early)
+        ledger.check_position(later)
+    with PrivacyLedger.read(backup) as old, pytest.raises(LedgerError, match="lost records"):
+        old.check_position(later)
