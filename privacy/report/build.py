@@ -386,19 +386,19 @@ def plain_language(report: dict[str, Any]) -> str:
     if example is not None:
         eps = example["epsilon"]
         worst = _fmt(eps["max"], example["clients_infinite"] > 0)
+        bound = f" = {math.exp(eps['max']):.3g}" if eps["max"] is not None and eps["max"] < 50 else ""
         parts.append(
-            f"Example level: for every one of the {example['clients']} clients, and every single interaction in its "
-            f"data, anyone who sees everything that client sent can tell whether that interaction was used only to a "
-            f"limited degree: with epsilon = {worst} (the worst client; median {_fmt(eps['median'])}) and delta = "
-            f"{delta:g}, no test of 'was this record used?' can have its odds of being right multiplied by more than "
-            f"e^epsilon"
-            + (f" = {math.exp(eps['max']):.3g}" if eps["max"] is not None and eps["max"] < 50 else "")
-            + f", except with probability at most {delta:g}."
+            f"Example level: for each of the {example['clients']} clients and each single interaction in its data, "
+            f"anyone who sees everything that client sent learns only a bounded amount about whether that interaction was used: "
+            f"with epsilon = {worst} (the worst client; median {_fmt(eps['median'])}) and delta = {delta:g}, any "
+            f"test for 'was this record used?' says 'yes' at most e^epsilon{bound} times as often when the record "
+            f"was used as when it was not, plus a probability of at most {delta:g}."
         )
     if user is not None:
         parts.append(
-            f"User level (DP-FedAvg over {user['rounds']} rounds): the same promise holds for a client's entire data "
-            f"at once, with epsilon = {_fmt(user['epsilon'], user['epsilon_infinite'])} and delta = {delta:g}, "
+            f"User level (DP-FedAvg over {user['rounds']} rounds): the same kind of promise holds for a client's "
+            f"entire data at once (all its interactions together), with epsilon = "
+            f"{_fmt(user['epsilon'], user['epsilon_infinite'])} and delta = {delta:g}, "
             "provided the aggregate is released only when at least the assumed minimum number of clients reported."
         )
     if run["client_epsilon_budget"] is not None:
