@@ -93,4 +93,6 @@ BUILTIN_MODULES: list[str] = [
     "fedrec.models.mf",
     "fedrec.data.criteo",
     "fedrec.data.movielens",
+    "fedrec.federated.algorithms.fed_avg",
+    "fedrec.federated.algorithms.fed_prox",
 ]

@@ -118,6 +118,28 @@ class FaultInjectionConfig:
 
 
 @dataclass
+class FLEncryptionConfig:
+    """``fl.encryption``: encrypted aggregation in secure mode (privacy.encryption, TenSEAL)."""
+
+    scheme: Literal["bfv", "ckks"] = "bfv"
+    clip: float = 1.0  # per-coordinate bound of a client's update; larger values are clipped before encryption
+    precision_bits: int = 16  # quantisation grid clip * 2^-precision_bits
+    max_weight: int | None = None  # largest integer client weight; null = the largest client's sample count
+
+    def validate(self, path: str) -> None:
+        if not self.clip > 0:
+            raise ConfigError(f"config key '{path}.clip' = {self.clip!r}: expected a number > 0")
+        if not 4 <= self.precision_bits <= 30:
+            raise ConfigError(
+                f"config key '{path}.precision_bits' = {self.precision_bits!r}: expected 4 to 30"
+            )
+        if self.max_weight is not None and self.max_weight < 1:
+            raise ConfigError(
+                f"config key '{path}.max_weight' = {self.max_weight!r}: expected a positive integer or null"
+            )
+
+
+@dataclass
 class FLConfig:
     """``fl:``: the federated simulation run by scripts/train_fl.py (keys in configs/flags.md)."""
 
@@ -138,6 +160,7 @@ class FLConfig:
     max_round_retries: int = 3
     eval_every: int = 1  # rounds between validations (the last round always evaluates)
     fixed_point_bits: int = 24  # plain mode: updates are summed as exact integers in units of 2^-bits
+    encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)
     faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
     def validate(self, path: str) -> None:
@@ -204,6 +227,45 @@ class CommunicationsConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """``privacy:``: example-level DP-SGD (scripts/train_dp.py; docs/privacy.md explains every key)."""
+
+    noise_multiplier: float | None = None  # sigma; exactly one of noise_multiplier / target_epsilon
+    target_epsilon: float | None = None  # the noise multiplier is then computed for the planned steps
+    delta: float | None = None  # must be < 1/N (N = training examples); null = 1/(10 N)
+    max_grad_norm: float = 1.0  # per-sample clipping bound C
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    sampling: str = "poisson"  # only Poisson sampling matches the accountants; anything else is refused
+    sample_rate: float | None = None  # Poisson probability q; null = train.batch_size / N
+    secure_mode: bool = False  # OS CSPRNG noise and sampling (slower; see docs/privacy.md)
+    epsilon_budget: float | None = None  # refuse a plan above it; stop at the last step within it
+    lazy_noise: bool = True  # defer embedding-row noise until read (needs train.optimizer sgd, no decay)
+
+    def validate(self, path: str) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ConfigError(
+                f"config keys '{path}.noise_multiplier' = {self.noise_multiplier!r} and '{path}.target_epsilon' "
+                f"= {self.target_epsilon!r}: expected exactly one of them to be set (the other null)"
+            )
+        positive = ("noise_multiplier", "target_epsilon", "max_grad_norm", "epsilon_budget")
+        for key in positive:
+            value = getattr(self, key)
+            if value is not None and not (0 < value < float("inf")):
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a finite number > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"config key '{path}.delta' = {self.delta!r}: expected a number in (0, 1)")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ConfigError(
+                f"config key '{path}.sample_rate' = {self.sample_rate!r}: expected a number in (0, 1]"
+            )
+        if self.sampling != "poisson":
+            raise ConfigError(
+                f"config key '{path}.sampling' = {self.sampling!r}: expected 'poisson' (the accountants "
+                "assume Poisson sampling; shuffled fixed-size batches would report an epsilon that does not hold)"
+            )
+
+
+@dataclass
 class ExperimentConfig:
     """The whole run. Sections later features add (privacy, fl, encryption, ...) go here too."""
 
@@ -212,3 +274,4 @@ class ExperimentConfig:
     seed: int = 0
     fl: FLConfig | None = None  # federated simulation (scripts/train_fl.py)
     communications: CommunicationsConfig | None = None  # MPI ranks to hosts and GPUs
+    privacy: PrivacyConfig | None = None  # example-level DP-SGD (scripts/train_dp.py)

@@ -121,6 +121,8 @@ class ParamLayout:
     def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """``name -> tensor`` views of a flat vector (float32)."""
         flat = np.asarray(flat, dtype=np.float32)
+        if not flat.flags.writeable:
+            flat = flat.copy()  # torch tensors over read-only memory are undefined behaviour
         if flat.shape != (self.size,):
             raise InvalidStateError(f"flat parameters of shape {flat.shape}, expected ({self.size},)")
         out, start = {}, 0

@@ -1,0 +1,144 @@
+"""How a client's update travels and is summed: in plaintext fixed point, or encrypted (secure mode).
+
+Both codecs have the same three sides:
+
+- client: ``encode(update, ...)`` -> (payload, bytes on the wire);
+- aggregator: ``new_sum(tag)``, ``add(running, payload)``, ``close(running)`` -> aggregate payload;
+  the aggregator side of :class:`SecureCodec` holds only the public context;
+- key holders (clients): ``decode_mean(aggregate, tag)`` -> the weighted mean update.
+
+Every sum is exact and independent of arrival order (int64 fixed point; BFV integers), so the
+simulation's final model does not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedrec.federated.aggregate import FixedPointSum, fixed_point_mean, to_fixed_point, weight_to_fixed_point
+from fedrec.federated.worker import ClientUpdate, ParamLayout
+
+
+@dataclass(frozen=True)
+class DecodedAggregate:
+    mean: np.ndarray  # float64 weighted mean update
+    total_weight: float
+    num_clients: int
+    error_bound: float  # per-value bound on |mean - plaintext FedAvg| (0 for plain fixed point, ~quantum)
+
+
+class PlainCodec:
+    """Plaintext updates (float32) summed by the aggregator in int64 fixed point of ``2**-bits``."""
+
+    secure = False
+
+    def __init__(self, layout: ParamLayout, *, bits: int):
+        self.layout = layout
+        self.bits = bits
+
+    # client
+    def encode(self, update: ClientUpdate, *, tag: int, rng: np.random.Generator) -> tuple[Any, int]:
+        delta = np.ascontiguousarray(update.delta, dtype=np.float32)
+        return (delta, float(update.weight)), delta.nbytes + 8
+
+    # aggregator
+    def new_sum(self, tag: int) -> FixedPointSum:
+        return FixedPointSum(self.layout.size, bits=self.bits)
+
+    def add(self, running: FixedPointSum, payload: Any) -> None:
+        delta, weight = payload
+        delta = np.asarray(delta)
+        if delta.dtype != np.float32 or delta.shape != (self.layout.size,):
+            raise ValueError(
+                f"update of dtype {delta.dtype} and shape {delta.shape}: expected float32 ({self.layout.size},)"
+            )
+        weighted = np.float64(weight) * delta.astype(np.float64)
+        running.add(to_fixed_point(weighted, bits=self.bits), weight_to_fixed_point(weight, bits=self.bits))
+
+    def close(self, running: FixedPointSum) -> tuple[Any, int]:
+        payload = (running.total, int(running.weight), int(running.count))
+        return payload, running.total.nbytes + 16
+
+    # key holders
+    def decode_mean(self, aggregate: Any, *, tag: int) -> DecodedAggregate:
+        total, weight, count = aggregate
+        mean = fixed_point_mean(total, weight, bits=self.bits)
+        return DecodedAggregate(mean, weight / 2.0**self.bits, int(count), 0.5 * count / max(weight, 1))
+
+
+class SecureCodec:
+    """Encrypted updates (TenSEAL BFV/CKKS via privacy.encryption).
+
+    Clients hold the secret context; the aggregator's :class:`~privacy.encryption.StreamingAggregator`
+    holds the public one and can only add. The encryption round binding is the attempt tag, so a late
+    payload from an abandoned attempt is rejected by the next.
+    """
+
+    secure = True
+
+    def __init__(
+        self, layout: ParamLayout, *, public_context: bytes | None = None, secret_context: bytes | None = None
+    ):
+        from privacy.encryption.schema import UpdateSchema
+
+        self.layout = layout
+        self.schema = UpdateSchema(layout.entries)
+        self.public_context = public_context
+        self._secret_context = secret_context
+        self._client: Any = None
+
+    def _encryption_client(self) -> Any:
+        from privacy.encryption.client import EncryptionClient
+
+        if self._secret_context is None:
+            raise RuntimeError("this side of the secure codec holds no secret context")
+        if self._client is None:
+            self._client = EncryptionClient(self._secret_context, self.schema)
+        return self._client
+
+    # client
+    def encode(self, update: ClientUpdate, *, tag: int, rng: np.random.Generator) -> tuple[Any, int]:
+        client = self._encryption_client()
+        weight = round(update.weight)
+        payloads = client.encrypt_update(
+            np.asarray(update.delta, dtype=np.float64),
+            weight=weight,
+            round_idx=tag,
+            client_id=int(update.client_id),
+            rng=rng,
+        )
+        return payloads, sum(len(p) for p in payloads)
+
+    def clip(self) -> float:
+        return float(self._encryption_client().spec.quant.clip)
+
+    # aggregator
+    def new_sum(self, tag: int) -> Any:
+        from privacy.encryption.aggregator import StreamingAggregator
+
+        if self.public_context is None:
+            raise RuntimeError("the aggregator side of the secure codec needs the public context")
+        return StreamingAggregator(self.public_context, self.schema, round_idx=tag)
+
+    def add(self, running: Any, payload: Any) -> None:
+        for chunk in payload:
+            running.add(chunk)
+
+    def close(self, running: Any) -> tuple[Any, int]:
+        closed = running.close()
+        return closed.aggregate, len(closed.aggregate)
+
+    # key holders
+    def decode_mean(self, aggregate: Any, *, tag: int) -> DecodedAggregate:
+        # allow_partial: a client whose later chunk was rejected still sits in its earlier chunks' sums;
+        # each chunk is then the exact FedAvg of its own contributors.
+        result = self._encryption_client().decrypt_aggregate(aggregate, round_idx=tag, allow_partial=True)
+        return DecodedAggregate(
+            np.asarray(result.average, dtype=np.float64),
+            float(result.total_weight),
+            int(result.num_clients),
+            float(result.error_bound),
+        )

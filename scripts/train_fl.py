@@ -1,0 +1,81 @@
+"""Federated simulation: ``mpirun -np 4 python -m mpi4py.futures scripts/train_fl.py --config configs/dlrm_fl.yml --logdir runs/fl1``.
+
+Without ``mpirun`` the same script runs every client in one process. Splits the training data among
+``--num_workers`` simulated clients (``fl.partition``), runs ``fl.rounds`` rounds of the configured
+algorithm (``fl.algorithm``, FedAvg by default), checkpoints after every round (``--resume``
+continues), logs to TensorBoard in LOGDIR and writes LOGDIR/summary.json after every round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from fedrec.cli import base_parser, flag_overrides, parse_devices, prepare_logdir, run_main
+from fedrec.config import load_config
+from fedrec.errors import ConfigError
+from fedrec.experiment import record_run_config, set_seed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--num_workers", type=int, default=None, help="simulated clients (same as fl.num_workers=N)"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (same as fl.rounds=N)")
+    args = parser.parse_args(argv)
+    implied = []
+    if args.num_workers is not None:
+        implied.append(f"fl.num_workers={args.num_workers}")
+    if args.rounds is not None:
+        implied.append(f"fl.rounds={args.rounds}")
+    config = load_config(args.config, implied + flag_overrides(args))
+    if config.fl is None:
+        raise ConfigError(f"{args.config}: no 'fl' section (see configs/dlrm_fl.yml and configs/flags.md)")
+    device = parse_devices(args.devices)[0]
+    logdir = prepare_logdir(args.logdir)
+    record_run_config(logdir, config, resume=args.resume)
+    set_seed(config.seed)
+
+    from fedrec.federated.simulation import Simulation, SimulationError
+
+    simulation = Simulation(config, logdir, resume=args.resume, device=str(device))
+    try:
+        final = simulation.run()
+    except SimulationError as err:
+        if not getattr(simulation, "stuck_workers", False):
+            raise
+        print(f"{os.path.basename(sys.argv[0] or 'train_fl.py')}: error: {err}", file=sys.stderr, flush=True)
+        _end_with_stuck_workers(2)
+    stuck = getattr(simulation, "stuck_workers", False)
+    out = {
+        "summary": os.path.join(logdir, "summary.json"),
+        "tensorboard": f"tensorboard --logdir {logdir}",
+        "mode": "secure" if config.fl.secure else "plain",
+        "rounds": final["rounds_completed"],
+        "test": final["test"],
+        "epsilon": final["epsilon"],
+        "final_model": final["final_model"],
+    }
+    print(json.dumps(out), flush=True)
+    if stuck:
+        _end_with_stuck_workers(0)
+    return 0
+
+
+def _end_with_stuck_workers(code: int) -> None:
+    """A worker is still inside a timed-out task: end the job now instead of waiting for it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])
