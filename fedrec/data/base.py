@@ -41,6 +41,8 @@ class ArraySplit:
         batch = {}
         for name, array in self.arrays.items():
             values = np.asarray(array[indices])
+            if not values.flags.writeable:  # a slice of a read-only memory map: torch wants its own copy
+                values = values.copy()
             if np.issubdtype(values.dtype, np.integer) and name != "label":
                 batch[name] = torch.from_numpy(values.astype(np.int64, copy=False))
             else:

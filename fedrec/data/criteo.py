@@ -49,6 +49,7 @@ from fedrec.data.processed import (
     load_array,
     load_splits,
     locked,
+    summary,
 )
 from fedrec.data.vocabulary import CategoryIndexer
 from fedrec.errors import DataError
@@ -148,6 +149,7 @@ def _load(processed_dir: str, meta: dict[str, Any], *, reused: bool) -> Processe
                 f"{processed_dir}: split {name} has {len(split)} rows, manifest says {meta['rows'][name]}"
             )
     meta = dict(meta, reused=reused, processed_dir=processed_dir)
+    meta["summary"] = summary(meta)
     return ProcessedData(splits, meta)
 
 

@@ -35,6 +35,7 @@ from fedrec.data.processed import (
     load_array,
     load_splits,
     locked,
+    summary,
 )
 from fedrec.errors import DataError
 
@@ -71,7 +72,9 @@ def detect_format(path: str) -> str:
             continue
         parsed = parse_line(first, sep)
         if isinstance(parsed, str):
-            raise DataError(f"{path}: does not look like {WHAT} ({name} format): line 1{_phrase(parsed)}")
+            sep_name = "tab" if sep == b"\t" else repr(sep.decode())
+            parsed = parsed.replace(" fields, ", f" {sep_name}-separated fields, ", 1)
+            raise DataError(f"{path}: does not look like {WHAT}, as {name}: line 1{_phrase(parsed)}")
         return name
     fields = {"tab": first.count(b"\t") + 1, "comma": first.count(b",") + 1}
     found = ", ".join(f"{n} {k}-separated field{'s' if n != 1 else ''}" for k, n in fields.items())
@@ -382,7 +385,9 @@ def _load(processed_dir: str, meta: dict[str, Any], *, reused: bool) -> Processe
             raise DataError(
                 f"{processed_dir}: split {name} has {len(part)} rows, manifest says {meta['rows'][name]}"
             )
-    return ProcessedData(splits, dict(meta, reused=reused, processed_dir=processed_dir))
+    meta = dict(meta, reused=reused, processed_dir=processed_dir)
+    meta["summary"] = summary(meta)
+    return ProcessedData(splits, meta)
 
 
 def load_id_maps(processed_dir: str) -> tuple[np.ndarray, np.ndarray]:

@@ -167,6 +167,9 @@ class AtomicDir:
         os.makedirs(parent, exist_ok=True)
         remove_stale(parent, name)
         self.path = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
         self.committed = False
 
     def __enter__(self) -> AtomicDir:
@@ -272,6 +275,21 @@ def load_array(path: str) -> np.ndarray:
         ) from None
     except ValueError as err:
         raise DataError(f"{path}: unreadable processed array ({err})") from None
+
+
+def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The few preprocessing facts a training run records in its summary.json."""
+    keys = (
+        "dataset",
+        "format",
+        "rows",
+        "skipped_lines",
+        "rows_per_second",
+        "seconds",
+        "processed_dir",
+        "reused",
+    )
+    return {key: meta[key] for key in keys if key in meta}
 
 
 def load_splits(

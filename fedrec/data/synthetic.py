@@ -40,6 +40,7 @@ CAT_MISSING = (0.0, 0.0, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0
 NEGATIVE_RATE = (0.0, 0.1) + (0.0,) * 11  # I2 holds small negative values in the real data
 ZIPF_EXPONENT = 1.1
 INFORMATIVE_CATS = 10  # categorical fields whose categories carry hidden weight
+LOGIT_STD = 1.6  # spread of the planted logit: the planted model's AUC is about 0.82
 
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _POW10 = 10 ** np.arange(11, -1, -1, dtype=np.int64)  # 10^11 .. 10^0
@@ -118,7 +119,13 @@ class CriteoSignal:
         self.cat_weight = rng.normal(0.0, 1.0, (26, vocab_size)) * self.cat_scale[:, None]
         self.id_salt = np.uint32(rng.integers(0, 1 << 32, dtype=np.uint64))
         self.bias = 0.0
-        self.bias = self._calibrate_bias(rng)
+        # Scale the weights to a fixed logit spread, so that the signal (and the AUC a model can
+        # reach) does not depend on the seed's luck.
+        calibration = self.draw(rng, 20_000)["logit"]
+        scale = LOGIT_STD / calibration.std()
+        self.dense_weight *= scale
+        self.cat_weight *= scale
+        self.bias = self._calibrate_bias(calibration * scale)
 
     def category_ids(self, field: int, ranks: np.ndarray) -> np.ndarray:
         """The 32-bit value written (as hex) for category ``ranks`` of ``field``."""
@@ -145,8 +152,9 @@ class CriteoSignal:
         return {"ints": ints, "int_present": int_present, "ranks": ranks, "cat_present": cat_present,
                 "logit": logit, "label": label}  # fmt: skip
 
-    def _calibrate_bias(self, rng: np.random.Generator) -> float:
-        logit = self.draw(rng, 20_000)["logit"]
+    @staticmethod
+    def _calibrate_bias(logit: np.ndarray) -> float:
+        """The intercept that makes the mean click probability CRITEO_POSITIVE_RATE."""
         lo, hi = -20.0, 20.0
         for _ in range(60):
             mid = (lo + hi) / 2
