@@ -117,6 +117,8 @@ class SecureCodec:
 
     # aggregator
     def new_sum(self, tag: int) -> Any:
+        import tenseal.sealapi  # noqa: F401  (registers SEAL's types; loading a context in a fresh process needs them)
+
         from privacy.encryption.aggregator import StreamingAggregator
 
         if self.public_context is None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import math
 import os
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 
 from fedrec import registry
-from fedrec.config import ExperimentConfig
+from fedrec.config import ExperimentConfig, config_to_dict
 from fedrec.data.base import ArraySplit, ProcessedData
 from fedrec.data.partition import Partition, make_partition, partition_statistics
 from fedrec.errors import ConfigError, FedrecError
@@ -352,15 +353,34 @@ class MPIPool:
 # --------------------------------------------------------------------------------------------------
 
 
-class LocalTrainer(BaseTrainer):
-    """BaseTrainer for one client's local epochs: batch order keyed by (seed, round, client)."""
+def client_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """The seed of one client's local round: its batches and (non-secure-mode) DP noise."""
+    return int(
+        np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, np.uint64)[0] >> np.uint64(2)
+    )
 
-    def __init__(self, *args: Any, rng_key: tuple[int, ...], **kwargs: Any):
-        self.rng_key = rng_key
-        super().__init__(*args, **kwargs)
 
-    def epoch_rng(self, epoch: int) -> np.random.Generator:
-        return np.random.default_rng([*self.rng_key, epoch])
+def _local_dp_trainer_class() -> type:
+    from fedrec.trainers.dp_trainer import DPTrainer
+
+    class LocalDPTrainer(DPTrainer):
+        """DPTrainer for one client's local epochs; its spend goes to the ledger from the client task."""
+
+        def flush_noise(self) -> None:
+            self.dp.flush()
+
+        def finish(self) -> None:
+            self.dp.close()  # flush pending row noise, remove the hooks from the (reused) model
+
+        def update_extra(self) -> dict[str, Any]:
+            return {
+                "noise_multiplier": float(self.params["noise_multiplier"]),
+                "sample_rate": float(self.params["sample_rate"]),
+                "dp_steps": int(self.dp.steps),
+                "clipped_fraction": float(self.last_stats.clipped_fraction) if self.last_stats else 0.0,
+            }
+
+    return LocalDPTrainer
 
 
 class ClientChannel:
@@ -419,9 +439,15 @@ class RankContext:
             if self.private_names
             else None
         )
+        self.ledger: Any = None
         if self.fl.secure:
+            from privacy.ledger import PrivacyLedger, ledger_path
+
             with open(self.paths.secret_context, "rb") as fh:
                 self.codec: Any = SecureCodec(self.layout, secret_context=fh.read())
+            self.client_privacy = client_privacy_config(config, self.partition)
+            self.dp_trainer_cls = _local_dp_trainer_class()
+            self.ledger = PrivacyLedger.attach(ledger_path(spec.logdir))
         else:
             self.codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
         self._global: GlobalModel | None = None
@@ -433,14 +459,18 @@ class RankContext:
         return self._global
 
     def make_trainer(self, worker: FederatedWorker) -> BaseTrainer:
+        """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client)."""
         data = ProcessedData({"train": worker.data}, self.meta)
-        return LocalTrainer(
-            worker.model,
-            data,
-            self.config,
-            device=self.device,
-            rng_key=(self.config.seed, worker.round_idx, int(worker.worker_id)),
-        )
+        seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id))
+        if not self.fl.secure:
+            return BaseTrainer(
+                worker.model, data, dataclasses.replace(self.config, seed=seed), device=self.device
+            )
+        local = dataclasses.replace(self.config, seed=seed, privacy=self.client_privacy)
+        trainer = self.dp_trainer_cls(worker.model, data, local, device=self.device, ledger=False)
+        # DPTrainer resets a data-dependent global rating bias; the global model's value is the one to use.
+        self.layout.load_into(worker.model, worker.global_model.params)  # type: ignore[union-attr]
+        return trainer
 
     def trainer_worker(self, client_id: int, round_idx: int, attempt: int, digest: str) -> FederatedWorker:
         """A short-lived trainer for ``client_id``: its rows, a local model, the global model's digest."""
@@ -503,6 +533,31 @@ class RankContext:
         }
 
 
+def client_privacy_config(config: ExperimentConfig, partition: Partition) -> Any:
+    """``privacy:`` as every client applies it: one delta for all (below 1/N of the largest client).
+
+    Budgets are enforced through the ledger, per client, not by each round's local trainer.
+    """
+    privacy = config.privacy
+    if privacy is None:
+        raise ConfigError(
+            "fl.secure = true needs a 'privacy' section (DP-SGD on each client: privacy.noise_multiplier)"
+        )
+    if privacy.noise_multiplier is None:
+        raise ConfigError(
+            "config key 'privacy.noise_multiplier' is required in federated runs (privacy.target_epsilon is "
+            "per central run; each client's epsilon is reported from the ledger)"
+        )
+    largest = int(partition.sizes().max())
+    delta = privacy.delta if privacy.delta is not None else 0.1 / largest
+    if not 0 < delta < 1.0 / largest:
+        raise ConfigError(
+            f"config key 'privacy.delta' = {delta!r}: expected below 1/N = {1.0 / largest:.3g} for the largest "
+            f"client ({largest} examples)"
+        )
+    return dataclasses.replace(privacy, delta=delta, epsilon_budget=None)
+
+
 _CONTEXTS: dict[str, RankContext] = {}
 _CONTEXT_LOCK = threading.Lock()
 
@@ -545,6 +600,15 @@ def client_task(spec: RunSpec, round_idx: int, attempt: int, client_id: int, dig
     update = worker.update
     assert update is not None
     context.save_private_rows(worker, round_idx, attempt)
+    if context.ledger is not None:
+        # Durable before the update leaves this client (BudgetExceededError: it never leaves).
+        context.ledger.record_client_spend(
+            client=client_id,
+            round=round_idx,
+            noise_multiplier=update.extra["noise_multiplier"],
+            sample_rate=update.extra["sample_rate"],
+            steps=update.extra["dp_steps"],
+        )
     tag = attempt_tag(round_idx, attempt)
     rng = np.random.default_rng([spec.config.seed, round_idx, client_id, 0xE1])
     payload, nbytes = context.codec.encode(update, tag=tag, rng=rng)
@@ -868,6 +932,9 @@ class Simulation:
         sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
         model = build_model(config, data.meta, sparse=sparse)
         self.layout = ParamLayout.from_model(model)
+        if fl.secure:
+            self.client_privacy = client_privacy_config(config, partition)
+            _public_initialisation(model, data.meta)
         fingerprint = config_fingerprint(config)
 
         if self.resume:
@@ -903,6 +970,8 @@ class Simulation:
             device=self.device,
             world_size=world,
         )
+        if fl.secure:
+            self._open_ledger()
         self.pool = MPIPool(self.spec) if world > 1 else InProcessPool()
         if fl.secure:
             self._prepare_secure(partition)
@@ -929,6 +998,23 @@ class Simulation:
                 fh.write(public)
             self.state.public_context_digest = hashlib.sha256(public).hexdigest()  # type: ignore[union-attr]
         self.codec = SecureCodec(self.layout, public_context=public)
+
+    def _open_ledger(self) -> None:
+        """The run's privacy ledger (the aggregator owns it; clients attach and record their spends)."""
+        from privacy.ledger import PrivacyLedger, ledger_path
+
+        privacy = self.client_privacy
+        self.ledger = PrivacyLedger.open(
+            ledger_path(self.logdir),
+            delta=privacy.delta,
+            accountant=privacy.accountant if privacy.accountant in ("rdp", "prv") else "rdp",
+            client_epsilon_budget=self.config.privacy.epsilon_budget,  # type: ignore[union-attr]
+            config=config_to_dict(self.config),
+        )
+        self.max_epsilon = 0.0
+        if self.resume:
+            epsilons = self.ledger.epsilons()
+            self.max_epsilon = max(epsilons.values(), default=0.0)
 
     def note_rank_memory(self, rank: int, peak_mb: float) -> None:
         self.rank_memory[rank] = max(self.rank_memory.get(rank, 0.0), float(peak_mb))
@@ -1005,7 +1091,7 @@ class Simulation:
             splits.append("test")
         applied = await self.transport.publish(aggregate_payload, round_idx, results.attempt, splits)
         self.note_rank_memory(applied["rank"], applied["peak_rss_mb"])
-        epsilon = self._epsilon()
+        epsilon = self._epsilon(attempts)
         record = self._round_record(
             round_idx, attempts, applied, aggregate_bytes, time.perf_counter() - started, epsilon
         )
@@ -1099,11 +1185,19 @@ class Simulation:
                 writer.add_scalar(name, value, step)
         writer.flush()
 
-    def _epsilon(self) -> float | None:
-        return None
+    def _epsilon(self, attempts: list[RoundResults]) -> float | None:
+        """Example-level epsilon of the most exposed client so far (every spend the ledger holds)."""
+        if self.ledger is None:
+            return None
+        clients = sorted({c for attempt in attempts for c in attempt.sampled})
+        for client in clients:
+            self.max_epsilon = max(self.max_epsilon, self.ledger.client_epsilon(client))
+        return self.max_epsilon
 
     def _ledger_position(self) -> dict[str, int] | None:
-        return None
+        if self.ledger is None:
+            return None
+        return {"client_spends": len(self.ledger.client_spends())}
 
     def _final_summary(self) -> dict[str, Any]:
         state = self.state
@@ -1138,6 +1232,14 @@ class Simulation:
                 "rank_peak_rss_mb": {str(k): v for k, v in sorted(self.rank_memory.items())},
             },
         )
+
+
+def _public_initialisation(model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Secure mode: a global rating bias initialised from the data's mean is not private; use the midpoint."""
+    bias = getattr(model, "global_bias", None)
+    if isinstance(bias, torch.Tensor) and "rating_min" in meta and "rating_max" in meta:
+        with torch.no_grad():
+            bias.fill_((float(meta["rating_min"]) + float(meta["rating_max"])) / 2.0)
 
 
 def _keygen_call(spec: RunSpec, max_clients: int, max_weight: int) -> bytes:

@@ -366,28 +366,28 @@ class FederatedWorker:
         trainer = self.make_trainer(self)
         steps, loss_sum, seen = 0, 0.0, 0
         limit = self.fl.local_steps
-        for epoch in range(self.fl.local_epochs):
-            for batch in trainer.train_batches(epoch):
-                if limit is not None and steps >= limit:
-                    break
-                size = len(batch["label"])
-                if size == 0:  # a Poisson batch may be empty: still a step of the mechanism
-                    trainer.training_step(batch)
+        try:
+            for epoch in range(self.fl.local_epochs):
+                for batch in trainer.train_batches(epoch):
+                    if limit is not None and steps >= limit:
+                        break
+                    size = len(batch["label"])
+                    loss = trainer.training_step(batch)
                     self.after_local_step(trainer)
                     steps += 1
-                    continue
-                loss = trainer.training_step(batch)
-                if not math.isfinite(loss):
-                    raise FedrecError(
-                        f"client {self.worker_id} diverged in round {self.round_idx}: loss {loss} (lower train.lr?)"
-                    )
-                self.after_local_step(trainer)
-                steps += 1
-                loss_sum += loss * size
-                seen += size
-        finish = getattr(trainer, "finish", None)
-        if callable(finish):
-            finish()
+                    if size == 0:  # an empty Poisson batch is still a step of the DP mechanism
+                        continue
+                    if not math.isfinite(loss):
+                        raise FedrecError(
+                            f"client {self.worker_id} diverged in round {self.round_idx}: loss {loss} (lower train.lr?)"
+                        )
+                    loss_sum += loss * size
+                    seen += size
+            extra = dict(getattr(trainer, "update_extra", dict)())
+        finally:
+            finish = getattr(trainer, "finish", None)
+            if callable(finish):
+                finish()  # e.g. flush deferred DP noise and detach hooks from a reused model
         delta = self.layout.flatten(self.model) - self.global_model.params
         num_examples = len(self.data)
         self.update = ClientUpdate(
@@ -398,7 +398,7 @@ class FederatedWorker:
             weight=self.client_weight(num_examples),
             train_loss=loss_sum / seen if seen else float("nan"),
             steps=steps,
-            extra=dict(getattr(trainer, "update_extra", lambda: {})()),
+            extra=extra,
         )
         return self.update
 

@@ -25,7 +25,10 @@ def _sum(updates, weights, order):
     running = FixedPointSum(len(updates[0]), bits=BITS)
     for i in order:
         w = weights[i]
-        running.add(to_fixed_point(np.float64(w) * updates[i].astype(np.float64), bits=BITS), weight_to_fixed_point(w, bits=BITS))
+        running.add(
+            to_fixed_point(np.float64(w) * updates[i].astype(np.float64), bits=BITS),
+            weight_to_fixed_point(w, bits=BITS),
+        )
     return running
 
 

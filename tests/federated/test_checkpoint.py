@@ -24,8 +24,13 @@ def test_round_trip_and_rng_restore(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     state = AggregatorState(
-        round_idx=4, global_digest="ab", config_fingerprint="cf", layout_digest="ld", rng=capture_rng(),
-        history=[{"round": 3, "val": {"auc": 0.7}}], ledger_position={"client_spends": 9},
+        round_idx=4,
+        global_digest="ab",
+        config_fingerprint="cf",
+        layout_digest="ld",
+        rng=capture_rng(),
+        history=[{"round": 3, "val": {"auc": 0.7}}],
+        ledger_position={"client_spends": 9},
     )
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     path = str(tmp_path / "checkpoint.json")

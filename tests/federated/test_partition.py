@@ -86,7 +86,7 @@ def test_make_partition_errors_name_the_key():
     arrays = {"label": np.zeros(10, dtype=np.float32)}
     with pytest.raises(ConfigError, match="natural"):
         make_partition("natural", arrays, 5, seed=0)
-    with pytest.raises(ConfigError, match="fl.num_workers"):
+    with pytest.raises(ConfigError, match=r"fl\.num_workers"):
         make_partition("iid", arrays, None, seed=0)
     with pytest.raises(ConfigError, match="--num_workers 11"):
         make_partition("dirichlet", arrays, 11, seed=0)
@@ -103,7 +103,7 @@ def test_save_load_round_trip_without_pickle(tmp_path):
         assert np.array_equal(loaded.client_rows(client), partition.client_rows(client))
         assert np.array_equal(loaded.client_users(client), partition.client_users(client))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="bad.npz"):
+    with pytest.raises(DataError, match=r"bad\.npz"):
         Partition.load(str(tmp_path / "bad.npz"))
     with pytest.raises(DataError, match="out of range"):
         loaded.client_rows(10)
