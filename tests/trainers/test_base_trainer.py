@@ -51,7 +51,7 @@ def config(**train):
 
 
 def test_dlrm_learns_planted_signal():
-    cfg = config(epochs=3)
+    cfg = config(epochs=3, lr=0.5)
     data = ctr_data()
     trainer = BaseTrainer(build_model(cfg, data.meta, sparse=True), data, cfg)
     summary = trainer.fit()
