@@ -1,8 +1,9 @@
 """Client side of encrypted FedAvg: quantise, pack and encrypt an update; decrypt the aggregate.
 
 Clients hold the secret key (TenSEAL has no threshold decryption), so they encrypt with it: SEAL's
-symmetric encryption sends ``c1`` as a PRNG seed, which halves the upload, and its fresh noise is far
-smaller than public-key encryption's, which leaves room to pack several values per BFV slot.
+symmetric encryption sends ``c1`` as a PRNG seed, which halves the upload, and its fresh noise has a small
+worst-case bound (21 per coefficient), so exact sums are guaranteed with little modulus to spare and
+several values fit per BFV slot.
 
 Each chunk of the update carries two extra encrypted values, the client's weight and a count of 1, so
 the aggregate holds ``sum_i round(w_i * x_i / quantum)``, ``W = sum_i w_i`` and ``K`` (the number of

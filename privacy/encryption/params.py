@@ -12,8 +12,9 @@ Pure arithmetic (no keys), so property tests can drive it directly.
 * BFV exactness (Fan and Vercauteren, 2012): clients encrypt with the secret key (symmetric RLWE), so a
   fresh ciphertext satisfies ``c0 + c1*s = round(q*m/t) + e`` with SEAL's centred-binomial error
   ``|e_i| <= 21``. A sum of K ciphertexts decrypts exactly when ``K * (21 + 1/2) * t / q < 1/2``; we demand
-  ``q >= 2 * 43 * K * t`` (one extra bit for the RNS decryption's rounding). With symmetric encryption
-  this leaves ~12 bits more room than public-key encryption, which is what makes dense packing possible.
+  ``q >= 2 * 43 * K * t`` (one extra bit for the RNS decryption's rounding). This is a worst-case
+  guarantee, not a high-probability estimate; public-key encryption's worst case (``e0 + e1*s + u*e``,
+  about ``2 * N * 21``) would cost ~12 more bits of modulus (typical noise differs by ~2 bits only).
 * CKKS (Cheon, Kim, Kim and Song, 2017) carries one quantised integer per slot; decryptions are rounded
   to the integer grid before release (Li and Micciancio, "On the Security of Homomorphic Encryption on
   Approximate Numbers", 2021), and a decryption whose noise could reach that rounding is refused.
