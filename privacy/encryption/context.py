@@ -209,6 +209,10 @@ def _envelope(role: int, spec: AggregationSpec, context_bytes: bytes) -> bytes:
 
 
 def _check_context_matches(context: Any, spec: AggregationSpec) -> None:
+    # Importing the SEAL bindings registers seal::Modulus & co.; without it a fresh process that only
+    # loads a context cannot read the parameters back ("Unregistered type").
+    import tenseal.sealapi  # noqa: F401
+
     parms = context.seal_context().data.key_context_data().parms()
     params = spec.params
     actual = {

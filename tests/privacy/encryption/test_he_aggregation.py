@@ -299,3 +299,34 @@ def test_bfv_upload_is_compact(bfv_keys, client_cache):
     bytes_per_value = sum(map(len, payloads)) / schema.size
     assert bfv_keys.spec.params.digits_per_slot >= 2
     assert bytes_per_value < 12  # 3x fp32
+
+
+def test_aggregator_in_a_fresh_process(bfv_keys, client_cache, tmp_path):
+    """The aggregator's process imports nothing but privacy.encryption and gets only public bytes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    schema = flat_schema(5000)
+    client = client_cache(bfv_keys, schema)
+    updates = [np.full(5000, 0.25), np.full(5000, -0.5)]
+    for i, u in enumerate(updates):
+        for j, p in enumerate(client.encrypt_update(u, weight=i + 1, round_idx=2, client_id=i)):
+            (tmp_path / f"payload-{i}-{j}.bin").write_bytes(p)
+    (tmp_path / "public.bin").write_bytes(bfv_keys.public_context)
+    script = (
+        "import sys, pathlib\n"
+        "from privacy.encryption import StreamingAggregator, UpdateSchema\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "agg = StreamingAggregator((d / 'public.bin').read_bytes(), UpdateSchema([('w', (5000,))]), round_idx=2)\n"
+        "for p in sorted(d.glob('payload-*.bin')):\n"
+        "    agg.add(p.read_bytes())\n"
+        "(d / 'aggregate.bin').write_bytes(agg.close().aggregate)\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = client.decrypt_aggregate((tmp_path / "aggregate.bin").read_bytes(), round_idx=2)
+    np.testing.assert_array_equal(result.average, np.full(5000, (0.25 - 2 * 0.5) / 3))
