@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -15,6 +16,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from fedrec.errors import ConfigError
 
 T = TypeVar("T")
+
+# Exponent floats without a dot ("1e-7", "5E3"), which YAML 1.1 resolvers leave as strings.
+_YAML11_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def unknown_key_error(path: str, key: str, known: typing.Iterable[str]) -> ConfigError:
@@ -64,6 +68,11 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
                 return coerce(value, arg, path)
             except ConfigError as err:
                 errors.append(err)
+        # A mapping for an optional section: the section's own error (unknown key, failed validate)
+        # says more than "expected a mapping or null".
+        for arg, section_error in zip(get_args(tp), errors):
+            if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                raise section_error
         raise _fail(path, value, tp)
     if tp is type(None):
         if value is None:
@@ -100,6 +109,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_EXPONENT.match(value):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-7 as a string; it is a float here
         raise _fail(path, value, tp)
     if tp is str:
         if isinstance(value, str):
