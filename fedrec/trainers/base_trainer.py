@@ -330,7 +330,16 @@ def _progress(*, total: int, initial: int, desc: str, enabled: bool) -> Any:
     if enabled:
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+        # disable=None: no bar when stderr is not a terminal (logs stay readable).
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+            disable=None,
+        )
     return _NoBar()
 
 
