@@ -29,7 +29,8 @@ from fedrec.data.processed import locked, remove_stale
 from fedrec.errors import ConfigError
 
 GENERATOR_VERSION = 1
-CRITEO_CHUNK_ROWS = 1 << 16
+CRITEO_CHUNK_ROWS = 1 << 16  # rows drawn from one random stream (part of the output's definition)
+FORMAT_ROWS = 4096
 CRITEO_POSITIVE_RATE = 0.25
 MAX_INT_VALUE = 99_999_999  # 8 digits, the widest integer the Kaggle data has (I5)
 
@@ -43,18 +44,22 @@ INFORMATIVE_CATS = 10  # categorical fields whose categories carry hidden weight
 LOGIT_STD = 1.6  # spread of the planted logit: the planted model's AUC is about 0.82
 
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_POW10 = 10 ** np.arange(11, -1, -1, dtype=np.int64)  # 10^11 .. 10^0
+# byte -> its 2 hex digits, and 0..9999 -> its 4 decimal digits, as one uint16 / uint32 each
+_HEX2 = np.frombuffer("".join(f"{i:02x}" for i in range(256)).encode(), dtype=np.uint16)
+_DIGITS4 = np.frombuffer("".join(f"{i:04d}" for i in range(10**4)).encode(), dtype=np.uint32)
+_POW10 = 10 ** np.arange(12, dtype=np.int64)  # 10^0 .. 10^11
 
 
 # ----------------------------------------------------------------------------- formatting
 
 
 def _int_field(values: np.ndarray, present: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-aligned decimal text of ``values`` in ``width`` bytes and the mask of bytes to keep."""
+    """Right-aligned decimal text of ``values`` (|value| < 10^12) in ``width`` bytes and the mask
+    of bytes to keep; built from 4-digit chunks of a lookup table (few integer divisions)."""
     magnitude = np.abs(values)
-    powers = _POW10[len(_POW10) - width :]
-    chars = ((magnitude[..., None] // powers) % 10 + 48).astype(np.uint8)
-    ndigits = 1 + (magnitude[..., None] >= powers[:-1]).sum(axis=-1)
+    chunks = np.stack((magnitude // 10**8, (magnitude // 10**4) % 10**4, magnitude % 10**4), axis=-1)
+    chars = _DIGITS4[chunks].view(np.uint8).reshape(*values.shape, 12)[..., 12 - width :]
+    ndigits = 1 + np.searchsorted(_POW10[1:], magnitude, side="right")
     negative = values < 0
     slot = np.arange(width)
     keep = slot >= (width - ndigits - negative)[..., None]
@@ -66,8 +71,8 @@ def _int_field(values: np.ndarray, present: np.ndarray, width: int) -> tuple[np.
 
 def _hex_field(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """8 lowercase hex digits of uint32 ``values``, or nothing where not ``present``."""
-    shifts = np.arange(28, -1, -4, dtype=np.uint32)
-    chars = _HEX[(values[..., None] >> shifts) & np.uint32(0xF)]
+    big_endian = values.astype(">u4").view(np.uint8).reshape(*values.shape, 4)
+    chars = _HEX2[big_endian].view(np.uint8).reshape(*values.shape, 8)
     keep = np.broadcast_to(present[..., None], chars.shape)
     return chars, keep
 
@@ -184,7 +189,8 @@ def write_criteo(path: str, *, rows: int, seed: int, vocab_size: int) -> dict[st
         for chunk, start in enumerate(range(0, rows, CRITEO_CHUNK_ROWS)):
             n = min(CRITEO_CHUNK_ROWS, rows - start)
             drawn = signal.draw(np.random.default_rng([seed, chunk]), n)
-            fh.write(signal.format(drawn))
+            for lo in range(0, n, FORMAT_ROWS):  # small pieces keep the temporaries in cache
+                fh.write(signal.format({key: value[lo : lo + FORMAT_ROWS] for key, value in drawn.items()}))
             if start < 1_000_000:
                 logits.append(drawn["logit"])
                 labels.append(drawn["label"])

@@ -20,7 +20,7 @@ _NEW = ID_MASK  # id of a slot claimed in the current batch, before ids are hand
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _KEY_SHIFT = np.uint64(ID_BITS)
 _FIELD_SHIFT = np.uint64(32)
-MAX_LOAD = 0.3
+MAX_LOAD = 0.4
 
 
 class Vocabulary:
@@ -46,10 +46,20 @@ class Vocabulary:
         return h.view(np.int64)
 
     def _fast(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(slot contents at each key's home slot, whether that slot holds the key)."""
-        slots = self.table[self._hash(keys)]
-        hit = (slots >> _KEY_SHIFT) == keys
-        return slots, hit
+        """(ids found in a key's home slot or the next one, positions of the keys not found there)."""
+        h = self._hash(keys)
+        slots = self.table[h]
+        ids = (slots & ID_MASK).astype(np.int32)
+        miss = np.flatnonzero((slots >> _KEY_SHIFT) != keys)
+        if len(miss):
+            h = h[miss]
+            h += 1
+            h &= (1 << self.bits) - 1
+            slots = self.table[h]
+            found = (slots >> _KEY_SHIFT) == keys[miss]
+            ids[miss[found]] = (slots[found] & ID_MASK).astype(np.int32)
+            miss = miss[~found]
+        return ids, miss
 
     def _probe(self, keys: np.ndarray, *, insert: bool) -> np.ndarray:
         """Slot index of each key (claiming free slots with id _NEW when ``insert``), -1 if absent."""
@@ -80,7 +90,7 @@ class Vocabulary:
         needed = (self.size + extra + 1) / MAX_LOAD
         if needed <= (1 << self.bits):
             return
-        bits = self.bits
+        bits = self.bits + (2 if self.bits < 20 else 1)  # grow fast while small: fewer rehashes
         while needed > (1 << bits):
             bits += 1
         entries = self.table[self.table != 0]
@@ -91,11 +101,9 @@ class Vocabulary:
     def add(self, keys: np.ndarray) -> np.ndarray:
         """Ids (int32) of ``keys`` (uint64, 0 = empty -> id 0), adding the new ones."""
         keys = keys.ravel()
-        slots, hit = self._fast(keys)
-        ids = (slots & ID_MASK).astype(np.int32)
-        if hit.all():
+        ids, miss = self._fast(keys)
+        if not len(miss):
             return ids
-        miss = np.flatnonzero(~hit)
         self._reserve(len(miss))
         where = self._probe(keys[miss], insert=True)
         claimed = (self.table[where] & ID_MASK) == _NEW
@@ -122,12 +130,9 @@ class Vocabulary:
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Ids (int32) of ``keys``; 0 for empty keys and keys never added."""
         keys = keys.ravel()
-        slots, hit = self._fast(keys)
-        ids = (slots & ID_MASK).astype(np.int32)
-        ids[(keys == 0)] = 0
-        if hit.all():
+        ids, miss = self._fast(keys)
+        if not len(miss):
             return ids
-        miss = np.flatnonzero(~hit & (keys != 0))
         where = self._probe(keys[miss], insert=False)
         found = where >= 0
         ids[miss] = 0
