@@ -65,7 +65,9 @@ class AuditConfig:
     seed: int = 0
     accountant: str = "rdp"
     broken: Broken | None = None  # a deliberately broken mechanism (the claim still uses sigma)
-    engine: Literal["torch", "opacus"] = "torch"  # batched reference DP-SGD, or Opacus (one model at a time)
+    # torch: batched reference DP-SGD; opacus: Opacus, one model at a time; dpsgd: this project's
+    # privacy.dp.optimizer.DPSGD (lazy embedding-row noise), all models at once as one embedding table.
+    engine: Literal["torch", "opacus", "dpsgd"] = "torch"
     chunk: int = 4000  # models trained together (memory: chunk * (n + 1) * (d + 1) floats)
 
     def __post_init__(self) -> None:
@@ -84,11 +86,11 @@ class AuditConfig:
             raise PrivacyError(f"trials = {self.trials}: expected at least 20 (half choose the threshold)")
         if self.broken not in (None, "no_noise", "no_clip"):
             raise PrivacyError(f"broken = {self.broken!r}: expected None, 'no_noise' or 'no_clip'")
-        if self.engine not in ("torch", "opacus"):
-            raise PrivacyError(f"engine = {self.engine!r}: expected 'torch' or 'opacus'")
-        if self.engine == "opacus" and self.broken == "no_clip":
+        if self.engine not in ("torch", "opacus", "dpsgd"):
+            raise PrivacyError(f"engine = {self.engine!r}: expected 'torch', 'opacus' or 'dpsgd'")
+        if self.engine != "torch" and self.broken == "no_clip":
             raise PrivacyError(
-                "broken = 'no_clip' is available with engine 'torch' only (Opacus always clips)"
+                f"broken = 'no_clip' with engine {self.engine!r}: only engine 'torch' can skip clipping"
             )
 
 
@@ -156,27 +158,32 @@ def epsilon_lower_bound(
     return max(bounds), fpr_u, fnr_u
 
 
+def _upper_bounds(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
+    """``clopper_pearson_upper`` for an array of success counts."""
+    successes = np.asarray(successes)
+    bounds = np.ones(successes.shape, dtype=float)
+    partial = successes < trials
+    bounds[partial] = stats.beta.ppf(1 - alpha, successes[partial] + 1, trials - successes[partial])
+    return bounds
+
+
 def _best_threshold(scores_in: np.ndarray, scores_out: np.ndarray, *, delta: float, alpha: float) -> float:
-    """The threshold (predict 'in' when score > t) with the largest bound on the selection half."""
+    """The threshold (predict 'in' when score > t) with the largest bound on the selection half.
+
+    Every distinct score is a candidate, so the threshold can sit exactly at the edge of one world's
+    scores; the bound is computed for all candidates at once.
+    """
     candidates = np.unique(np.concatenate([scores_in, scores_out]))
-    if len(candidates) > 400:
-        candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, 400)))
     sorted_in, sorted_out = np.sort(scores_in), np.sort(scores_out)
-    best, best_t = -1.0, float(candidates[0])
-    for t in candidates:
-        tp = len(sorted_in) - np.searchsorted(sorted_in, t, side="right")
-        fp = len(sorted_out) - np.searchsorted(sorted_out, t, side="right")
-        eps, _, _ = epsilon_lower_bound(
-            false_positives=int(fp),
-            negatives=len(sorted_out),
-            false_negatives=int(len(sorted_in) - tp),
-            positives=len(sorted_in),
-            delta=delta,
-            alpha=alpha,
-        )
-        if eps > best:
-            best, best_t = eps, float(t)
-    return best_t
+    tp = len(sorted_in) - np.searchsorted(sorted_in, candidates, side="right")
+    fp = len(sorted_out) - np.searchsorted(sorted_out, candidates, side="right")
+    fpr_u = _upper_bounds(fp, len(sorted_out), alpha / 2)
+    fnr_u = _upper_bounds(len(sorted_in) - tp, len(sorted_in), alpha / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        forward = np.where(1 - delta - fpr_u > 0, np.log((1 - delta - fpr_u) / fnr_u), 0.0)
+        backward = np.where(1 - delta - fnr_u > 0, np.log((1 - delta - fnr_u) / fpr_u), 0.0)
+    bounds = np.maximum(np.maximum(forward, backward), 0.0)
+    return float(candidates[int(np.argmax(bounds))])
 
 
 def evaluate_statistic(
@@ -327,9 +334,64 @@ def train_models_opacus(
     return all_weights, all_updates
 
 
-def _scores(config: AuditConfig, weights: torch.Tensor, updates: torch.Tensor) -> dict[str, np.ndarray]:
+def train_models_dpsgd(
+    config: AuditConfig, *, with_canary: bool, models: int, seed: int
+) -> tuple[torch.Tensor, None]:
+    """The same training through ``privacy.dp.optimizer.DPSGD`` with lazy embedding-row noise.
+
+    All models are rows of one embedding table: example (model m, record i) looks up row m and
+    takes its dot product with record i. Each example touches only its model's row, so per-example
+    clipping, Poisson sampling of (m, i) pairs and per-coordinate noise make every row an
+    independent DP-SGD run. Rows a step does not touch get their noise lazily (the path under
+    audit); weights are read only after the final flush, so only the ``final`` statistic applies.
+    """
+    from privacy.dp.optimizer import DPSGD
+
+    features, labels, canary = make_dataset(config, torch.Generator().manual_seed(config.seed))
+    if with_canary:
+        features = torch.cat([features, canary[None, :]])
+        labels = torch.cat([labels, torch.ones(1, dtype=torch.float64)])
+    features, labels = features.float(), labels.float()
+    n, dim = features.shape
+    table = torch.nn.Embedding(models, dim)
+    torch.nn.init.zeros_(table.weight)
+    model = torch.nn.Sequential(table)
+    # DPSGD refuses a zero noise multiplier; a vanishing one is the broken mechanism.
+    sigma = 1e-12 if config.broken == "no_noise" else config.noise_multiplier
+    dp = DPSGD(
+        model,
+        torch.optim.SGD(model.parameters(), lr=config.lr),
+        noise_multiplier=sigma,
+        max_grad_norm=config.max_grad_norm,
+        sample_rate=config.sample_rate,
+        num_examples=config.num_examples,  # the same fixed denominator as the other engines
+        lazy_noise=True,
+        seed=seed,
+    )
+    sampler = torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(config.steps):
+            chosen = torch.rand(models, n, generator=sampler) < config.sample_rate
+            model_ids, record_ids = chosen.nonzero(as_tuple=True)
+            logits = (model(model_ids) * features[record_ids]).sum(dim=1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels[record_ids], reduction="none"
+            )
+            dp.step(loss)
+        dp.flush()
+        weights = table.weight.detach().to(torch.float64).clone()
+    finally:
+        dp.close()
+    return weights, None
+
+
+def _scores(
+    config: AuditConfig, weights: torch.Tensor, updates: torch.Tensor | None
+) -> dict[str, np.ndarray]:
     """Membership statistics: the final logit on the canary, and the iterates' log-likelihood ratio."""
     final = (weights[:, -1] * config.canary_scale).numpy()
+    if updates is None:
+        return {"final": final}
     sigma_c = config.noise_multiplier * config.max_grad_norm  # the claimed noise: the auditor's model
     c, q = config.max_grad_norm, config.sample_rate
     # Per step, "in": u ~ (1-q) N(0, s^2) + q N(C, s^2); "out": u ~ N(0, s^2). log of the density ratio:
@@ -357,7 +419,13 @@ def run_audit(config: AuditConfig) -> AuditResult:
         remaining = config.trials
         while remaining:
             count = min(config.chunk, remaining)
-            if config.engine == "opacus":
+            updates: torch.Tensor | None
+            if config.engine == "dpsgd":
+                chunk_seed = config.seed * 1_000_003 + 2 * (config.trials - remaining) + int(with_canary)
+                weights, updates = train_models_dpsgd(
+                    config, with_canary=with_canary, models=count, seed=chunk_seed
+                )
+            elif config.engine == "opacus":
                 weights, updates = train_models_opacus(
                     config, with_canary=with_canary, models=count, first_index=config.trials - remaining
                 )
@@ -370,6 +438,8 @@ def run_audit(config: AuditConfig) -> AuditResult:
             remaining -= count
     result = AuditResult(config=config, claimed_epsilon=claimed)
     for name in STATISTICS:
+        if name not in collected[True]:
+            continue
         scores_in = np.concatenate(collected[True][name])
         scores_out = np.concatenate(collected[False][name])
         if np.isnan(scores_in).any() or np.isnan(scores_out).any():

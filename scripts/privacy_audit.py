@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trials", type=int, default=_DEFAULTS.trials, help="models trained per world")
     parser.add_argument("--confidence", type=float, default=_DEFAULTS.confidence)
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    parser.add_argument("--engine", default=_DEFAULTS.engine, choices=("torch", "opacus"))
+    parser.add_argument("--engine", default=_DEFAULTS.engine, choices=("torch", "opacus", "dpsgd"))
     parser.add_argument(
         "--broken", default=None, choices=("no_noise", "no_clip"), help="audit a broken mechanism"
     )

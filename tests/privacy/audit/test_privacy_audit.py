@@ -83,6 +83,14 @@ def test_opacus_engine_flags_noise_zero():
     assert result.violated, result.to_dict()
 
 
+@pytest.mark.parametrize("broken", [None, "no_noise"])
+def test_project_dpsgd_with_lazy_row_noise(broken):
+    """privacy.dp.optimizer.DPSGD (lazy embedding-row noise): passes when correct, flagged without noise."""
+    result = run_audit(AuditConfig(trials=3000, engine="dpsgd", broken=broken))
+    assert [r.statistic for r in result.results] == ["final"]
+    assert result.violated == (broken is not None), result.to_dict()
+
+
 def test_bad_audit_config():
     for bad in (
         dict(noise_multiplier=0.0),
