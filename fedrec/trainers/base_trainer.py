@@ -260,7 +260,10 @@ class BaseTrainer:
         indptr, rated = self.rated_items()
         rng = np.random.default_rng([self.config.seed, 10_007])
         num_items = int(self.data.meta["num_items"])
-        negatives = M.sample_negatives(users, indptr, rated, num_items, NUM_RANKING_NEGATIVES, rng)
+        negatives, usable = M.sample_negatives(users, indptr, rated, num_items, NUM_RANKING_NEGATIVES, rng)
+        if not usable.any():
+            return float("nan"), float("nan")
+        users, items, negatives = users[usable], items[usable], negatives[usable]
         self.model.eval()
         candidates = torch.from_numpy(np.concatenate([items[:, None], negatives], axis=1)).to(self.device)
         scores = self.model.score_items(torch.from_numpy(users).to(self.device), candidates).cpu().numpy()

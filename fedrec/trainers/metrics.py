@@ -69,25 +69,34 @@ def sample_negatives(
     num_items: int,
     num_negatives: int,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """For each user, ``num_negatives`` items drawn uniformly from those the user never rated.
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each user, ``num_negatives`` distinct-from-rated items drawn uniformly (with replacement).
 
     ``rated_indptr``/``rated_items`` are a CSR of each user's sorted rated items.
+
+    Returns:
+        (negatives [N, num_negatives], usable [N] bool): a user who left fewer than
+        ``num_negatives`` items unrated cannot be ranked this way and is marked unusable.
     """
     users = np.asarray(users)
+    unrated = num_items - (rated_indptr[users + 1] - rated_indptr[users])
+    usable = unrated >= num_negatives
     out = rng.integers(0, num_items, size=(len(users), num_negatives))
-    for _ in range(100):
-        collide = np.zeros(out.shape, dtype=bool)
-        for row, user in enumerate(users):
+    pending = np.flatnonzero(usable)
+    while pending.size:
+        still = []
+        for row in pending:
+            user = users[row]
             rated = rated_items[rated_indptr[user] : rated_indptr[user + 1]]
-            if rated.size:
-                pos = np.searchsorted(rated, out[row])
-                pos = np.minimum(pos, rated.size - 1)
-                collide[row] = rated[pos] == out[row]
-        if not collide.any():
-            return out
-        out[collide] = rng.integers(0, num_items, size=int(collide.sum()))
-    raise ValueError("could not sample negatives: users have rated almost every item")
+            if not rated.size:
+                continue
+            pos = np.minimum(np.searchsorted(rated, out[row]), rated.size - 1)
+            collide = rated[pos] == out[row]
+            if collide.any():
+                out[row, collide] = rng.integers(0, num_items, size=int(collide.sum()))
+                still.append(row)
+        pending = np.asarray(still, dtype=np.int64)
+    return out, usable
 
 
 def rated_csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:

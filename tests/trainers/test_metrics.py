@@ -54,6 +54,11 @@ def test_negative_sampling_avoids_rated_items():
     items = np.array([1, 3, 0, 1, 2])
     indptr, rated = M.rated_csr(users, items, 2)
     rng = np.random.default_rng(0)
-    neg = M.sample_negatives(np.array([0, 1]), indptr, rated, 6, 50, rng)
+    neg, usable = M.sample_negatives(np.array([0, 1]), indptr, rated, 6, 3, rng)
+    assert usable.all()
     assert not np.isin(neg[0], [1, 3]).any()
     assert not np.isin(neg[1], [0, 1, 2]).any()
+    # A user who rated all but two items cannot be ranked against three negatives.
+    indptr, rated = M.rated_csr(np.zeros(4, dtype=int), np.arange(4), 1)
+    _, usable = M.sample_negatives(np.array([0]), indptr, rated, 6, 3, rng)
+    assert not usable.any()
