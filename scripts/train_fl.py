@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from fedrec.cli import base_parser, flag_overrides, parse_devices, prepare_logdir, run_main
@@ -73,6 +74,7 @@ def _end_with_stuck_workers(code: int) -> None:
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.Get_size() > 1:
+            time.sleep(0.5)  # let mpiexec forward what this rank wrote before it tears the job down
             MPI.COMM_WORLD.Abort(code)
     os._exit(code)
 

@@ -271,13 +271,15 @@ def rank_device(spec: RunSpec) -> torch.device:
 
 
 def _init_worker_rank(spec: RunSpec) -> None:
-    """Pool initializer on every worker rank: check (and select) this rank's device before round 0."""
+    """Pool initializer on every worker rank, before round 0: check (and select) this rank's device and
+    build the rank's context (data, partition, model), so no client's timeout pays for the setup."""
     try:
         device = rank_device(spec)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    except ConfigError as err:
-        print(f"train_fl.py (rank {world_rank()}): error: {err}", file=sys.stderr, flush=True)
+        rank_context(spec)
+    except Exception as err:
+        print(f"train_fl.py (rank {world_rank()}): error: {_one_line(err)}", file=sys.stderr, flush=True)
         raise
 
 
@@ -311,8 +313,9 @@ class InProcessPool:
     mode = "in-process"
     num_workers = 1
 
-    def __init__(self) -> None:
+    def __init__(self, spec: RunSpec) -> None:
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-client")
+        self._executor.submit(rank_context, spec).result()  # set up before round 0 (errors surface here)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
         return self._executor.submit(fn, *args)
@@ -337,8 +340,8 @@ class MPIPool:
             raise ConfigError(f"the MPI worker pool did not start: {err}") from None
         if self.num_workers < 1:
             raise ConfigError(
-                "the MPI worker pool did not start: a worker rank failed its device check "
-                "(communications.gpu_map; see the rank's error above)"
+                "the MPI worker pool did not start: a worker rank failed its setup "
+                "(for example its communications.gpu_map entry; see the rank's error above)"
             )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
@@ -443,15 +446,24 @@ class RankContext:
         if self.fl.secure:
             from privacy.ledger import PrivacyLedger, ledger_path
 
-            with open(self.paths.secret_context, "rb") as fh:
-                self.codec: Any = SecureCodec(self.layout, secret_context=fh.read())
             self.client_privacy = client_privacy_config(config, self.partition)
             self.dp_trainer_cls = _local_dp_trainer_class()
             self.ledger = PrivacyLedger.attach(ledger_path(spec.logdir))
-        else:
-            self.codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
+        self._codec: Any = None
         self._global: GlobalModel | None = None
         self._evaluator: BaseTrainer | None = None
+
+    @property
+    def codec(self) -> Any:
+        """Plain fixed point, or encryption with the clients' secret key (read at first use: the key
+        authority runs after the ranks are set up)."""
+        if self._codec is None:
+            if self.fl.secure:
+                with open(self.paths.secret_context, "rb") as fh:
+                    self._codec = SecureCodec(self.layout, secret_context=fh.read())
+            else:
+                self._codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
+        return self._codec
 
     def global_model(self, round_idx: int, digest: str) -> GlobalModel:
         if self._global is None or self._global.round_idx != round_idx or self._global.digest != digest:
@@ -972,7 +984,7 @@ class Simulation:
         )
         if fl.secure:
             self._open_ledger()
-        self.pool = MPIPool(self.spec) if world > 1 else InProcessPool()
+        self.pool = MPIPool(self.spec) if world > 1 else InProcessPool(self.spec)
         if fl.secure:
             self._prepare_secure(partition)
         else:
@@ -1024,15 +1036,14 @@ class Simulation:
         """Prepare (every input check), run the remaining rounds, write outputs; returns the final summary."""
         self.prepare()
         self.writer = open_writer(self.logdir)
-        stuck = False
         try:
             asyncio.run(self._rounds())
-        except SimulationError:
-            stuck = True
+        except FedrecError as err:
+            self._write_summary(final=None, error=_one_line(err))
             raise
         finally:
-            transport_stuck = bool(getattr(self, "transport", None) and self.transport.stuck)
-            self.stuck_workers = stuck or transport_stuck
+            # A worker still inside a timed-out task will not finish: do not wait for it.
+            self.stuck_workers = bool(getattr(self, "transport", None) and self.transport.stuck)
             if self.writer is not None:
                 self.writer.close()
             if self.pool is not None:
@@ -1214,13 +1225,16 @@ class Simulation:
         self._write_summary(final=final)
         return final
 
-    def _write_summary(self, final: dict[str, Any] | None) -> str:
+    def _write_summary(self, final: dict[str, Any] | None, error: str | None = None) -> str:
         state = self.state
         assert state is not None and self.spec is not None
+        results: dict[str, Any] = {"rounds": state.history, "final": final}
+        if error is not None:
+            results["error"] = error
         return write_summary(
             self.logdir,
             self.config,
-            {"rounds": state.history, "final": final},
+            results,
             federated={
                 "mode": "secure" if self.fl.secure else "plain",
                 "executor": self.pool.mode if self.pool else None,
