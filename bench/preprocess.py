@@ -5,8 +5,8 @@
 Generates synthetic Criteo ``train.txt`` files (cached under ``--dir``), then for each file runs, every
 one in a fresh subprocess so that peak RSS (``ru_maxrss``) belongs to that run alone:
 
-- ours: ``fedrec.data.criteo.preprocess`` (vocabulary mode, the default config), with the default
-  2 parsing threads and with 1;
+- ours: ``fedrec.data.criteo.preprocess`` in vocabulary mode (the default config) with the
+  default 2 parsing threads and with 1, and in hashing mode (``max_ind_range``) with 2;
 - pandas: ``pandas.read_csv(path, sep='\\t', header=None)``, the baseline a user would write (it
   only parses; ours also builds the vocabulary and writes the arrays).
 
@@ -23,33 +23,60 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-OURS = r"""
-import json, resource, sys, time
-from fedrec.data import criteo
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start, cpu = time.perf_counter(), time.process_time()
-data = criteo.preprocess(sys.argv[1], processed_dir=sys.argv[2], threads=int(sys.argv[3]), log=lambda m: None,
-                         progress=False)
-seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-rows = sum(data.meta["rows"].values())
-print(json.dumps({"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_imports_mb": base / 1024, "reused": data.meta["reused"]}))
+PEAK = r"""
+def peak_mb():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as fh:  # VmHWM: the same peak, reset at exec on every kernel
+        hwm = [int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM")]
+    return rss, (hwm[0] if hwm else rss)
 """
 
-PANDAS = r"""
+OURS = (
+    r"""
+import json, resource, sys, time
+from fedrec.data import criteo
+"""
+    + PEAK
+    + r"""
+base = peak_mb()[1]
+start, cpu = time.perf_counter(), time.process_time()
+data = criteo.preprocess(sys.argv[1], processed_dir=sys.argv[2], threads=int(sys.argv[3]),
+                         max_ind_range=int(sys.argv[4]), log=lambda m: None, progress=False)
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+rows = sum(data.meta["rows"].values())
+rss, hwm = peak_mb()
+print(json.dumps({"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": rss, "vm_hwm_mb": hwm,
+                  "rss_after_imports_mb": base, "table_rows": sum(data.meta["table_sizes"])}))
+"""
+)
+
+PANDAS = (
+    r"""
 import json, resource, sys, time
 import pandas as pd
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+    + PEAK
+    + r"""
+base = peak_mb()[1]
 start, cpu = time.perf_counter(), time.process_time()
 frame = pd.read_csv(sys.argv[1], sep="\t", header=None)
 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-print(json.dumps({"rows": len(frame), "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_imports_mb": base / 1024}))
+rss, hwm = peak_mb()
+print(json.dumps({"rows": len(frame), "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": rss, "vm_hwm_mb": hwm,
+                  "rss_after_imports_mb": base}))
+"""
+)
+
+GENERATE = r"""
+import json, sys, time
+from fedrec.data.synthetic import write_criteo
+start = time.perf_counter()
+facts = write_criteo(sys.argv[1], rows=int(sys.argv[2]), seed=int(sys.argv[3]), vocab_size=int(sys.argv[4]))
+print(json.dumps(dict(facts, rows_per_s=int(sys.argv[2]) / (time.perf_counter() - start))))
 """
 
 
@@ -65,18 +92,15 @@ def run_python(code: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def generate(path: Path, rows: int, seed: int) -> float:
-    """Write the file unless it is there; returns the generation rows/s (0 if cached)."""
+def generate(path: Path, rows: int, seed: int, vocab_size: int) -> float:
+    """Write the file (in a subprocess, keeping this process small) unless it is there; returns
+    the generation rows/s (0 if cached)."""
     if path.exists():
         return 0.0
-    from fedrec.data.synthetic import write_criteo
-
     tmp = path.with_suffix(".tmp")
-    start = time.perf_counter()
-    write_criteo(str(tmp), rows=rows, seed=seed, vocab_size=100_000)
-    seconds = time.perf_counter() - start
+    facts = run_python(GENERATE, str(tmp), str(rows), str(seed), str(vocab_size))
     os.replace(tmp, path)
-    return rows / seconds
+    return facts["rows_per_s"]
 
 
 def warm_page_cache(path: Path) -> None:
@@ -92,31 +116,35 @@ def main() -> None:
         "--dir", default=str(ROOT / "data" / "bench"), help="where the generated files are kept"
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per measurement (the best is kept)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=100_000, help="categories per field of the generated data"
+    )
+    parser.add_argument("--hash-range", type=int, default=10_000_000, help="max_ind_range of the hashing run")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     results = []
     for rows in args.rows:
-        path = directory / f"criteo_synthetic_{rows}.txt"
-        generated = generate(path, rows, seed=1)
+        path = directory / f"criteo_synthetic_{rows}_v{args.vocab_size}.txt"
+        generated = generate(path, rows, 1, args.vocab_size)
         warm_page_cache(path)
         entry: dict = {"rows": rows, "file_mb": round(path.stat().st_size / 2**20, 1)}
         if generated:
             entry["generator_rows_per_s"] = round(generated)
         runs = {
-            "ours_2_threads": (OURS, "2"),
-            "ours_1_thread": (OURS, "1"),
+            "ours_2_threads": (OURS, ["2", "-1"]),
+            "ours_1_thread": (OURS, ["1", "-1"]),
+            "ours_hashing_2_threads": (OURS, ["2", str(args.hash_range)]),
             "pandas_read_csv": (PANDAS, None),
         }
-        for name, (code, threads) in runs.items():
+        for name, (code, settings) in runs.items():
             best = None
             for _ in range(args.repeats):
                 out = tempfile.mkdtemp(prefix="fedrec-bench-", dir=directory)
                 shutil.rmtree(out)  # preprocess makes it (atomically)
                 try:
-                    extra = (out, threads) if threads else ()
+                    extra = (out, *settings) if settings else ()
                     result = run_python(code, str(path), *extra)
                 finally:
                     shutil.rmtree(out, ignore_errors=True)
@@ -125,16 +153,22 @@ def main() -> None:
             assert best is not None and best["rows"] == rows, (name, best)
             entry[name] = {
                 "rows_per_s": round(rows / best["seconds"]),
+                "rows_per_cpu_s": round(rows / best["cpu_seconds"]),
                 "seconds": round(best["seconds"], 3),
                 "cpu_seconds": round(best["cpu_seconds"], 3),
                 "peak_rss_mb": round(best["peak_rss_mb"], 1),
+                "vm_hwm_mb": round(best["vm_hwm_mb"], 1),
                 "rss_after_imports_mb": round(best["rss_after_imports_mb"], 1),
             }
-        pandas_rate = entry["pandas_read_csv"]["rows_per_s"]
-        entry["ratio_ours_2_threads_vs_pandas"] = round(
-            entry["ours_2_threads"]["rows_per_s"] / pandas_rate, 2
-        )
-        entry["ratio_ours_1_thread_vs_pandas"] = round(entry["ours_1_thread"]["rows_per_s"] / pandas_rate, 2)
+            if "table_rows" in best:
+                entry[name]["embedding_rows"] = best["table_rows"]
+        pandas = entry["pandas_read_csv"]
+        for name in runs:
+            if name != "pandas_read_csv":
+                entry[f"ratio_{name}_vs_pandas"] = round(entry[name]["rows_per_s"] / pandas["rows_per_s"], 2)
+                entry[f"cpu_ratio_{name}_vs_pandas"] = round(
+                    entry[name]["rows_per_cpu_s"] / pandas["rows_per_cpu_s"], 2
+                )
         results.append(entry)
     report = {"benchmark": "criteo_preprocessing", "cpus": os.cpu_count(), "load_average": os.getloadavg(),
               "results": results}  # fmt: skip
@@ -144,18 +178,19 @@ def main() -> None:
 
 
 def markdown(results: list[dict]) -> str:
+    names = ("ours_2_threads", "ours_1_thread", "ours_hashing_2_threads", "pandas_read_csv")
     lines = [
-        "| rows | file | ours, 2 threads | ours, 1 thread | pandas.read_csv | ours/pandas (2 thr / 1 thr) |"
-        " peak RSS ours (2 thr) | peak RSS pandas |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| rows | file | " + " | ".join(names) + " |",
+        "|---:|---:|" + "---:|" * len(names),
     ]
     for e in results:
-        o2, o1, pd_ = e["ours_2_threads"], e["ours_1_thread"], e["pandas_read_csv"]
-        lines.append(
-            f"| {e['rows']:,} | {e['file_mb']} MiB | {o2['rows_per_s']:,} rows/s | {o1['rows_per_s']:,} rows/s "
-            f"| {pd_['rows_per_s']:,} rows/s | {e['ratio_ours_2_threads_vs_pandas']}x / "
-            f"{e['ratio_ours_1_thread_vs_pandas']}x | {o2['peak_rss_mb']:.0f} MB | {pd_['peak_rss_mb']:.0f} MB |"
-        )
+        cells = []
+        for name in names:
+            r = e[name]
+            ratio = e.get(f"ratio_{name}_vs_pandas")
+            extra = f" ({ratio}x)" if ratio else ""
+            cells.append(f"{r['rows_per_s']:,} rows/s{extra}, {r['peak_rss_mb']:.0f} MB")
+        lines.append(f"| {e['rows']:,} | {e['file_mb']} MiB | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

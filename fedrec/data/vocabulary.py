@@ -171,6 +171,7 @@ class CategoryIndexer:
         self.vocab = None if self.hashing else Vocabulary(num_fields)
         self.finalized = False
         self._counts: np.ndarray | None = None  # occurrences by offsets[field] + id
+        self._old_offsets = np.zeros(num_fields + 1, dtype=np.int64)  # the offsets _counts uses
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
         self._remap: np.ndarray | None = None  # offsets[field] + first-appearance id -> final index
@@ -262,6 +263,7 @@ class CategoryIndexer:
         if self._remap is None:
             return [int(n) + 1 for n in self.vocab.sizes]
         offsets = self._offsets
+        assert offsets is not None
         return [
             int(self._remap[offsets[f] : offsets[f + 1]].max(initial=0)) + 1 for f in range(self.num_fields)
         ]
@@ -272,7 +274,7 @@ class CategoryIndexer:
         self.finalize()
         assert self.vocab is not None
         field, value, ids = self.vocab.entries()
-        if self._remap is not None:
+        if self._remap is not None and self._offsets is not None:
             final = self._remap[self._offsets[field] + ids]
             keep = final > 0
             field, value, ids = field[keep], value[keep], final[keep].astype(np.int64)
