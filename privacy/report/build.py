@@ -149,7 +149,10 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
         },
         "example_level": example,
         "user_level": user,
-        "epsilon_by_round": {key: [_finite_or_none(v) for v in values] for key, values in timeline.items()},
+        "epsilon_by_round": {
+            key: values if key == "round" else [_finite_or_none(v) for v in values]
+            for key, values in timeline.items()
+        },
         "budget": budget_summary,
         "clients": per_client,
         "exclusions": [
@@ -387,10 +390,20 @@ def plain_language(report: dict[str, Any]) -> str:
         eps = example["epsilon"]
         worst = _fmt(eps["max"], example["clients_infinite"] > 0)
         bound = f" = {math.exp(eps['max']):.3g}" if eps["max"] is not None and eps["max"] < 50 else ""
+        spread = "" if example["clients"] == 1 else f" (the worst client; median {_fmt(eps['median'])})"
+        if example["clients"] == 1:
+            who = (
+                "Example level: for each single interaction in the training data, anyone who sees everything "
+                "the training released (models, checkpoints, updates)"
+            )
+        else:
+            who = (
+                f"Example level: for each of the {example['clients']} clients and each single interaction in its "
+                "data, anyone who sees everything that client sent"
+            )
         parts.append(
-            f"Example level: for each of the {example['clients']} clients and each single interaction in its data, "
-            f"anyone who sees everything that client sent learns only a bounded amount about whether that interaction was used: "
-            f"with epsilon = {worst} (the worst client; median {_fmt(eps['median'])}) and delta = {delta:g}, any "
+            f"{who} learns only a bounded amount about whether that interaction was used: "
+            f"with epsilon = {worst}{spread} and delta = {delta:g}, any "
             f"test for 'was this record used?' says 'yes' at most e^epsilon{bound} times as often when the record "
             f"was used as when it was not, plus a probability of at most {delta:g}."
         )

@@ -103,6 +103,7 @@ def utility_vs_epsilon(comparison: dict[str, Any]) -> bytes | None:
                 xytext=(3, 3),
                 textcoords="offset points",
             )
+    ax.ticklabel_format(axis="y", useOffset=False)  # show utility values as they are, not as offsets
     metrics = sorted({r["utility_metric"] for r in rows})
     ax.set_xlabel(f"epsilon (delta = {comparison['delta']:g})")
     ax.set_ylabel(", ".join(metrics))
