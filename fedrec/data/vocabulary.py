@@ -115,17 +115,21 @@ class Vocabulary:
     def _number(self, slots: np.ndarray) -> None:
         """Give the slots claimed in this batch their ids: per field, in order of first appearance."""
         new_slots, first = np.unique(slots, return_index=True)
-        new_slots = new_slots[np.argsort(first, kind="stable")]
-        field = ((self.table[new_slots] >> _KEY_SHIFT) >> _FIELD_SHIFT).astype(np.int64) - 1
-        by_field = np.argsort(field, kind="stable")
-        field_sorted = field[by_field]
-        rank = np.arange(len(field_sorted)) - np.searchsorted(field_sorted, field_sorted, side="left")
+        # Order by first appearance without sorting: the first positions are distinct.
+        by_position = np.full(len(slots), -1, dtype=np.int64)
+        by_position[first] = np.arange(len(new_slots))
+        new_slots = new_slots[by_position[by_position >= 0]]
+        field = ((self.table[new_slots] >> _KEY_SHIFT) >> _FIELD_SHIFT).astype(np.uint8) - np.uint8(1)
+        by_field = np.argsort(field, kind="stable")  # a radix sort for uint8
+        counts = np.bincount(field, minlength=self.num_fields)
+        field_sorted = field[by_field].astype(np.int64)
+        rank = np.arange(len(field_sorted)) - (np.cumsum(counts) - counts)[field_sorted]
         ids = self.sizes[field_sorted] + 1 + rank
         if len(ids) and ids.max() >= int(_NEW):
             raise DataError(f"a categorical field has more than {int(_NEW) - 1} distinct values; use hashing")
         target = new_slots[by_field]
         self.table[target] = (self.table[target] & ~ID_MASK) | ids.astype(np.uint64)
-        self.sizes += np.bincount(field, minlength=self.num_fields)
+        self.sizes += counts
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Ids (int32) of ``keys``; 0 for empty keys and keys never added."""
