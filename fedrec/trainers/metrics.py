@@ -78,24 +78,23 @@ def sample_negatives(
         (negatives [N, num_negatives], usable [N] bool): a user who left fewer than
         ``num_negatives`` items unrated cannot be ranked this way and is marked unusable.
     """
-    users = np.asarray(users)
+    users = np.asarray(users, dtype=np.int64)
     unrated = num_items - (rated_indptr[users + 1] - rated_indptr[users])
     usable = unrated >= num_negatives
+    # One sorted key per rated (user, item) pair: membership of all draws in one searchsorted.
+    owner = np.repeat(np.arange(len(rated_indptr) - 1, dtype=np.int64), np.diff(rated_indptr))
+    rated_keys = owner * num_items + np.asarray(rated_items, dtype=np.int64)
     out = rng.integers(0, num_items, size=(len(users), num_negatives))
-    pending = np.flatnonzero(usable)
+    if len(rated_keys) == 0:
+        return out, usable
+    flat = out.reshape(-1)
+    row_users = np.repeat(users, num_negatives)
+    pending = np.flatnonzero(np.repeat(usable, num_negatives))
     while pending.size:
-        still = []
-        for row in pending:
-            user = users[row]
-            rated = rated_items[rated_indptr[user] : rated_indptr[user + 1]]
-            if not rated.size:
-                continue
-            pos = np.minimum(np.searchsorted(rated, out[row]), rated.size - 1)
-            collide = rated[pos] == out[row]
-            if collide.any():
-                out[row, collide] = rng.integers(0, num_items, size=int(collide.sum()))
-                still.append(row)
-        pending = np.asarray(still, dtype=np.int64)
+        keys = row_users[pending] * num_items + flat[pending]
+        pos = np.minimum(np.searchsorted(rated_keys, keys), len(rated_keys) - 1)
+        pending = pending[rated_keys[pos] == keys]  # drew an item the user rated: draw again
+        flat[pending] = rng.integers(0, num_items, size=pending.size)
     return out, usable
 
 
