@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fedrec.config.loader import build_experiment  # noqa: E402
-from fedrec.data.base import ArraySplit, ProcessedData  # noqa: E402
-from fedrec.experiment import build_model  # noqa: E402
-from fedrec.trainers.base_trainer import BaseTrainer  # noqa: E402
+from fedrec.config.loader import build_experiment
+from fedrec.data.base import ArraySplit, ProcessedData
+from fedrec.experiment import build_model
+from fedrec.trainers.base_trainer import BaseTrainer
 
 # Rows per categorical feature of Criteo Kaggle (DLRM reference, all categories kept).
 KAGGLE_TABLE_SIZES = [

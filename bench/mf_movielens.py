@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fedrec.config import load_config  # noqa: E402
-from fedrec.data.base import ArraySplit, ProcessedData  # noqa: E402
-from fedrec.experiment import build_model, prepare_data, set_seed  # noqa: E402
-from fedrec.trainers import metrics as M  # noqa: E402
-from fedrec.trainers.base_trainer import BaseTrainer  # noqa: E402
+from fedrec.config import load_config
+from fedrec.data.base import ArraySplit, ProcessedData
+from fedrec.experiment import build_model, prepare_data, set_seed
+from fedrec.trainers import metrics as M
+from fedrec.trainers.base_trainer import BaseTrainer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -114,7 +114,7 @@ def main() -> None:
             {
                 "benchmark": "mf_movielens_cv",
                 "data": data.meta.get("processed_dir"),
-                "ratings": int(len(ratings["label"])),
+                "ratings": len(ratings["label"]),
                 "folds": args.folds,
                 "overrides": overrides,
                 "fedrec_mf_rmse_mean": mean_ours,
