@@ -12,7 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``scripts/<script>`` with this interpreter; returns the completed process (never raises)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(

@@ -88,7 +88,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             raise _fail(path, value, tp)
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {coerce(k, key_tp, path): coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if value is None:

@@ -65,7 +65,7 @@ class BaseTrainer:
         self.train_cfg = config.train
         self.data = data
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.model: Any = model.to(self.device)  # a registered model: forward, predict, loss
         self.task = getattr(model, "TASK", "ctr")
         self.logdir = logdir
         self.writer = writer
