@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fedrec.config.loader import build_experiment
 from fedrec.data.base import ArraySplit, ProcessedData
 from fedrec.experiment import build_model
-from fedrec.trainers.base_trainer import BaseTrainer
+from fedrec.trainers.base_trainer import BaseTrainer, move_batch
 
 # Rows per categorical feature of Criteo Kaggle (DLRM reference, all categories kept).
 KAGGLE_TABLE_SIZES = [
@@ -44,7 +44,7 @@ def synthetic_split(rows: int, table_sizes: list[int], seed: int) -> ArraySplit:
     return ArraySplit({"dense": dense, "sparse": sparse, "label": label})
 
 
-def measure(batch_size: int, table_sizes: list[int], steps: int, warmup: int) -> dict:
+def measure(batch_size: int, table_sizes: list[int], steps: int, warmup: int, device: str) -> dict:
     config = build_experiment(
         {
             "model": {"name": "dlrm", "preproc": {"dataset": "criteo"}},
@@ -55,13 +55,15 @@ def measure(batch_size: int, table_sizes: list[int], steps: int, warmup: int) ->
     split = synthetic_split(rows, table_sizes, seed=batch_size)
     data = ProcessedData({"train": split, "val": split, "test": split}, {"table_sizes": table_sizes})
     model = build_model(config, data.meta, sparse=True)
-    trainer = BaseTrainer(model, data, config)
+    trainer = BaseTrainer(model, data, config, device=device)
     batches = list(split.batches(batch_size))
     for batch in batches[:warmup]:
-        trainer.training_step(batch)
+        trainer.training_step(move_batch(batch, trainer.device))
+    synchronize(device)
     start = time.perf_counter()
     for batch in batches[warmup:]:
-        trainer.training_step(batch)
+        trainer.training_step(move_batch(batch, trainer.device))
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {
         "batch_size": batch_size,
@@ -71,17 +73,23 @@ def measure(batch_size: int, table_sizes: list[int], steps: int, warmup: int) ->
     }
 
 
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--table-rows", type=int, default=None, help="rows per table instead of Kaggle's")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:0 (batches are copied to it each step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     table_sizes = [args.table_rows] * 26 if args.table_rows else KAGGLE_TABLE_SIZES
-    results = [measure(b, table_sizes, args.steps, args.warmup) for b in (128, 2048)]
+    results = [measure(b, table_sizes, args.steps, args.warmup, args.device) for b in (128, 2048)]
     print(
         json.dumps(
             {
@@ -89,6 +97,7 @@ def main() -> None:
                 "architecture": "bottom 13-512-256-64-16, top 367-512-256-1, dot interaction, bce, SGD",
                 "embedding_rows_total": int(sum(table_sizes)),
                 "threads": args.threads,
+                "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
                 "torch": torch.__version__,
                 "cpu": platform.processor() or platform.machine(),
                 "results": results,
