@@ -10,6 +10,10 @@ sample's squared norm and, given clip factors, the clipped gradient sum over the
 batch, exactly as textbook DP-SGD (Abadi et al. 2016, https://arxiv.org/abs/1607.00133) would compute
 it from dense per-sample gradients.
 
+Everything here is a fixed sequence of tensor operations whose sizes are known from the input shapes
+(no ``torch.unique``, no boolean masks): on a GPU the step needs no host synchronisation. Padding
+lookups are kept with coefficient 0 rather than removed, and coalescing uses a sort with segment ids.
+
 Supported: ``nn.Embedding`` (any index shape, ``padding_idx``; not ``max_norm`` or
 ``scale_grad_by_freq``, which make one sample's gradient depend on others or rewrite the weights) and
 ``nn.EmbeddingBag`` in ``sum`` (with or without ``per_sample_weights``) and ``mean`` modes, 2-D input
@@ -58,6 +62,13 @@ def check_embedding_module(name: str, module: nn.Module) -> None:
         raise PrivacyError(f"module '{name}' (EmbeddingBag) mode = {module.mode!r}: expected 'sum' or 'mean'")
 
 
+def _padding_coef(module: nn.Module, flat: torch.Tensor) -> torch.Tensor | None:
+    """1 for real lookups, 0 for ``padding_idx`` (which never receives a gradient), or None."""
+    if module.padding_idx is None:
+        return None
+    return (flat != module.padding_idx).to(torch.float64)
+
+
 def embedding_lookups(module: nn.Embedding, indices: torch.Tensor) -> Lookups:
     """Lookups of ``nn.Embedding``: the first index dimension is the sample."""
     batch_size = indices.shape[0] if indices.dim() > 0 else 1
@@ -65,11 +76,8 @@ def embedding_lookups(module: nn.Embedding, indices: torch.Tensor) -> Lookups:
     per_sample = flat.numel() // batch_size if batch_size else 0
     positions = torch.arange(flat.numel(), device=flat.device)
     samples = positions // per_sample if per_sample else positions
-    keep = None
-    if module.padding_idx is not None:
-        keep = flat != module.padding_idx
-    lookups = Lookups(samples=samples, rows=flat, outputs=positions, coef=None, batch_size=batch_size)
-    return _select(lookups, keep)
+    coef = _padding_coef(module, flat)
+    return Lookups(samples=samples, rows=flat, outputs=positions, coef=coef, batch_size=batch_size)
 
 
 def embedding_bag_lookups(
@@ -95,53 +103,16 @@ def embedding_bag_lookups(
         bags = torch.searchsorted(starts, positions, right=True) - 1
     else:
         raise PrivacyError(f"EmbeddingBag input of shape {tuple(indices.shape)}: expected 1-D or 2-D")
-    keep = None
-    if module.padding_idx is not None:
-        keep = flat != module.padding_idx
-    coef = None
+    coef = _padding_coef(module, flat)
     if per_sample_weights is not None:
-        coef = per_sample_weights.reshape(-1)
+        weights = per_sample_weights.reshape(-1).to(torch.float64)
+        coef = weights if coef is None else coef * weights
     if module.mode == "mean":
-        valid = keep if keep is not None else torch.ones_like(flat, dtype=torch.bool)
+        valid = coef if coef is not None else torch.ones_like(flat, dtype=torch.float64)
         counts = torch.zeros(num_bags, device=flat.device, dtype=torch.float64)
-        counts.index_add_(0, bags, valid.to(torch.float64))
-        coef = (1.0 / counts.clamp(min=1.0))[bags]
-    lookups = Lookups(samples=bags, rows=flat, outputs=bags, coef=coef, batch_size=num_bags)
-    return _select(lookups, keep)
-
-
-def _select(lookups: Lookups, keep: torch.Tensor | None) -> Lookups:
-    if keep is None:
-        return lookups
-    return Lookups(
-        samples=lookups.samples[keep],
-        rows=lookups.rows[keep],
-        outputs=lookups.outputs[keep],
-        coef=None if lookups.coef is None else lookups.coef[keep],
-        batch_size=lookups.batch_size,
-    )
-
-
-@dataclass
-class SparsePerSampleGrad:
-    """Coalesced per-sample gradient of one table: one entry per distinct (sample, row)."""
-
-    samples: torch.Tensor  # (U,)
-    rows: torch.Tensor  # (U,)
-    values: torch.Tensor  # (U, dim)
-    batch_size: int
-
-    def squared_norms(self) -> torch.Tensor:
-        """Squared Frobenius norm of each sample's gradient for this table, shape (batch,)."""
-        out = torch.zeros(self.batch_size, device=self.values.device, dtype=self.values.dtype)
-        return out.index_put_((self.samples,), self.values.pow(2).sum(dim=1), accumulate=True)
-
-    def clipped_sum(self, clip_factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over samples of ``clip_factors[i] * g_i``, as (distinct rows, row gradients)."""
-        rows, inverse = torch.unique(self.rows, return_inverse=True)
-        scaled = self.values * clip_factors.to(self.values.dtype)[self.samples].unsqueeze(1)
-        summed = torch.zeros(rows.numel(), self.values.shape[1], device=scaled.device, dtype=scaled.dtype)
-        return rows, summed.index_put_((inverse,), scaled, accumulate=True)
+        counts.index_put_((bags,), valid, accumulate=True)
+        coef = valid / counts.clamp(min=1.0)[bags]
+    return Lookups(samples=bags, rows=flat, outputs=bags, coef=coef, batch_size=num_bags)
 
 
 def lookup_vectors(lookups: Lookups, grad_output: torch.Tensor) -> torch.Tensor:
@@ -152,56 +123,76 @@ def lookup_vectors(lookups: Lookups, grad_output: torch.Tensor) -> torch.Tensor:
     return vectors
 
 
-def per_sample_gradient(lookups: Lookups, grad_output: torch.Tensor, num_rows: int) -> SparsePerSampleGrad:
-    """Coalesce one table's lookups and output gradient into per-sample sparse gradients.
+@dataclass
+class GroupedPerSampleGrad:
+    """Per-sample gradients of several tables (one dim) as lookup entries, in concatenation order.
 
-    Args:
-        lookups: from :func:`embedding_lookups` or :func:`embedding_bag_lookups`.
-        grad_output: gradient of the summed per-sample loss w.r.t. the module output.
-        num_rows: rows in the table (to build a unique (sample, row) key).
+    Entry ``j`` of table ``t`` (``spans[t]`` gives its slice) adds ``vectors[j]`` to row ``rows[j]``
+    of sample ``samples[j]``'s gradient. ``squared_norms`` coalesces entries of the same
+    (sample, table, row) first, so a row a sample looked up twice counts as one summed vector.
     """
-    grad, _ = grouped_per_sample_gradient([(lookups, grad_output, num_rows)])
-    return grad
+
+    samples: torch.Tensor  # (L,)
+    rows: torch.Tensor  # (L,) local row in its own table
+    vectors: torch.Tensor  # (L, dim)
+    spans: list[tuple[int, int]]
+    key: torch.Tensor  # (L,) sample * total_rows + offset[table] + row
+    batch_size: int
+
+    def squared_norms(self) -> torch.Tensor:
+        """Squared norm of each sample's gradient over these tables, shape (batch,)."""
+        count = self.key.numel()
+        out = torch.zeros(self.batch_size, device=self.vectors.device, dtype=self.vectors.dtype)
+        if count == 0:
+            return out
+        # Segment ids of equal keys via a sort (no unique: its output size would need a host sync).
+        sorted_key, order = torch.sort(self.key)
+        starts = torch.ones(count, dtype=torch.long, device=self.key.device)
+        starts[1:] = (sorted_key[1:] != sorted_key[:-1]).long()
+        segment_sorted = torch.cumsum(starts, dim=0) - 1
+        segment = torch.empty_like(segment_sorted).scatter_(0, order, segment_sorted)
+        summed = torch.zeros_like(self.vectors).index_put_((segment,), self.vectors, accumulate=True)
+        owner = torch.zeros(count, dtype=torch.long, device=self.key.device).index_put_(
+            (segment,), self.samples
+        )
+        # Unused segment slots hold zero vectors: adding their 0 to sample 0 changes nothing.
+        return out.index_put_((owner,), summed.pow(2).sum(dim=1), accumulate=True)
+
+    def clipped_sums(self, clip_factors: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per table: (rows, values) whose duplicate-summed scatter is sum_i clip_i * g_i.
+
+        Rows may repeat (sum them: ``index_put_(..., accumulate=True)``); padding rows carry zeros.
+        """
+        scaled = self.vectors * clip_factors.to(self.vectors.dtype)[self.samples].unsqueeze(1)
+        return [(self.rows[a:b], scaled[a:b]) for a, b in self.spans]
 
 
-def grouped_per_sample_gradient(
-    tables: list[tuple[Lookups, torch.Tensor, int]],
-) -> tuple[SparsePerSampleGrad, list[int]]:
-    """Per-sample sparse gradients of several tables of one dim at once, in a shared row space.
+def grouped_per_sample_gradient(tables: list[tuple[Lookups, torch.Tensor, int]]) -> GroupedPerSampleGrad:
+    """Per-sample gradients of several tables of one dim at once, in a shared row space.
 
-    Table ``t``'s row ``r`` becomes row ``offsets[t] + r``: one coalescing pass serves all tables
-    (DLRM has 26), which matters because each tensor operation costs microseconds of dispatch.
-
-    Returns:
-        the coalesced gradient over the concatenated rows, and the row offset of each table.
+    Table ``t``'s row ``r`` has key row ``offsets[t] + r``, so one coalescing pass serves all
+    tables (DLRM has 26): each tensor operation costs microseconds of dispatch, on a GPU a launch.
     """
-    offsets, total = [], 0
-    for _, _, num_rows in tables:
+    offsets, spans, total, position = [], [], 0, 0
+    for lookups, _, num_rows in tables:
         offsets.append(total)
         total += num_rows
+        spans.append((position, position + lookups.rows.numel()))
+        position += lookups.rows.numel()
     samples = torch.cat([lk.samples for lk, _, _ in tables])
-    rows = torch.cat([lk.rows + off for (lk, _, _), off in zip(tables, offsets)])
+    rows = torch.cat([lk.rows for lk, _, _ in tables])
+    shifted = torch.cat([lk.rows + off for (lk, _, _), off in zip(tables, offsets)])
     vectors = torch.cat([lookup_vectors(lk, go) for lk, go, _ in tables])
-    key = samples * total + rows
-    unique_keys, inverse = torch.unique(key, return_inverse=True)
-    values = torch.zeros(unique_keys.numel(), vectors.shape[1], device=vectors.device, dtype=vectors.dtype)
-    # index_put_(accumulate=True) sums duplicates like index_add_, with less dispatch overhead on CPU
-    values.index_put_((inverse,), vectors, accumulate=True)
-    grad = SparsePerSampleGrad(
-        samples=unique_keys // total,
-        rows=unique_keys % total,
-        values=values,
+    return GroupedPerSampleGrad(
+        samples=samples,
+        rows=rows,
+        vectors=vectors,
+        spans=spans,
+        key=samples * total + shifted,
         batch_size=tables[0][0].batch_size,
     )
-    return grad, offsets
 
 
-def split_by_table(
-    rows: torch.Tensor, values: torch.Tensor, offsets: list[int]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Undo the shared row space: sorted ``rows`` -> one (rows, values) pair per table."""
-    bounds = torch.searchsorted(rows, torch.tensor([*offsets[1:]], dtype=rows.dtype, device=rows.device))
-    cuts = [0, *bounds.tolist(), rows.numel()]
-    return [
-        (rows[cuts[t] : cuts[t + 1]] - offsets[t], values[cuts[t] : cuts[t + 1]]) for t in range(len(offsets))
-    ]
+def per_sample_squared_norms(lookups: Lookups, grad_output: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Squared per-sample gradient norms of one table (coalescing repeated rows within a sample)."""
+    return grouped_per_sample_gradient([(lookups, grad_output, num_rows)]).squared_norms()

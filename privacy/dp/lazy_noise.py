@@ -56,19 +56,22 @@ class LazyRowNoise:
 
     @torch.no_grad()
     def flush_rows(self, rows: torch.Tensor) -> None:
-        """Bring ``rows`` (distinct indices) up to date before they are read.
+        """Bring ``rows`` up to date before they are read; ``rows`` may repeat.
 
-        Rows already current draw noise of standard deviation 0: cheaper than filtering them out.
+        A repeated row gathers its old value once per occurrence, each occurrence adds its own draw,
+        and the scatter keeps one of them: the row gets exactly one draw of the owed variance.
+        Rows already current draw standard deviation 0. No ``unique`` (a host sync on GPUs).
         """
         if self.step_index == 0 or rows.numel() == 0:
             return
+        rows = rows.reshape(-1).long()
         variance = self._cumvar[self.step_index] - self._cumvar[self.last[rows].long()]
         std = variance.clamp_(min=0).sqrt_().to(self.weight.dtype).unsqueeze_(1)
         draw = self.noise.normal(
             (rows.numel(), self.weight.shape[1]), device=self.weight.device, dtype=self.weight.dtype
         )
         self.noise_draws += draw.numel()
-        self.weight.index_put_((rows,), draw.mul_(std), accumulate=True)
+        self.weight.index_put_((rows,), self.weight[rows] + draw.mul_(std))
         self.last[rows] = self.step_index
 
     @torch.no_grad()

@@ -24,7 +24,6 @@ must call :meth:`DPSGD.flush` first; ``model.state_dict()`` flushes automaticall
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,13 +38,31 @@ from privacy.errors import PrivacyError
 LAZY_OPTIMIZERS = "torch.optim.SGD with momentum=0, weight_decay=0, nesterov=False, maximize=False"
 
 
-@dataclass
 class StepStats:
-    """What one DP step did (for logging; reveals only post-clipping aggregates of the batch)."""
+    """What one DP step did, for logging. Tensors stay on the device until read (no per-step sync).
 
-    batch_size: int
-    clipped_fraction: float
-    mean_norm: float
+    These are statistics of the private batch before noise: log them for debugging, do not publish.
+    """
+
+    def __init__(self, norms: torch.Tensor | None, clip_factors: torch.Tensor | None) -> None:
+        self._norms = norms
+        self._clip = clip_factors
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self._norms is None else int(self._norms.numel())
+
+    @property
+    def clipped_fraction(self) -> float:
+        if self._clip is None or self._clip.numel() == 0:
+            return 0.0
+        return float((self._clip < 1.0).double().mean())
+
+    @property
+    def mean_norm(self) -> float:
+        if self._norms is None or self._norms.numel() == 0:
+            return 0.0
+        return float(self._norms.mean())
 
 
 def check_lazy_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -119,6 +136,10 @@ class DPSGD:
         self._embedding_weights = self.clipper.embedding_weights
         self._embedding_ids = {id(w) for w in self._embedding_weights}
         self._dense_params = [p for p in self.clipper.parameters if id(p) not in self._embedding_ids]
+        groups: dict[tuple, list] = {}
+        for p in self._dense_params:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        self._dense_groups = list(groups.values())
         self.lazy: dict[int, LazyRowNoise] = {}
         self._handles: list[Any] = []
         if self.lazy_noise:
@@ -163,7 +184,7 @@ class DPSGD:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             indices = args[0] if args else kwargs.get("input")
             if isinstance(indices, torch.Tensor):
-                self.lazy[lazy_id].flush_rows(torch.unique(indices.reshape(-1)).long())
+                self.lazy[lazy_id].flush_rows(indices)
 
         return hook
 
@@ -191,22 +212,22 @@ class DPSGD:
         self.steps += 1
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        batch = clipped.batch_size
-        if batch == 0:
-            return StepStats(batch_size=0, clipped_fraction=0.0, mean_norm=0.0)
-        return StepStats(
-            batch_size=batch,
-            clipped_fraction=float((clipped.clip_factors < 1.0).double().mean()),
-            mean_norm=float(clipped.norms.mean()),
-        )
+        return StepStats(clipped.norms, clipped.clip_factors)
 
     @torch.no_grad()
     def _apply(self, clipped: ClippedGradients) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         scale = 1.0 / self.expected_batch_size
-        for p in self._dense_params:
-            noise = self.noise.normal(p.shape, device=p.device, dtype=p.dtype)
-            p.grad = (clipped.dense[p] + std * noise) * scale
+        for params in self._dense_groups:
+            # One draw for all dense parameters of a device and dtype: fewer calls, same law.
+            noise = self.noise.normal(
+                (sum(p.numel() for p in params),), device=params[0].device, dtype=params[0].dtype
+            )
+            start = 0
+            for p in params:
+                chunk = noise[start : start + p.numel()].view_as(p)
+                start += p.numel()
+                p.grad = chunk.mul_(std).add_(clipped.dense[p]).mul_(scale)
         for weight in self._embedding_weights:
             rows, values = clipped.sparse[weight]
             if self.lazy_noise:
@@ -216,7 +237,7 @@ class DPSGD:
                 self.lazy[id(weight)].advance((lr * std * scale) ** 2)
             else:
                 grad = self.noise.normal(weight.shape, device=weight.device, dtype=weight.dtype).mul_(std)
-                grad.index_add_(0, rows, values)
+                grad.index_put_((rows,), values, accumulate=True)
                 weight.grad = grad.mul_(scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

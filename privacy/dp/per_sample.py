@@ -33,7 +33,6 @@ from privacy.dp.embedding_clip import (
     embedding_bag_lookups,
     embedding_lookups,
     grouped_per_sample_gradient,
-    split_by_table,
 )
 from privacy.errors import PrivacyError
 
@@ -64,7 +63,8 @@ class ClippedGradients:
     Attributes:
         dense: parameter -> sum_i c_i g_i (same shape as the parameter), for non-embedding parameters.
         sparse: embedding weight -> (rows, values): the clipped sum restricted to the rows the batch
-            looked up (every other row's clipped sum is exactly zero).
+            looked up, one entry per lookup; rows may repeat and their values add up (every other
+            row's clipped sum is exactly zero).
         norms: per-sample gradient norms before clipping, shape (batch,).
         clip_factors: c_i, shape (batch,).
     """
@@ -83,7 +83,7 @@ class ClippedGradients:
         if param in self.dense:
             return self.dense[param]
         rows, values = self.sparse[param]
-        return torch.zeros_like(param).index_add_(0, rows, values.to(param.dtype))
+        return torch.zeros_like(param).index_put_((rows,), values.to(param.dtype), accumulate=True)
 
 
 class _Tape:
@@ -206,14 +206,13 @@ class _EmbeddingGroup:
 
     def squared_norms(self) -> torch.Tensor:
         tables = [(t.lookups(), t.grad_output, t.module.num_embeddings) for t in self.tapes]
-        self._grad, self._offsets = grouped_per_sample_gradient(tables)
+        self._grad = grouped_per_sample_gradient(tables)
         return self._grad.squared_norms()
 
     def clipped_sum(self, clip: torch.Tensor, out: ClippedGradients) -> None:
-        rows, values = self._grad.clipped_sum(clip)
-        for tape, (table_rows, table_values) in zip(self.tapes, split_by_table(rows, values, self._offsets)):
+        for tape, (rows, values) in zip(self.tapes, self._grad.clipped_sums(clip)):
             weight = tape.module.weight
-            out.sparse[weight] = (table_rows, table_values.to(weight.dtype))
+            out.sparse[weight] = (rows, values.to(weight.dtype))
         del self._grad
 
 
