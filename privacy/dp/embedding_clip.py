@@ -66,7 +66,7 @@ def _padding_coef(module: nn.Module, flat: torch.Tensor) -> torch.Tensor | None:
     """1 for real lookups, 0 for ``padding_idx`` (which never receives a gradient), or None."""
     if module.padding_idx is None:
         return None
-    return (flat != module.padding_idx).to(torch.float64)
+    return torch.ne(flat, module.padding_idx).to(torch.float64)
 
 
 def embedding_lookups(module: nn.Embedding, indices: torch.Tensor) -> Lookups:
