@@ -62,11 +62,12 @@ def check_embedding_module(name: str, module: nn.Module) -> None:
         raise PrivacyError(f"module '{name}' (EmbeddingBag) mode = {module.mode!r}: expected 'sum' or 'mean'")
 
 
-def _padding_coef(module: nn.Module, flat: torch.Tensor) -> torch.Tensor | None:
+def _padding_coef(module: nn.Embedding | nn.EmbeddingBag, flat: torch.Tensor) -> torch.Tensor | None:
     """1 for real lookups, 0 for ``padding_idx`` (which never receives a gradient), or None."""
-    if module.padding_idx is None:
+    padding: int | None = module.padding_idx
+    if padding is None:
         return None
-    return torch.ne(flat, module.padding_idx).to(torch.float64)
+    return (flat != padding).to(torch.float64)
 
 
 def embedding_lookups(module: nn.Embedding, indices: torch.Tensor) -> Lookups:
