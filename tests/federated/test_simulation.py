@@ -6,6 +6,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,21 @@ def test_secure_run_records_spends_and_keeps_the_secret_key_from_the_aggregator(
         assert {s.round for s in spends} == {0, 1}
         assert max(ledger.epsilons().values()) == pytest.approx(final["epsilon"])
     assert rounds[-1]["aggregate_error_bound"] > 0  # released on the BFV quantum grid
+
+
+def test_the_docs_write_your_own_algorithm_example_runs(tiny_config, tmp_path, monkeypatch):
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "federated.md").read_text()
+    start = docs.index("# my_algorithms.py")
+    code = docs[start : docs.index("```", start)]
+    (tmp_path / "my_algorithms.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tiny_config(
+        rounds=1,
+        algorithm="fed_avg_uniform",
+        import_modules=["my_algorithms"],
+        algorithm_params={"size_biased_sampling": True},
+    )
+    _, final = run(config, tmp_path / "run")
+    assert final["rounds_completed"] == 1
+    rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
+    assert rounds[0]["completed"] == 8
