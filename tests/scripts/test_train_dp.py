@@ -104,3 +104,37 @@ def test_bad_input_exits_nonzero_before_training(tmp_path, data_dir, overrides, 
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_mf_movielens_dp_run(tmp_path, data_dir):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train_dp.py"),
+            "--config",
+            "configs/mf_movielens_dp.yml",
+            "--logdir",
+            str(tmp_path / "mf"),
+            f"model.preproc.cache_dir={data_dir}",
+            "model.preproc.synthetic.rows=5000",
+            "model.preproc.synthetic.users=100",
+            "model.preproc.synthetic.items=300",
+            "train.progress=false",
+            "train.num_threads=1",
+            "train.max_steps=8",
+            "privacy.noise_multiplier=1.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p = json.loads((tmp_path / "mf" / "summary.json").read_text())["privacy"]
+    assert p["noise_multiplier"] == 1.1 and p["steps"] == 8
+    assert p["global_bias_reset_to"] == 3.0  # the data's rating mean is private: the public midpoint is used
+    assert p["epsilon"] == pytest.approx(
+        epsilon_for(noise_multiplier=1.1, sample_rate=p["sample_rate"], steps=8, delta=p["delta"]), rel=1e-9
+    )
