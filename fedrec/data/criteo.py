@@ -33,9 +33,8 @@ from fedrec.data.criteo_parser import (
     CAT_FEATURE_COUNT,
     INT_FEATURE_COUNT,
     WHAT,
-    batched,
-    count_lines,
-    parsed_blocks,
+    line_ranges,
+    parsed_ranges,
     sniff,
 )
 from fedrec.data.processed import (
@@ -59,7 +58,7 @@ ARRAYS = ("dense", "sparse", "label")
 # Bumped whenever the output for the same input and settings changes; part of the reuse manifest.
 PARSER_VERSION = 1
 MAX_REPORTED_BAD_LINES = 10
-BATCH_ROWS = 16384  # rows indexed and written per step
+PARALLEL_MIN_BYTES = 32 << 20  # smaller files are parsed in-process (worker start-up would dominate)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -93,20 +92,21 @@ def preprocess(
     log: Callable[[str], Any] = print,
     progress: bool = True,
     block_bytes: int = BLOCK_BYTES,
-    threads: int | None = None,
+    workers: int | None = None,
 ) -> ProcessedData:
     """Preprocess ``datafile`` (or reuse an up-to-date result) and return its memory-mapped splits.
 
-    ``threads`` parse blocks concurrently (default: 2, or 1 on a single-CPU machine); the output
-    does not depend on it.
+    ``workers`` processes parse the file's ranges in parallel (default: 2, or 1 on a single-CPU
+    machine or for files under 32 MiB); the output does not depend on it.
 
     Raises:
         DataError: missing/empty/unreadable file, not Criteo, a malformed line with ``strict``,
             or no usable line at all. Nothing partial is left behind.
     """
-    if threads is None:
-        threads = min(2, os.cpu_count() or 1)
     datafile = check_input_file(datafile, WHAT)
+    if workers is None:
+        small = os.path.getsize(datafile) < PARALLEL_MIN_BYTES
+        workers = 1 if small else min(2, os.cpu_count() or 1)
     processed_dir = os.path.abspath(processed_dir or default_processed_dir(datafile))
     settings = {
         "num_days": int(num_days),
@@ -136,7 +136,7 @@ def preprocess(
             log=log,
             progress=progress,
             block_bytes=block_bytes,
-            threads=threads,
+            workers=workers,
         )
         return _load(processed_dir, meta, reused=False)
 
@@ -172,7 +172,7 @@ def _run(
     log: Callable[[str], Any],
     progress: bool,
     block_bytes: int,
-    threads: int,
+    workers: int,
 ) -> dict[str, Any]:
     settings = inputs["settings"]
     num_days = settings["num_days"]
@@ -182,7 +182,7 @@ def _run(
     show = progress and size > 64 << 20
 
     bar = _progress_bar(show, size, "criteo: counting lines")
-    num_lines = count_lines(datafile, on_bytes=bar.update if bar else None)
+    num_lines, line_chunks = line_ranges(datafile, on_bytes=bar.update if bar else None)
     if bar:
         bar.close()
     days = day_bounds(num_lines, num_days)
@@ -205,9 +205,17 @@ def _run(
             for split, (lo, hi) in ranges.items()
         }
         bar = _progress_bar(show, size, "criteo: parsing")
-        first_line = 0
-        blocks = parsed_blocks(datafile, block_bytes, bar.update if bar else None, threads=threads)
-        for parsed in batched(blocks, BATCH_ROWS):
+        lines_parsed = 0
+        chunks = parsed_ranges(
+            datafile,
+            line_chunks,
+            workers=workers,
+            block_bytes=block_bytes,
+            on_bytes=bar.update if bar else None,
+            on_worker_lost=lambda message: log(f"criteo: {message}"),
+        )
+        for parsed, first_line in chunks:
+            lines_parsed += parsed.num_lines
             if parsed.bad:
                 if strict:
                     line, reason = parsed.bad[0]
@@ -218,7 +226,6 @@ def _run(
                 for line, reason in parsed.bad[: MAX_REPORTED_BAD_LINES - len(bad_examples)]:
                     bad_examples.append({"line": first_line + line + 1, "reason": reason})
             lines = parsed.line + first_line
-            first_line += parsed.num_lines
             if not len(lines):
                 continue
             day_rows += np.bincount(np.searchsorted(days, lines, side="right") - 1, minlength=num_days)[
@@ -239,9 +246,9 @@ def _run(
                 positives[split] += float(parsed.label[a:b].sum())
         if bar:
             bar.close()
-        if first_line != num_lines:
+        if lines_parsed != num_lines:
             raise DataError(
-                f"{datafile}: changed while being read ({num_lines} lines counted, {first_line} parsed)"
+                f"{datafile}: changed while being read ({num_lines} lines counted, {lines_parsed} parsed)"
             )
 
         indexer.finalize()

@@ -14,10 +14,10 @@ Field definitions (both paths agree): label '0' or '1'; an integer is empty (rea
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ CAT_FEATURE_COUNT = 26
 NUM_FIELDS = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
 WHAT = "Criteo Kaggle train.txt (label, 13 integer and 26 categorical tab-separated fields)"
 BLOCK_BYTES = 256 << 10
+RANGE_BYTES = 4 << 20  # unit of work of a parsing process
 MAX_LINE_BYTES = 1 << 20
 
 # A categorical is carried as the key (field + 1) << 32 | value, 0 when empty: one uint64 per
@@ -368,99 +369,125 @@ def iter_blocks(
     block_bytes: int = BLOCK_BYTES,
     on_bytes: Callable[[int], Any] | None = None,
     *,
-    buffers: int = 1,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[Block]:
-    """Blocks of whole lines, read into ``buffers`` reused buffers in turn (a block stays valid
-    until ``buffers`` more have been read). A last line without a newline gets one; a line longer
-    than MAX_LINE_BYTES is read as an empty (malformed) line to bound memory."""
-    size = _PAD + block_bytes + MAX_LINE_BYTES + 1 + _PAD
-    ring = [bytearray(size) for _ in range(buffers)]
-    turn = 0
-    storage = ring[0]
+    """Blocks of whole lines of ``path[start:stop]`` (``start`` at a line start), read into one
+    reused buffer (a block is valid until the next is read). A last line without a newline gets
+    one; a line longer than MAX_LINE_BYTES is read as an empty (malformed) line to bound memory."""
+    storage = bytearray(_PAD + block_bytes + MAX_LINE_BYTES + 1 + _PAD)
+    buf = np.frombuffer(storage, dtype=np.uint8)
     carry = 0  # bytes of an unfinished line at storage[_PAD : _PAD + carry]
     skipping = False  # inside an over-long line, discarding bytes until its newline
     long_first = False
     with open(path, "rb") as fh:
+        fh.seek(start)
+        remaining = (os.fstat(fh.fileno()).st_size if stop is None else stop) - start
         while True:
-            got = fh.readinto(memoryview(storage)[_PAD + carry : _PAD + carry + block_bytes])
+            want = min(block_bytes, remaining)
+            got = fh.readinto(memoryview(storage)[_PAD + carry : _PAD + carry + want]) if want > 0 else 0
+            remaining -= got
             if on_bytes is not None and got:
                 on_bytes(got)
-            stop = _PAD + carry + got
+            stop_at = _PAD + carry + got
             if not got:
                 if skipping:
                     carry, long_first = 0, True
                 if skipping or carry:
                     storage[_PAD + carry] = 10
-                    yield Block(np.frombuffer(storage, dtype=np.uint8), _PAD, _PAD + carry + 1, long_first)
+                    yield Block(buf, _PAD, _PAD + carry + 1, long_first)
                 return
             if skipping:
-                cut = storage.find(b"\n", _PAD, stop)
+                cut = storage.find(b"\n", _PAD, stop_at)
                 if cut < 0:
                     continue
                 skipping, long_first = False, True
                 storage[_PAD] = 10  # the long line becomes an empty line
-                rest = stop - cut - 1
-                storage[_PAD + 1 : _PAD + 1 + rest] = storage[cut + 1 : stop]
-                stop = _PAD + 1 + rest
-            cut = storage.rfind(b"\n", _PAD, stop)
+                rest = stop_at - cut - 1
+                storage[_PAD + 1 : _PAD + 1 + rest] = storage[cut + 1 : stop_at]
+                stop_at = _PAD + 1 + rest
+            cut = storage.rfind(b"\n", _PAD, stop_at)
             if cut < 0:
-                carry = stop - _PAD
+                carry = stop_at - _PAD
                 if carry > MAX_LINE_BYTES:
                     carry, skipping = 0, True
                 continue
-            yield Block(np.frombuffer(storage, dtype=np.uint8), _PAD, cut + 1, long_first)
+            yield Block(buf, _PAD, cut + 1, long_first)
             long_first = False
-            carry = stop - cut - 1
-            turn = (turn + 1) % buffers
-            following = ring[turn]
+            carry = stop_at - cut - 1
             if carry > MAX_LINE_BYTES:
                 carry, skipping = 0, True
             else:
-                following[_PAD : _PAD + carry] = storage[cut + 1 : stop]
-            storage = following
+                storage[_PAD : _PAD + carry] = storage[cut + 1 : stop_at]
 
 
-def parsed_blocks(
+def parse_range(path: str, start: int, stop: int | None, block_bytes: int = BLOCK_BYTES) -> ParsedBlock:
+    """All lines of ``path[start:stop]`` parsed, as one block (runs in worker processes)."""
+    return merge_blocks([block.parse() for block in iter_blocks(path, block_bytes, start=start, stop=stop)])
+
+
+def line_ranges(
+    path: str, range_bytes: int = RANGE_BYTES, on_bytes: Callable[[int], Any] | None = None
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """Count the lines, and cut the file at line starts about every ``range_bytes``.
+
+    Returns (lines, [(start byte, stop byte, first line number)]); a last line without a newline
+    counts. The ranges can be parsed independently and in any order.
+    """
+    storage = bytearray(range_bytes)
+    view = memoryview(storage)
+    array = np.frombuffer(storage, dtype=np.uint8)
+    lines = 0
+    cuts = [(0, 0)]  # (byte offset of a line start, its line number)
+    offset = 0
+    last = 10
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        while got := fh.readinto(view):
+            newlines = np.flatnonzero(array[:got] == 10) if offset else None
+            if newlines is not None and len(newlines) and offset + newlines[0] + 1 < size:
+                cuts.append((offset + int(newlines[0]) + 1, lines + 1))
+            lines += int(np.count_nonzero(array[:got] == 10)) if newlines is None else len(newlines)
+            last = storage[got - 1]
+            offset += got
+            if on_bytes is not None:
+                on_bytes(got)
+    lines += last != 10
+    bounds = [*cuts, (offset, lines)]
+    ranges = [(a, b, first) for (a, first), (b, _) in itertools.pairwise(bounds) if b > a]
+    return lines, ranges
+
+
+def parsed_ranges(
     path: str,
+    ranges: list[tuple[int, int, int]],
+    *,
+    workers: int = 1,
     block_bytes: int = BLOCK_BYTES,
     on_bytes: Callable[[int], Any] | None = None,
-    *,
-    threads: int = 1,
-) -> Iterator[ParsedBlock]:
-    """``iter_blocks`` parsed, in file order; with ``threads`` > 1 blocks are parsed concurrently
-    (numpy releases the GIL inside its loops), the results still come in order."""
-    if threads <= 1:
-        for block in iter_blocks(path, block_bytes, on_bytes):
-            yield block.parse()
-        return
-    depth = 2 * threads
-    with ThreadPoolExecutor(threads, thread_name_prefix="criteo-parse") as pool:
-        window: deque[Future[ParsedBlock]] = deque()
+    on_worker_lost: Callable[[str], Any] | None = None,
+) -> Iterator[tuple[ParsedBlock, int]]:
+    """(parsed range, its first line number), in file order; with ``workers`` > 1 the ranges are
+    parsed by that many worker processes (``fedrec.data.criteo_worker``). Should the workers fail
+    to start or die, the remaining ranges are parsed in this process (``on_worker_lost`` is told)."""
+    done = 0
+    if workers > 1 and len(ranges) > 1:
+        from fedrec.data.criteo_worker import WorkerLost, parallel_ranges
+
         try:
-            for block in iter_blocks(path, block_bytes, on_bytes, buffers=depth + 2):
-                window.append(pool.submit(block.parse))
-                if len(window) >= depth:
-                    yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
-
-
-def batched(parsed: Iterator[ParsedBlock], min_rows: int) -> Iterator[ParsedBlock]:
-    """Consecutive parsed blocks merged until each batch has at least ``min_rows`` rows (fewer
-    numpy calls per row downstream)."""
-    group: list[ParsedBlock] = []
-    rows = 0
-    for block in parsed:
-        group.append(block)
-        rows += len(block.label)
-        if rows >= min_rows:
-            yield merge_blocks(group)
-            group, rows = [], 0
-    if group:
-        yield merge_blocks(group)
+            for parsed, first in parallel_ranges(
+                path, ranges, workers=workers, block_bytes=block_bytes, on_bytes=on_bytes
+            ):
+                yield parsed, first
+                done += 1
+            return
+        except WorkerLost as err:  # parse the rest here: slower, same result
+            if on_worker_lost is not None:
+                on_worker_lost(f"{err}; parsing the rest in this process")
+    for start, stop, first in ranges[done:]:
+        yield parse_range(path, start, stop, block_bytes), first
+        if on_bytes is not None:
+            on_bytes(stop - start)
 
 
 def merge_blocks(blocks: list[ParsedBlock]) -> ParsedBlock:

@@ -282,6 +282,8 @@ class CategoryIndexer:
             final = self._remap[self._offsets[field] + ids]
             keep = final > 0
             field, value, ids = field[keep], value[keep], final[keep].astype(np.int64)
-        order = np.lexsort((ids, field))
         sizes = np.bincount(field, minlength=self.num_fields)
-        return value[order], np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        values = np.empty(len(value), dtype=np.uint32)
+        values[offsets[field] + ids - 1] = value  # ids are 1..size within each field
+        return values, offsets

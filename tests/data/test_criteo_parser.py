@@ -20,19 +20,25 @@ from fedrec.data import criteo_parser as parser
 from fedrec.errors import DataError
 
 
-def parse_file(path, block_bytes: int = parser.BLOCK_BYTES, threads: int = 1):
-    """All rows of a file through iter_blocks/parse, with 1-based line numbers."""
+def parse_file(
+    path, block_bytes: int = parser.BLOCK_BYTES, workers: int = 1, range_bytes: int = parser.RANGE_BYTES
+):
+    """All rows of a file through line_ranges/parsed_ranges, with 1-based line numbers."""
+    total, ranges = parser.line_ranges(str(path), range_bytes)
+    assert total == parser.count_lines(str(path))
     numbers, bad, labels, dense, cats = [], [], [], [], []
-    first = 0
-    for block in parser.parsed_blocks(str(path), block_bytes, threads=threads):
+    lines = 0
+    for block, first in parser.parsed_ranges(str(path), ranges, workers=workers, block_bytes=block_bytes):
+        assert first == lines
         numbers.append(block.line + first + 1)
         bad.extend(first + i + 1 for i, _ in block.bad)
         labels.append(block.label)
         dense.append(block.dense)
         cats.append(block.cat)
-        first += block.num_lines
+        lines += block.num_lines
+    assert lines == total
     return {
-        "lines": first,
+        "lines": lines,
         "good": np.concatenate(numbers).tolist(),
         "bad": bad,
         "label": np.concatenate(labels),
@@ -63,12 +69,14 @@ def test_edge_case_files_match_reference(tmp_path, seed):
 
 
 @pytest.mark.parametrize("block_bytes", [64, 1000, 4096])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_block_boundaries_and_threads_do_not_change_the_result(tmp_path, block_bytes, threads):
+@pytest.mark.parametrize(("workers", "range_bytes"), [(1, parser.RANGE_BYTES), (1, 5000), (2, 7000)])
+def test_block_and_range_boundaries_and_workers_do_not_change_the_result(
+    tmp_path, block_bytes, workers, range_bytes
+):
     data = edge_case_file(7, 400)
     path = tmp_path / "train.txt"
     path.write_bytes(data)
-    assert_matches_reference(data, parse_file(path, block_bytes, threads))
+    assert_matches_reference(data, parse_file(path, block_bytes, workers, range_bytes))
 
 
 def test_missing_trailing_newline_and_crlf(tmp_path):
@@ -128,7 +136,7 @@ def test_long_line_is_bounded_and_reported(tmp_path, monkeypatch):
     data = good + b"\n" + b"1" * 1000 + b"\n" + good + b"\n" + b"2" * 5000
     path = tmp_path / "train.txt"
     path.write_bytes(data)
-    blocks = list(parser.parsed_blocks(str(path), 128))
+    blocks = [block.parse() for block in parser.iter_blocks(str(path), 128)]
     reasons = [reason for block in blocks for _, reason in block.bad]
     assert sum(len(b.label) for b in blocks) == 2
     assert reasons == ["is longer than 300 bytes"] * 2
@@ -173,3 +181,16 @@ def test_property_matches_reference(lines, trailing_newline):
     assert [i + 1 for i, _ in block.bad] == bad
     np.testing.assert_array_equal(block.dense, expected["dense"])
     np.testing.assert_array_equal(block.cat, expected["cat"])
+
+
+def test_lost_workers_fall_back_to_this_process(tmp_path, monkeypatch):
+    data = edge_case_file(5, 300)
+    path = tmp_path / "train.txt"
+    path.write_bytes(data)
+    monkeypatch.setattr("sys.executable", str(tmp_path / "no-such-python"))
+    messages = []
+    total, ranges = parser.line_ranges(str(path), 4000)
+    blocks = list(parser.parsed_ranges(str(path), ranges, workers=2, on_worker_lost=messages.append))
+    assert len(blocks) == len(ranges) > 1
+    assert messages and "cannot start criteo parsing workers" in messages[0]
+    assert sum(b.num_lines for b, _ in blocks) == total
