@@ -21,6 +21,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _KEY_SHIFT = np.uint64(ID_BITS)
 _FIELD_SHIFT = np.uint64(32)
 MAX_LOAD = 0.4
+WARM_UP_KEYS = 4096
 
 
 class Vocabulary:
@@ -101,6 +102,12 @@ class Vocabulary:
     def add(self, keys: np.ndarray) -> np.ndarray:
         """Ids (int32) of ``keys`` (uint64, 0 = empty -> id 0), adding the new ones."""
         keys = keys.ravel()
+        if self.size < len(keys) // 8 and len(keys) >= 2 * WARM_UP_KEYS:
+            # A young table would miss on nearly every key of a large batch (each repeat of a
+            # new key probed and sorted). Adding a prefix first puts the frequent keys in, and
+            # the rest mostly hits; the order of first appearance is unchanged.
+            cut = max(WARM_UP_KEYS, len(keys) // 16)
+            return np.concatenate((self.add(keys[:cut]), self.add(keys[cut:])))
         ids, miss = self._fast(keys)
         if not len(miss):
             return ids
