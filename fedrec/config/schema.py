@@ -266,6 +266,60 @@ class PrivacyConfig:
 
 
 @dataclass
+class SyftDatasiteConfig:
+    """``syft.datasites[i]``: a datasite its owner started (``python -m fedrec.deploy.owner serve``)."""
+
+    client_id: int  # the owner's client id in its key file
+    url: str  # http://host:port
+    email: str  # the data-scientist account the owner created for the coordinator
+    password_file: str  # file holding that account's password (never the password itself in a config)
+
+    def validate(self, path: str) -> None:
+        if self.client_id < 0:
+            raise ConfigError(f"config key '{path}.client_id' = {self.client_id!r}: expected an integer >= 0")
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"config key '{path}.url' = {self.url!r}: expected http://host:port")
+
+
+@dataclass
+class SyftConfig:
+    """``syft:``: deployment to PySyft 0.9 datasites (scripts/deploy_syft.py, docs/deployment.md)."""
+
+    host: str = "127.0.0.1"  # local mode: address every local datasite binds (0.0.0.0 only if you mean it)
+    datasites: list[SyftDatasiteConfig] | None = None  # null = start fl.num_workers local datasites
+    public_context: str | None = None  # datasites listed: the key authority's public context file
+    approval_timeout: float = 300.0  # seconds to wait for owners to approve the submitted code
+    max_executions: int | None = None  # executions asked per function; null = (rounds + 1) * (retries + 1)
+    owner_epsilon_budget: float = 10.0  # local mode: each owner's policy budget (its own ledger)
+    owner_delta: float | None = None  # local mode: each owner's ledger delta; null = min(1e-5, 0.1 / N)
+    owner_max_executions: int = 1000  # local mode: largest execution count an owner approves
+    min_aggregate_clients: int = 2  # local mode: owners refuse to decrypt smaller aggregates
+
+    def validate(self, path: str) -> None:
+        if not self.host:
+            raise ConfigError(f"config key '{path}.host' = {self.host!r}: expected an address such as 127.0.0.1")
+        for key in ("approval_timeout", "owner_epsilon_budget"):
+            value = getattr(self, key)
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a finite number > 0")
+        for key in ("max_executions", "owner_max_executions", "min_aggregate_clients"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
+        if self.owner_delta is not None and not 0 < self.owner_delta < 1:
+            raise ConfigError(f"config key '{path}.owner_delta' = {self.owner_delta!r}: expected a number in (0, 1)")
+        if self.datasites is not None:
+            ids = [d.client_id for d in self.datasites]
+            if not ids or len(set(ids)) != len(ids):
+                raise ConfigError(f"config key '{path}.datasites': client ids {ids}: expected at least one, all distinct")
+            if self.public_context is None:
+                raise ConfigError(
+                    f"config key '{path}.public_context' is required with '{path}.datasites' (the key authority's "
+                    "public context; the coordinator never holds the secret one)"
+                )
+
+
+@dataclass
 class ExperimentConfig:
     """The whole run. Sections later features add (privacy, fl, encryption, ...) go here too."""
 
@@ -275,3 +329,4 @@ class ExperimentConfig:
     fl: FLConfig | None = None  # federated simulation (scripts/train_fl.py)
     communications: CommunicationsConfig | None = None  # MPI ranks to hosts and GPUs
     privacy: PrivacyConfig | None = None  # example-level DP-SGD (scripts/train_dp.py)
+    syft: SyftConfig | None = None  # deployment to PySyft datasites (scripts/deploy_syft.py)

@@ -1,0 +1,139 @@
+"""Key authority of a deployment: the BFV keys of encrypted FedAvg plus the model key, split by role.
+
+Every data owner receives the same secret material (TenSEAL has no threshold decryption): the BFV
+secret context (encrypt updates, decrypt aggregates) and the AES model key (open and seal the global
+model, see :mod:`fedrec.deploy.sealed`). The coordinator receives only the public context: it can add
+encrypted updates and nothing else. In a real deployment the key authority is one trusted owner or
+a separate party that hands each owner its file out of band; ``scripts/deploy_syft.py`` in local
+mode plays that part and writes each owner's file into that owner's directory.
+
+Owner key file: JSON (never pickle) with base64 fields, written atomically with mode 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from fedrec.deploy.errors import DeployError
+from fedrec.deploy.sealed import MODEL_KEY_BYTES, new_model_key
+
+KEYS_FORMAT = "fedrec-owner-keys"
+KEYS_VERSION = 1
+
+
+class OwnerKeys:
+    """One owner's secret material and federation identity (a plain class: no printer walks into keys)."""
+
+    __slots__ = ("client_id", "model_key", "secret_context")
+
+    def __init__(self, *, client_id: int, secret_context: bytes, model_key: bytes) -> None:
+        if isinstance(client_id, bool) or not isinstance(client_id, int) or client_id < 0:
+            raise DeployError(f"owner keys: client_id={client_id!r}, expected an integer >= 0")
+        if not isinstance(model_key, bytes) or len(model_key) != MODEL_KEY_BYTES:
+            raise DeployError(f"owner keys: model key must be {MODEL_KEY_BYTES} bytes")
+        if not isinstance(secret_context, bytes) or not secret_context:
+            raise DeployError("owner keys: secret context must be non-empty bytes")
+        self.client_id = client_id
+        self.secret_context = secret_context
+        self.model_key = model_key
+
+    def __repr__(self) -> str:
+        return f"OwnerKeys(client_id={self.client_id})"
+
+    def save(self, path: str) -> None:
+        """Write the key file atomically, readable by its owner only (0600)."""
+        data = {
+            "format": KEYS_FORMAT,
+            "version": KEYS_VERSION,
+            "client_id": self.client_id,
+            "secret_context": base64.b64encode(self.secret_context).decode("ascii"),
+            "model_key": base64.b64encode(self.model_key).decode("ascii"),
+        }
+        write_private_json(path, data)
+
+    @classmethod
+    def load(cls, path: str) -> OwnerKeys:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            if data.get("format") != KEYS_FORMAT or data.get("version") != KEYS_VERSION:
+                raise DeployError(f"{path}: not a fedrec owner key file (format {data.get('format')!r})")
+            return cls(
+                client_id=int(data["client_id"]),
+                secret_context=base64.b64decode(data["secret_context"], validate=True),
+                model_key=base64.b64decode(data["model_key"], validate=True),
+            )
+        except FileNotFoundError:
+            raise DeployError(f"{path}: no owner key file") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DeployError(f"{path}: unreadable owner key file ({type(err).__name__}: {err})") from None
+
+
+@dataclass(frozen=True)
+class FederationKeys:
+    """What the key authority hands out: the public context (coordinator) and one key file per owner."""
+
+    public_context: bytes
+    owners: tuple[OwnerKeys, ...]
+
+
+def generate_federation_keys(
+    *,
+    client_ids: list[int],
+    max_clients: int,
+    max_weight: int,
+    scheme: str,
+    clip: float,
+    precision_bits: int,
+) -> FederationKeys:
+    """Keys for owners ``client_ids``: aggregates of at most ``max_clients`` updates of weight <= ``max_weight``.
+
+    The planning is the simulation's key authority's (``keygen_task``): the same arguments give the
+    same encryption parameters and the same quantisation.
+    """
+    from privacy.encryption.context import generate_keys
+
+    if not client_ids or len(set(client_ids)) != len(client_ids):
+        raise DeployError(f"client ids {client_ids}: expected at least one, all distinct")
+    keys = generate_keys(
+        max_clients=max_clients,
+        scheme=scheme,
+        max_weight=max_weight,
+        clip=clip,
+        precision_bits=precision_bits,
+    )
+    model_key = new_model_key()
+    owners = tuple(
+        OwnerKeys(client_id=int(c), secret_context=keys.secret_context, model_key=model_key)
+        for c in client_ids
+    )
+    return FederationKeys(public_context=keys.public_context, owners=owners)
+
+
+def write_private_json(path: str, data: Any) -> None:
+    """JSON written to a temporary name with mode 0600, fsynced, renamed into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_private_bytes(path: str, data: bytes, *, mode: int = 0o600) -> None:
+    """Bytes written atomically with ``mode``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,174 @@
+"""Owner policy: which code a datasite runs without asking, how often, and the owner's privacy budget.
+
+A data owner writes one YAML file (example: ``configs/syft_owner_policy.yml``)::
+
+    approve:                      # code approved without asking, pinned by the SHA-256 of its source
+      - {name: fedrec_train_round, sha256: 3f...}
+      - {name: fedrec_apply_round, sha256: 9a...}
+    max_executions: 1000          # largest execution count a request may ask for (PySyft output policy)
+    unlisted: deny                # any other code: 'deny', or 'ask' (the owner answers on the terminal)
+    min_aggregate_clients: 2      # the apply step refuses aggregates of fewer contributors
+    privacy:                      # enforced by the owner's own ledger on the datasite
+      epsilon_budget: 10.0        # example-level epsilon over every run that touches this data
+      delta: 1.0e-5
+      accountant: rdp
+
+A request is approved only when its function name and source digest are both listed, its execution
+limit is within ``max_executions``, and its inputs are exactly this datasite's training asset (for
+``data``), its owner asset (for ``owner``) and a dict the requester owns (for ``request``); swapping
+an asset into another argument is refused like changed code. The owner's daemon re-reads the file
+when it changes, so approving new code is an edit of this file. The privacy budget is not a PySyft
+setting: the approved code records every spend in the owner's ledger before it returns an update and
+refuses (returns nothing) past the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fedrec.config.loader import read_yaml
+from fedrec.config.typed import build
+from fedrec.errors import ConfigError
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What each argument of an approvable function must be bound to.
+EXPECTED_INPUTS = {"data": "asset:train", "owner": "asset:owner", "request": "user:dict"}
+
+
+@dataclass
+class ApprovedCode:
+    """One function the owner approves: its name and the SHA-256 of its source."""
+
+    name: str
+    sha256: str
+
+    def validate(self, path: str) -> None:
+        if not self.name.isidentifier():
+            raise ConfigError(f"config key '{path}.name' = {self.name!r}: expected a Python function name")
+        if not _SHA256.match(self.sha256):
+            raise ConfigError(
+                f"config key '{path}.sha256' = {self.sha256!r}: expected 64 lowercase hex digits"
+            )
+
+
+@dataclass
+class OwnerPrivacy:
+    """The owner's example-level budget, kept in the owner's own privacy ledger."""
+
+    epsilon_budget: float
+    delta: float
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    def validate(self, path: str) -> None:
+        if not 0 < self.epsilon_budget < float("inf"):
+            raise ConfigError(
+                f"config key '{path}.epsilon_budget' = {self.epsilon_budget!r}: expected a finite number > 0"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"config key '{path}.delta' = {self.delta!r}: expected a number in (0, 1)")
+
+
+@dataclass
+class OwnerPolicy:
+    """An owner's approval policy (see the module docstring)."""
+
+    approve: list[ApprovedCode]
+    privacy: OwnerPrivacy
+    max_executions: int = 1000
+    unlisted: Literal["deny", "ask"] = "deny"
+    min_aggregate_clients: int = 2
+    source: str = field(default="<policy>", init=False, compare=False)
+
+    def validate(self, path: str) -> None:
+        if self.max_executions < 1:
+            raise ConfigError(
+                f"config key 'max_executions' = {self.max_executions!r}: expected a positive integer"
+            )
+        if self.min_aggregate_clients < 1:
+            raise ConfigError(
+                f"config key 'min_aggregate_clients' = {self.min_aggregate_clients!r}: expected a positive integer"
+            )
+        names = [code.name for code in self.approve]
+        if len(set(names)) != len(names):
+            raise ConfigError(
+                f"config key 'approve': function names {names} listed twice; pin one digest per name"
+            )
+
+    @classmethod
+    def load(cls, path: str) -> OwnerPolicy:
+        data = read_yaml(path)
+        try:
+            policy = build(cls, data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        policy.source = os.fspath(path)
+        return policy
+
+    def decide(self, request: CodeRequest) -> Decision:
+        """Approve, deny or ask about one code request."""
+        pinned = {code.name: code.sha256 for code in self.approve}
+        if request.name not in pinned or pinned[request.name] != request.sha256:
+            reason = (
+                f"code {request.name!r} with source digest {request.sha256[:16]}... is not pinned in "
+                f"the owner policy {self.source}"
+            )
+            return Decision("ask" if self.unlisted == "ask" else "deny", reason)
+        if request.max_executions is None or request.max_executions > self.max_executions:
+            return Decision(
+                "deny",
+                f"code {request.name!r} asks for {request.max_executions} executions; the owner policy allows at "
+                f"most max_executions={self.max_executions}",
+            )
+        for argument, bound in request.inputs.items():
+            wanted = EXPECTED_INPUTS.get(argument)
+            if wanted != bound:
+                return Decision(
+                    "deny",
+                    f"code {request.name!r} binds argument {argument!r} to {bound}; the owner policy expects "
+                    f"{wanted or 'no such argument'}",
+                )
+        return Decision("approve", f"code {request.name!r} digest pinned in {self.source}")
+
+
+@dataclass(frozen=True)
+class CodeRequest:
+    """A code request as the policy sees it (the owner daemon builds it from PySyft's request)."""
+
+    name: str
+    sha256: str
+    max_executions: int | None
+    inputs: dict[str, str]  # argument -> 'asset:train' | 'asset:owner' | 'user:dict' | other description
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["approve", "deny", "ask"]
+    reason: str
+
+
+def policy_text(
+    digests: dict[str, str],
+    *,
+    epsilon_budget: float,
+    delta: float,
+    accountant: str = "rdp",
+    max_executions: int = 1000,
+    min_aggregate_clients: int = 2,
+    unlisted: str = "deny",
+) -> str:
+    """A policy file approving ``digests`` (what ``python -m fedrec.deploy.owner digests`` prints)."""
+    lines = ["# fedrec owner policy (see fedrec/deploy/policy.py and docs/deployment.md)", "approve:"]
+    lines += [f"  - {{name: {name}, sha256: {digest}}}" for name, digest in sorted(digests.items())]
+    lines += [
+        f"max_executions: {int(max_executions)}",
+        f"unlisted: {unlisted}",
+        f"min_aggregate_clients: {int(min_aggregate_clients)}",
+        "privacy:",
+        f"  epsilon_budget: {float(epsilon_budget)!r}",
+        f"  delta: {float(delta)!r}",
+        f"  accountant: {accountant}",
+    ]
+    return "\n".join(lines) + "\n"
