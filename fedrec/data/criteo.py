@@ -64,6 +64,17 @@ PARALLEL_MIN_BYTES = 32 << 20  # smaller files are parsed in-process (worker sta
 # ----------------------------------------------------------------------------- preprocessing
 
 
+def default_workers(file_bytes: int) -> int:
+    """Parsing processes for a file: 2 where the machine has cores to spare beside this process
+    (4 or more CPUs) and the file is large enough to repay their start-up, else 1 (parse here).
+
+    On a 2-CPU machine shared with other work, two workers measured no faster than one process
+    (they add about 0.5 us of CPU per row: start-up and passing results), see docs/PERFORMANCE.md.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if cpus >= 4 and file_bytes >= PARALLEL_MIN_BYTES else 1
+
+
 def day_bounds(num_lines: int, num_days: int) -> list[int]:
     """First line of each day and the end: equal counts, the first ``num_lines % num_days`` days
     one line longer (as the DLRM reference splits)."""
@@ -96,8 +107,8 @@ def preprocess(
 ) -> ProcessedData:
     """Preprocess ``datafile`` (or reuse an up-to-date result) and return its memory-mapped splits.
 
-    ``workers`` processes parse the file's ranges in parallel (default: 2, or 1 on a single-CPU
-    machine or for files under 32 MiB); the output does not depend on it.
+    ``workers`` processes parse the file's ranges in parallel (default: ``default_workers``); the
+    output does not depend on it.
 
     Raises:
         DataError: missing/empty/unreadable file, not Criteo, a malformed line with ``strict``,
@@ -105,8 +116,7 @@ def preprocess(
     """
     datafile = check_input_file(datafile, WHAT)
     if workers is None:
-        small = os.path.getsize(datafile) < PARALLEL_MIN_BYTES
-        workers = 1 if small else min(2, os.cpu_count() or 1)
+        workers = default_workers(os.path.getsize(datafile))
     processed_dir = os.path.abspath(processed_dir or default_processed_dir(datafile))
     settings = {
         "num_days": int(num_days),
