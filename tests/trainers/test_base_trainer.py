@@ -102,3 +102,18 @@ def test_corrupt_checkpoint_is_an_error(tmp_path):
     trainer = BaseTrainer(build_model(cfg, data.meta), data, cfg, logdir=str(tmp_path))
     with pytest.raises(FedrecError, match="cannot resume"):
         trainer.load_checkpoint()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_matches_cpu_closely():
+    data = ctr_data()
+    cfg = config(max_steps=30)
+    cpu = BaseTrainer(build_model(cfg, data.meta), data, cfg)
+    cpu.fit()
+    gpu = BaseTrainer(build_model(cfg, data.meta), data, cfg, device="cuda:0")
+    summary = gpu.fit()
+    assert next(gpu.model.parameters()).is_cuda
+    assert summary["test"]["auc"] > 0.5
+    for (name, a), (_, b) in zip(cpu.model.state_dict().items(), gpu.model.state_dict().items()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-3, atol=1e-4, msg=name)
