@@ -1,6 +1,6 @@
 """Deploy federated training to PySyft datasites: ``python scripts/deploy_syft.py --config configs/syft_fl.yml --logdir runs/syft1``.
 
-With ``syft.datasites: null`` (the default) the script starts ``fl.num_workers`` data owners on
+With ``syft.datasites: []`` (the default) the script starts ``fl.num_workers`` data owners on
 ``syft.host`` (127.0.0.1), each a real PySyft 0.9 datasite in its own process holding one partition
 of the data, plays the key authority for them, runs the coordinator and shuts every datasite down at
 the end (also on error or Ctrl-C). With ``syft.datasites`` listing URLs it connects to datasites

@@ -286,7 +286,7 @@ class SyftConfig:
     """``syft:``: deployment to PySyft 0.9 datasites (scripts/deploy_syft.py, docs/deployment.md)."""
 
     host: str = "127.0.0.1"  # local mode: address every local datasite binds (0.0.0.0 only if you mean it)
-    datasites: list[SyftDatasiteConfig] | None = None  # null = start fl.num_workers local datasites
+    datasites: list[SyftDatasiteConfig] = field(default_factory=list)  # [] = start fl.num_workers locally
     public_context: str | None = None  # datasites listed: the key authority's public context file
     approval_timeout: float = 300.0  # seconds to wait for owners to approve the submitted code
     max_executions: int | None = None  # executions asked per function; null = (rounds + 1) * (retries + 1)
@@ -308,10 +308,10 @@ class SyftConfig:
                 raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
         if self.owner_delta is not None and not 0 < self.owner_delta < 1:
             raise ConfigError(f"config key '{path}.owner_delta' = {self.owner_delta!r}: expected a number in (0, 1)")
-        if self.datasites is not None:
+        if self.datasites:
             ids = [d.client_id for d in self.datasites]
-            if not ids or len(set(ids)) != len(ids):
-                raise ConfigError(f"config key '{path}.datasites': client ids {ids}: expected at least one, all distinct")
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"config key '{path}.datasites': client ids {ids}: expected distinct ids")
             if self.public_context is None:
                 raise ConfigError(
                     f"config key '{path}.public_context' is required with '{path}.datasites' (the key authority's "

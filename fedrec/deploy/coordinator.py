@@ -170,11 +170,13 @@ class DatasiteClient:
         return found
 
     def submit(self) -> None:
-        """Request execution of every function not already requested (approved or pending) here."""
+        """Request execution of every function not already requested here (whatever the answer was)."""
         from fedrec.deploy.functions import syft_functions
 
         existing = self._requests_by_function()
-        missing = [name for name, entries in existing.items() if not any(s != "denied" for _, s in entries)]
+        # PySyft refuses a second request for identical code: a denied one stays the request, and the
+        # owner approves it by pinning its digest (the owner's daemon reconsiders it then).
+        missing = [name for name, entries in existing.items() if not entries]
         if not missing:
             return
         wrapped = syft_functions(

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.deploy.errors import DeployError
+from fedrec.errors import FedrecError
 
 DATASET_NAME = "fedrec"
 TRAIN_ASSET = "train"
@@ -229,6 +230,8 @@ class Owner:
         self.admin: Any = None
         self.asset_ids: dict[str, Any] = {}
         self.decided: set[str] = set()
+        self.denied_by_policy: set[str] = set()  # reconsidered when the policy file changes
+        self.reconsider: set[str] = set()
         self.stopping = False
         self.parent_pid: int | None = None  # stop when this process's parent (a launcher) is gone
 
@@ -366,8 +369,14 @@ class Owner:
     def reload_policy_if_changed(self) -> None:
         mtime = os.path.getmtime(self.policy_path)
         if mtime != self._policy_mtime:
-            self.policy = self._load_policy()
             self._policy_mtime = mtime
+            try:
+                self.policy = self._load_policy()
+            except FedrecError as err:  # a bad edit: keep deciding by the last good policy
+                log(f"{self.name}: policy not reloaded, the previous one stays in force ({err})")
+                return
+            # Code the old policy denied may be pinned now: the owner approves by editing the file.
+            self.reconsider |= self.denied_by_policy
             log(f"{self.name}: policy reloaded from {self.policy_path}")
 
     def review_requests(self) -> int:
@@ -378,18 +387,26 @@ class Owner:
         decided = 0
         for request in self.admin.requests:
             request_id = str(request.id)
-            if request_id in self.decided or request.status != RequestStatus.PENDING:
+            status = request.status
+            again = request_id in self.reconsider and status == RequestStatus.REJECTED
+            if not again and (request_id in self.decided or status != RequestStatus.PENDING):
                 continue
+            self.reconsider.discard(request_id)
             code = request.code
             view = describe_request(code, self.asset_ids)
             decision = self.policy.decide(view)
+            if again and decision.action != "approve":
+                continue  # still not approved: it stays denied
             approve = decision.action == "approve" or (
                 decision.action == "ask" and ask_on_terminal(code, view, decision.reason)
             )
             if approve:
                 request.approve(disable_warnings=True)
+                self.denied_by_policy.discard(request_id)
             else:
                 request.deny(reason=decision.reason)
+                if decision.action == "deny":
+                    self.denied_by_policy.add(request_id)
             self.decided.add(request_id)
             decided += 1
             entry = {

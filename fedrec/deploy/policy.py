@@ -3,6 +3,7 @@
 A data owner writes one YAML file (example: ``configs/syft_owner_policy.yml``)::
 
     approve:                      # code approved without asking, pinned by the SHA-256 of its source
+                                  # (a name may be listed with several digests, e.g. two versions)
       - {name: fedrec_train_round, sha256: 3f...}
       - {name: fedrec_apply_round, sha256: 9a...}
     max_executions: 1000          # largest execution count a request may ask for (PySyft output policy)
@@ -91,11 +92,9 @@ class OwnerPolicy:
             raise ConfigError(
                 f"config key 'min_aggregate_clients' = {self.min_aggregate_clients!r}: expected a positive integer"
             )
-        names = [code.name for code in self.approve]
-        if len(set(names)) != len(names):
-            raise ConfigError(
-                f"config key 'approve': function names {names} listed twice; pin one digest per name"
-            )
+        pins = [(code.name, code.sha256) for code in self.approve]
+        if len(set(pins)) != len(pins):
+            raise ConfigError(f"config key 'approve': an entry is listed twice in {pins}")
 
     @classmethod
     def load(cls, path: str) -> OwnerPolicy:
@@ -109,8 +108,8 @@ class OwnerPolicy:
 
     def decide(self, request: CodeRequest) -> Decision:
         """Approve, deny or ask about one code request."""
-        pinned = {code.name: code.sha256 for code in self.approve}
-        if request.name not in pinned or pinned[request.name] != request.sha256:
+        pinned = {(code.name, code.sha256) for code in self.approve}
+        if (request.name, request.sha256) not in pinned:
             reason = (
                 f"code {request.name!r} with source digest {request.sha256[:16]}... is not pinned in "
                 f"the owner policy {self.source}"

@@ -1,0 +1,209 @@
+"""Security properties of the datasites, checked against the real PySyft 0.9 servers of the session:
+loopback-only listening sockets, credentials, guest sign-up, unapproved and changed code, and a
+datasite whose output is not a well-formed encrypted update."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from deploy_helpers import ANALYST_EMAIL, ANALYST_PASSWORD, build, deploy_data
+
+pytestmark = pytest.mark.slow
+
+
+def _login(spec_url: str, email: str, password: str):
+    import syft as sy
+
+    from fedrec.deploy.coordinator import _split_url
+
+    host, port = _split_url(spec_url)
+    return sy.login(url=host, port=port, email=email, password=password, cache=False)
+
+
+def _decisions(federation, client_id: int) -> list[dict]:
+    path = os.path.join(federation.owner_dir(client_id), "decisions.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _wait_for_decision(
+    federation,
+    client_id: int,
+    function: str,
+    sha256: str,
+    *,
+    decision: str | None = None,
+    timeout: float = 60.0,
+) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in reversed(_decisions(federation, client_id)):
+            if (
+                entry["function"] == function
+                and entry["sha256"] == sha256
+                and decision in (None, entry["decision"])
+            ):
+                return entry
+        time.sleep(0.3)
+    raise AssertionError(f"owner {client_id} did not decide on {function} within {timeout}s")
+
+
+def test_datasites_listen_on_loopback_only(federation):
+    """Every listening socket of every owner process and its datasite is on 127.0.0.1."""
+    import psutil
+
+    for owner, spec in zip(federation.local.owners, federation.specs):
+        process = psutil.Process(owner.process.pid)
+        listening = []
+        for proc in [process, *process.children(recursive=True)]:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.append(conn.laddr)
+        assert listening, f"owner {owner.client_id} has no listening socket"
+        assert all(ipaddress.ip_address(addr.ip).is_loopback for addr in listening), listening
+        assert int(spec.url.rsplit(":", 1)[1]) in {addr.port for addr in listening}
+    # /proc/net/tcp agrees: the datasite ports are bound to 127.0.0.1 (0100007F), never 0.0.0.0.
+    ports = {int(spec.url.rsplit(":", 1)[1]) for spec in federation.specs}
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        rows = [line.split() for line in fh.readlines()[1:]]
+    bound = {int(r[1].split(":")[1], 16): r[1].split(":")[0] for r in rows if r[3] == "0A"}
+    assert {port: bound.get(port) for port in ports} == {port: "0100007F" for port in ports}
+
+
+def test_wrong_credentials_and_the_default_password_are_refused(federation):
+    from fedrec.deploy.owner import ADMIN_EMAIL, SYFT_DEFAULT_PASSWORD
+
+    spec = federation.specs[0]
+    refused = [
+        (spec.email, spec.password + "x"),
+        ("nobody@fedrec.org", spec.password),
+        (ADMIN_EMAIL, SYFT_DEFAULT_PASSWORD),  # PySyft's default admin password never worked here
+    ]
+    for email, password in refused:
+        with pytest.raises(Exception, match=r"(?i)invalid credentials|not found"):
+            _login(spec.url, email, password)
+    admin = federation.admin(0)
+    assert len(admin["password"]) >= 32 and admin["password"] != SYFT_DEFAULT_PASSWORD
+    assert oct(os.stat(os.path.join(federation.owner_dir(0), "admin.json")).st_mode & 0o777) == "0o600"
+    assert _login(spec.url, admin["email"], admin["password"]) is not None  # the owner's own login works
+
+
+def test_guest_sign_up_is_off(federation):
+    import syft as sy
+
+    from fedrec.deploy.coordinator import _split_url
+
+    host, port = _split_url(federation.specs[1].url)
+    guest = sy.login_as_guest(url=host, port=port)
+    with pytest.raises(Exception, match=r"(?i)permission|not allowed|disabled"):
+        result = guest.register(
+            name="x", email="walkin@fedrec.org", password="walk-in-pw", password_verify="walk-in-pw"
+        )
+        if type(result).__name__ == "SyftError":
+            raise RuntimeError(str(result))
+
+
+def test_unapproved_code_cannot_read_private_data(federation):
+    """A data scientist sees the mock, never the rows; code that returns the rows is denied and cannot run."""
+    import deploy_tampered
+    import syft as sy
+
+    from fedrec.deploy.functions import function_digest
+    from fedrec.deploy.owner import DATASET_NAME, TRAIN_ASSET, read_owner_data
+
+    rows, _ = read_owner_data(federation.owner_dir(1))
+    analyst = _login(federation.specs[1].url, ANALYST_EMAIL, ANALYST_PASSWORD)
+    asset = analyst.datasets[DATASET_NAME].assets[TRAIN_ASSET]
+    assert asset.data is None or type(asset.data).__name__ == "SyftError"  # "no access to the private data"
+    mock = asset.mock
+    assert set(mock) == set(rows) and all(mock[k].shape == rows[k].shape for k in rows)
+    assert not np.array_equal(mock["dense"], rows["dense"])
+    leak = sy.syft_function(input_policy=sy.MixedInputPolicy(data=asset, client=analyst))(
+        deploy_tampered.leak_rows
+    )
+    analyst.code.request_code_execution(leak)
+    with pytest.raises(Exception, match=r"(?i)approv|denied|pending"):  # pending or denied: it does not run
+        analyst.code.leak_rows(data=asset)
+    decision = _wait_for_decision(federation, 1, "leak_rows", function_digest(deploy_tampered.leak_rows))
+    assert decision["decision"] == "denied" and "not pinned" in decision["reason"]
+    with pytest.raises(Exception, match=r"(?i)denied|reject|approv"):
+        analyst.code.leak_rows(data=asset)
+
+
+def test_changed_function_needs_a_new_approval(federation):
+    """The approved function's name with other source: a new digest, denied (the test of malformed
+    output below then has owner 1 pin it: the new approval it needs)."""
+    import deploy_tampered
+
+    from fedrec.deploy.coordinator import DatasiteClient
+    from fedrec.deploy.functions import TRAIN_FUNCTION, approved_digests, function_digest
+    from fedrec.deploy.local import DatasiteSpec
+
+    changed = function_digest(deploy_tampered.fedrec_train_round)
+    assert changed != approved_digests()[TRAIN_FUNCTION]
+    spec = DatasiteSpec(
+        client_id=1, url=federation.specs[1].url, email=ANALYST_EMAIL, password=ANALYST_PASSWORD
+    )
+    client = DatasiteClient(
+        spec, max_executions=5, functions={TRAIN_FUNCTION: deploy_tampered.fedrec_train_round}
+    )
+    client.connect()
+    client.submit()
+    decision = _wait_for_decision(federation, 1, TRAIN_FUNCTION, changed)
+    assert decision["decision"] == "denied" and "not pinned" in decision["reason"]
+    assert client.approval() == {TRAIN_FUNCTION: "denied"}
+    with pytest.raises(Exception, match="not approved"):
+        client.call(TRAIN_FUNCTION, {})
+
+
+def test_malformed_output_is_rejected_before_aggregation(federation, tmp_path):
+    """Datasite 1 runs code its owner approved that impersonates client 0 in its payload headers: the
+    coordinator rejects that output before it touches the sum; the round completes with the others."""
+    import deploy_tampered
+
+    from fedrec.deploy.coordinator import Coordinator
+    from fedrec.deploy.functions import TRAIN_FUNCTION, function_digest
+
+    changed = function_digest(deploy_tampered.fedrec_train_round)
+    policy_path = os.path.join(federation.owner_dir(1), "policy.yml")
+    with open(policy_path, encoding="utf-8") as fh:
+        policy = fh.read()
+    # Owner 1 approves the changed code by pinning its digest (the approval this new hash needs); its
+    # daemon reconsiders the request it denied before (test_changed_function_needs_a_new_approval).
+    time.sleep(1.1)  # a new modification time for the owner's daemon
+    with open(policy_path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(
+            policy.replace("approve:\n", f"approve:\n  - {{name: {TRAIN_FUNCTION}, sha256: {changed}}}\n", 1)
+        )
+    os.replace(policy_path + ".tmp", policy_path)
+    try:
+        _wait_for_decision(federation, 1, TRAIN_FUNCTION, changed, decision="approved")
+        data = deploy_data(federation.cache, **{"fl.rounds": 1})
+        coordinator = Coordinator(
+            build(data), str(tmp_path), federation.analyst_specs(), public_context=federation.public_context
+        )
+        coordinator.datasites[1].functions[TRAIN_FUNCTION] = deploy_tampered.fedrec_train_round
+        final = coordinator.run()
+    finally:
+        with open(policy_path, "w", encoding="utf-8") as fh:
+            fh.write(policy)  # owner 1 withdraws the pin (the approval already given stands)
+    assert final["rounds_completed"] == 1
+    (record,) = json.loads((tmp_path / "summary.json").read_text())["rounds"]
+    assert record["completed"] == 2 and record["aggregate_clients"] == 2
+    (failure,) = record["failures"]
+    assert failure["client"] == 1 and failure["reason"] == "rejected"
+    assert "payload of client 0, sent by client 1" in failure["message"]
+    from privacy.ledger import PrivacyLedger
+
+    with PrivacyLedger.read(os.path.join(tmp_path, "privacy_ledger.sqlite")) as ledger:
+        assert {s.client for s in ledger.client_spends()} == {
+            "0",
+            "2",
+        }  # the rejected output was never counted

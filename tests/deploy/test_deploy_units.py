@@ -1,0 +1,347 @@
+"""Deployment parts without datasites: owner policy, sealed global model, key files, mocks, the checks
+a coordinator applies to datasite outputs, and the datasite code run in-process against the simulation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import stat
+import struct
+
+import numpy as np
+import pytest
+from deploy_helpers import build, deploy_data
+
+from fedrec.deploy.errors import DeployError, RejectedOutput
+from fedrec.deploy.functions import approved_digests, function_digest
+from fedrec.deploy.policy import CodeRequest, OwnerPolicy, policy_text
+from fedrec.deploy.sealed import OVERHEAD, new_model_key, open_global_model, seal_global_model
+from fedrec.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GOOD_INPUTS = {"data": "asset:train", "owner": "asset:owner", "request": "user:dict"}
+
+
+# ------------------------------------------------------------------------------------------ policy
+def _policy(tmp_path, text: str) -> OwnerPolicy:
+    path = tmp_path / "policy.yml"
+    path.write_text(text)
+    return OwnerPolicy.load(str(path))
+
+
+def test_example_policy_pins_this_installations_functions():
+    policy = OwnerPolicy.load(os.path.join(ROOT, "configs", "syft_owner_policy.yml"))
+    assert {code.name: code.sha256 for code in policy.approve} == approved_digests()
+
+
+def test_policy_approves_only_pinned_code_with_its_own_assets(tmp_path):
+    digests = approved_digests()
+    policy = _policy(tmp_path, policy_text(digests, epsilon_budget=5.0, delta=1e-5, max_executions=50))
+    train = digests["fedrec_train_round"]
+    ok = CodeRequest("fedrec_train_round", train, 10, dict(GOOD_INPUTS))
+    assert policy.decide(ok).action == "approve"
+    cases = {
+        "changed source": CodeRequest("fedrec_train_round", "0" * 64, 10, dict(GOOD_INPUTS)),
+        "other name": CodeRequest("leak_rows", train, 10, {"data": "asset:train"}),
+        "too many runs": CodeRequest("fedrec_train_round", train, 51, dict(GOOD_INPUTS)),
+        "no run limit": CodeRequest("fedrec_train_round", train, None, dict(GOOD_INPUTS)),
+        "assets swapped": CodeRequest(
+            "fedrec_train_round", train, 10, {**GOOD_INPUTS, "data": "asset:owner", "owner": "asset:train"}
+        ),
+        "extra argument": CodeRequest("fedrec_train_round", train, 10, {**GOOD_INPUTS, "extra": "user:dict"}),
+        "constant rule": CodeRequest("fedrec_train_round", train, 10, {**GOOD_INPUTS, "request": "Constant"}),
+    }
+    for label, request in cases.items():
+        decision = policy.decide(request)
+        assert decision.action == "deny", label
+        assert decision.reason
+
+
+def test_policy_asks_about_unlisted_code_only_when_told(tmp_path):
+    text = policy_text(approved_digests(), epsilon_budget=5.0, delta=1e-5, unlisted="ask")
+    policy = _policy(tmp_path, text)
+    assert policy.decide(CodeRequest("leak_rows", "1" * 64, 1, {"data": "asset:train"})).action == "ask"
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("approve: []\nprivacy: {epsilon_budget: 1.0}\n", "privacy.delta"),
+        ("approve: [{name: f, sha256: abc}]\nprivacy: {epsilon_budget: 1.0, delta: 1.0e-5}\n", "sha256"),
+        ("approve: []\nprivacy: {epsilon_budget: -1.0, delta: 1.0e-5}\n", "epsilon_budget"),
+        ("approve: []\nprivacy: {epsilon_budget: 1.0, delta: 1.0e-5}\nunlisted: allow\n", "unlisted"),
+        ("approve: []\nprivacy: {epsilon_budget: 1.0, delta: 1.0e-5}\nmax_runs: 3\n", "max_runs"),
+    ],
+)
+def test_bad_policy_files_are_one_line_errors(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        _policy(tmp_path, text)
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ sealed model
+def test_sealed_global_model_opens_only_for_its_key_run_and_round():
+    params = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    key = new_model_key()
+    blob = seal_global_model(params, key=key, run_id="run-a", round_idx=3)
+    assert len(blob) == OVERHEAD + 4 * params.size
+    opened = open_global_model(blob, key=key, run_id="run-a", round_idx=3, size=params.size)
+    np.testing.assert_array_equal(opened, params)
+    tampered = bytearray(blob)
+    tampered[-20] ^= 1
+    refused = [
+        dict(blob=blob, key=new_model_key(), run_id="run-a", round_idx=3, size=params.size),
+        dict(blob=blob, key=key, run_id="run-b", round_idx=3, size=params.size),
+        dict(blob=blob, key=key, run_id="run-a", round_idx=4, size=params.size),
+        dict(blob=blob, key=key, run_id="run-a", round_idx=3, size=params.size + 1),
+        dict(blob=bytes(tampered), key=key, run_id="run-a", round_idx=3, size=params.size),
+        dict(blob=blob[:-1], key=key, run_id="run-a", round_idx=3, size=params.size),
+    ]
+    for case in refused:
+        with pytest.raises(DeployError):
+            open_global_model(case.pop("blob"), **case)
+    assert params.tobytes() not in blob  # the coordinator's copy does not hold the plaintext
+
+
+def test_owner_key_file_is_private_and_round_trips(tmp_path):
+    from fedrec.deploy.keys import OwnerKeys
+
+    keys = OwnerKeys(client_id=2, secret_context=b"secret-context-bytes", model_key=new_model_key())
+    path = str(tmp_path / "keys.json")
+    keys.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = OwnerKeys.load(path)
+    assert (loaded.client_id, loaded.secret_context, loaded.model_key) == (
+        2,
+        keys.secret_context,
+        keys.model_key,
+    )
+    assert "secret" not in repr(loaded) and str(keys.model_key) not in repr(loaded)
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(DeployError, match="not a fedrec owner key file"):
+        OwnerKeys.load(str(tmp_path / "bad.json"))
+
+
+def test_mock_has_the_schema_and_none_of_the_rows():
+    from fedrec.deploy.owner import synthetic_mock
+
+    rng = np.random.default_rng(1)
+    meta = {"task": "ctr", "table_sizes": [5, 7, 11]}
+    arrays = {
+        "dense": rng.random((50, 13)).astype(np.float32),
+        "sparse": rng.integers(0, 5, size=(50, 3)).astype(np.int32),
+        "label": rng.integers(0, 2, size=50).astype(np.float32),
+    }
+    mock = synthetic_mock(arrays, meta, seed=3)
+    assert {k: (v.dtype, v.shape) for k, v in mock.items()} == {
+        k: (v.dtype, v.shape) for k, v in arrays.items()
+    }
+    assert (mock["sparse"] < np.array([5, 7, 11])).all() and (mock["sparse"] >= 0).all()
+    assert set(np.unique(mock["label"])) <= {0.0, 1.0}
+    assert not np.array_equal(mock["dense"], arrays["dense"])
+
+
+def test_syft_section_is_validated(tmp_path):
+    base = deploy_data(tmp_path)
+    bad = {
+        "syft.datasites": ([{"client_id": 0, "url": "http://127.0.0.1:1", "email": "a@b.org", "password_file": "p"}],
+                           "syft.public_context"),
+        "syft.host": ("", "syft.host"),
+        "syft.approval_timeout": (0, "syft.approval_timeout"),
+        "syft.min_aggregate_clients": (0, "syft.min_aggregate_clients"),
+    }  # fmt: skip
+    for key, (value, named) in bad.items():
+        data = copy.deepcopy(base)
+        data["syft"][key.split(".")[1]] = value
+        with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+            build(data)
+    data = copy.deepcopy(base)
+    data["syft"]["datasites"] = [
+        {"client_id": 0, "url": "127.0.0.1:1", "email": "a@b.org", "password_file": "p"}
+    ]
+    data["syft"]["public_context"] = "public.ctx"
+    with pytest.raises(ConfigError, match=r"datasites\[0\]\.url"):
+        build(data)
+
+
+def test_models_with_per_user_parameters_are_refused(tmp_path):
+    from fedrec.deploy.training import ModelPlan
+
+    data = deploy_data(tmp_path)
+    data["model"] = {"name": "mf", "preproc": {"dataset": "movielens"}}
+    with pytest.raises(DeployError, match="per-user parameters"):
+        ModelPlan.build(build(data), {"num_users": 5, "num_items": 7, "rating_min": 1, "rating_max": 5})
+
+
+def test_function_digest_is_of_the_exact_source():
+    from fedrec.deploy import functions
+
+    digest = function_digest(functions.fedrec_train_round)
+    assert digest == approved_digests()["fedrec_train_round"]
+    import deploy_tampered
+
+    assert function_digest(deploy_tampered.fedrec_train_round) != digest
+
+
+# ------------------------------------------------------------------------------------------ in-process rounds
+@pytest.fixture(scope="module")
+def inprocess(deploy_cache, tmp_path_factory):
+    """The datasite code run in this process (no PySyft): three owners' inputs and keys."""
+    from fedrec.data.partition import make_partition
+    from fedrec.deploy.keys import generate_federation_keys
+    from fedrec.deploy.training import ModelPlan, model_meta
+    from fedrec.experiment import prepare_data
+    from fedrec.federated.simulation import client_privacy_config
+    from privacy.ledger import PrivacyLedger
+
+    config = build(deploy_data(deploy_cache))
+    data = prepare_data(config, log=lambda message: None, progress=False)
+    train = data.split("train")
+    partition = make_partition("iid", train.arrays, 3, seed=config.seed, alpha=0.5)
+    keys = generate_federation_keys(
+        client_ids=[0, 1, 2], max_clients=3, max_weight=int(partition.sizes().max()), scheme="bfv", clip=1.0,
+        precision_bits=16,
+    )  # fmt: skip
+    client_config = dataclasses.replace(
+        config, privacy=client_privacy_config(config, partition), syft=None, communications=None
+    )
+    meta = model_meta(data.meta)
+    root = tmp_path_factory.mktemp("inprocess-owners")
+    owners, rows = [], []
+    for k in range(3):
+        ledger = str(root / f"ledger{k}.sqlite")
+        PrivacyLedger.open(ledger, delta=1e-5, client_epsilon_budget=1000.0).close()
+        owners.append(
+            {
+                "client_id": k,
+                "secret_context": keys.owners[k].secret_context,
+                "model_key": keys.owners[k].model_key,
+                "ledger": ledger,
+                "min_aggregate_clients": 2,
+            }
+        )
+        rows.append(train.subset(partition.client_rows(k)).arrays)
+    plan = ModelPlan.build(client_config, meta)
+    return {
+        "config": client_config,
+        "meta": meta,
+        "keys": keys,
+        "owners": owners,
+        "rows": rows,
+        "layout": plan.layout,
+        "sizes": partition.sizes(),
+    }
+
+
+def _run_rounds(env, rounds: int):
+    from fedrec.deploy.training import (
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption.aggregator import StreamingAggregator
+    from privacy.encryption.schema import UpdateSchema
+
+    schema = UpdateSchema(env["layout"].entries)
+    sealed, digest, bounds = None, params_digest(initial_global_model(env["config"], env["meta"])), []
+    for r in range(rounds):
+        aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(r, 0))
+        for k in range(3):
+            request = RoundRequest("run", env["config"], env["meta"], r, 0, k, sealed, digest).to_wire()
+            for payload in train_round(env["rows"][k], env["owners"][k], request)["update"]:
+                aggregator.add(payload)
+        closed = aggregator.close()
+        request = RoundRequest("run", env["config"], env["meta"], r, 0, 0, sealed, digest, closed.aggregate)
+        applied = apply_round(env["owners"][1], request.to_wire())
+        sealed, digest = applied["global_model"], applied["digest"]
+        bounds.append(applied["error_bound"])
+    return sealed, digest, bounds
+
+
+def test_datasite_code_in_process_is_the_simulation_bit_for_bit(inprocess, simulation):
+    """train_round/apply_round (what approved code runs) reproduce train_fl.py's rounds exactly."""
+    sealed, digest, bounds = _run_rounds(inprocess, rounds=2)
+    params = open_global_model(
+        sealed,
+        key=inprocess["keys"].owners[0].model_key,
+        run_id="run",
+        round_idx=2,
+        size=inprocess["layout"].size,
+    )
+    assert digest == simulation.digest
+    np.testing.assert_array_equal(params, simulation.params)
+    assert all(0 < b < 1e-6 for b in bounds)
+
+
+def test_mock_run_computes_nothing(inprocess):
+    """PySyft's second run over the mocks gets no owner keys: a constant the coordinator rejects."""
+    from fedrec.deploy.training import MOCK_RUN_OUTPUT, train_round
+
+    class ActionDataEmpty:  # what PySyft passes for an asset without a mock
+        pass
+
+    class Wrapped:
+        syft_action_data = ActionDataEmpty()
+
+    assert train_round(inprocess["rows"][0], Wrapped(), {}) == MOCK_RUN_OUTPUT
+    with pytest.raises(DeployError):
+        train_round(inprocess["rows"][0], {"client_id": 0}, {})  # a real but broken owner asset fails closed
+
+
+def test_outputs_are_checked_before_anything_is_added(inprocess):
+    """Every malformed output is RejectedOutput and leaves the running sum empty; the real one is added."""
+    from fedrec.deploy.coordinator import expected_spend, validate_train_output
+    from fedrec.deploy.training import RoundRequest, initial_global_model, params_digest, train_round
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption.aggregator import StreamingAggregator
+    from privacy.encryption.schema import UpdateSchema
+
+    env = inprocess
+    schema = UpdateSchema(env["layout"].entries)
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    request = RoundRequest("run", env["config"], env["meta"], 0, 0, 1, None, digest).to_wire()
+    good = train_round(env["rows"][1], env["owners"][1], request)
+    aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(0, 0))
+    spend = expected_spend(env["config"], int(env["sizes"][1]))
+    payload = good["update"][0]
+
+    def variant(**changes):
+        out = copy.deepcopy(good)
+        out.update(changes)
+        return out
+
+    def header_field(offset: int, value: int) -> list[bytes]:
+        return [p[:offset] + struct.pack("<Q", value) + p[offset + 8 :] for p in good["update"]]
+
+    malformed = {
+        "not a dict": [b"x"],
+        "extra key": variant(extra=1),
+        "mock run": {"protocol": 1, "mock_run": True},
+        "protocol": variant(protocol=2),
+        "update not a list": variant(update=payload),
+        "missing chunk": variant(update=good["update"][:-1] or []),
+        "truncated": variant(update=[p[:-5] for p in good["update"]]),
+        "garbage": variant(update=[b"FRHE" + bytes(200) for _ in good["update"]]),
+        "other client": variant(update=header_field(80, 0)),
+        "other round": variant(update=header_field(72, attempt_tag(1, 0))),
+        "fewer steps": variant(spend={**good["spend"], "steps": good["spend"]["steps"] - 1}),
+        "less noise": variant(spend={**good["spend"], "noise_multiplier": 0.5}),
+        "bool steps": variant(spend={**good["spend"], "steps": True}),
+        "spend of another client": variant(spend={**good["spend"], "client": 0}),
+    }
+    for label, output in malformed.items():
+        with pytest.raises(RejectedOutput):
+            validate_train_output(
+                output, client_id=1, round_idx=0, attempt=0, aggregator=aggregator, spend=spend
+            )
+        assert aggregator.delivered == (), label
+    payloads, record = validate_train_output(
+        good, client_id=1, round_idx=0, attempt=0, aggregator=aggregator, spend=spend
+    )
+    for p in payloads:
+        aggregator.add(p)
+    assert aggregator.delivered == (1,) and record == good["spend"]
