@@ -35,7 +35,7 @@ class PreprocConfig:
     processed_dir: str | None = None  # default: beside datafile, '<stem>_processed/'
     cache_dir: str = "data"  # where synthetic raw files are generated
     strict: bool = False  # stop at the first malformed line instead of counting and skipping it
-    max_ind_range: int = -1  # Criteo: > 0 hashes categories modulo this; -1 builds a vocabulary
+    max_ind_range: int = -1  # Criteo: M >= 2 hashes a category to 1 + value mod (M-1); -1 builds a vocabulary
     min_count: int = 1  # Criteo: categories seen fewer times share the out-of-vocabulary index 0
     num_days: int = 7  # Criteo: equal-count day splits; the last is halved into val and test
     split: Literal["leave_last_out", "random"] = "leave_last_out"  # MovieLens per-user eval split
@@ -47,9 +47,9 @@ class PreprocConfig:
             raise ConfigError(f"config key '{path}.num_days' = {self.num_days!r}: expected at least 2")
         if self.min_count < 1:
             raise ConfigError(f"config key '{path}.min_count' = {self.min_count!r}: expected at least 1")
-        if self.max_ind_range == 0 or self.max_ind_range < -1:
+        if self.max_ind_range in (0, 1) or self.max_ind_range < -1:
             raise ConfigError(
-                f"config key '{path}.max_ind_range' = {self.max_ind_range!r}: expected -1 or a positive integer"
+                f"config key '{path}.max_ind_range' = {self.max_ind_range!r}: expected -1 or an integer >= 2"
             )
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(
@@ -122,7 +122,9 @@ class FLEncryptionConfig:
     """``fl.encryption``: encrypted aggregation in secure mode (privacy.encryption, TenSEAL)."""
 
     scheme: Literal["bfv", "ckks"] = "bfv"
-    clip: float = 1.0  # per-coordinate bound of a client's update; larger values are clipped before encryption
+    clip: float = (
+        1.0  # per-coordinate bound of a client's update; larger values are clipped before encryption
+    )
     precision_bits: int = 16  # quantisation grid clip * 2^-precision_bits
     max_weight: int | None = None  # largest integer client weight; null = the largest client's sample count
 
