@@ -1205,6 +1205,26 @@ class Simulation:
             self.max_epsilon = max(self.max_epsilon, self.ledger.client_epsilon(client))
         return self.max_epsilon
 
+    def _privacy_summary(self) -> dict[str, Any] | None:
+        if not self.fl.secure:
+            return None
+        privacy = self.client_privacy
+        return {
+            "level": "example (DP-SGD on each client)",
+            "epsilon_max_over_clients": getattr(self, "max_epsilon", None),
+            "delta": privacy.delta,
+            "noise_multiplier": privacy.noise_multiplier,
+            "max_grad_norm": privacy.max_grad_norm,
+            "accountant": privacy.accountant,
+            "ledger": os.path.join(self.logdir, "privacy_ledger.sqlite"),
+            "aggregator_context": "public (no secret key)",
+            "encryption": {
+                "scheme": self.fl.encryption.scheme,
+                "clip": self.fl.encryption.clip,
+                "precision_bits": self.fl.encryption.precision_bits,
+            },
+        }
+
     def _ledger_position(self) -> dict[str, int] | None:
         if self.ledger is None:
             return None
@@ -1244,6 +1264,7 @@ class Simulation:
                 "model_parameters_shared": self.layout.size,
                 "partition": self.partition_stats,
                 "rank_peak_rss_mb": {str(k): v for k, v in sorted(self.rank_memory.items())},
+                "privacy": self._privacy_summary(),
             },
         )
 

@@ -1,0 +1,218 @@
+"""Federated simulation benchmarks: secure vs plaintext rounds, rank scaling, memory vs users, MF quality.
+
+Prints JSON. Every figure comes from real ``scripts/train_fl.py`` / ``scripts/train.py`` runs started
+here (under ``mpirun`` where ranks are compared) and read back from their summary.json:
+
+- ``secure_vs_plain``: DLRM (configs/dlrm_fl.yml) on the same clients, model and data, once with
+  ``fl.secure=false`` and once secure (DP-SGD + BFV + ledger), both under ``mpirun -np 3``; the
+  median round time of rounds >= 1 (round 0 is reported but left out: first-use costs).
+- ``rank_scaling``: plaintext client updates per second with 1 worker rank (``mpirun -np 2``) and
+  2 worker ranks (``mpirun -np 3``); the two runs alternate ``--repeats`` times so machine load
+  drifts hit both alike.
+- ``memory``: 1000 and 4000 simulated clients over the same data, 100 per round: peak RSS of the
+  aggregator (rank 0) and of every worker rank.
+- ``quality``: plaintext federated MF (configs/mf_movielens_fl.yml, natural partition: each user a
+  client) against centralised MF (configs/mf_movielens.yml), same data and split: test RMSE.
+
+    flock /tmp/fedrec-bench.lock .venv/bin/python bench/federated.py [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+MPIRUN = str(Path(PYTHON).parent / "mpirun")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_fl(config: str, logdir: Path, overrides: list[str], *, ranks: int = 0) -> dict[str, Any]:
+    """One train_fl.py run; returns its summary.json plus the wall time of the whole command."""
+    command = [PYTHON, str(ROOT / "scripts" / "train_fl.py"), "--config", config, "--logdir", str(logdir)]
+    command += ["train.progress=false", *overrides]
+    if ranks:
+        command = [MPIRUN, "-np", str(ranks), PYTHON, "-m", "mpi4py.futures", *command[1:]]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-1500:]}")
+    summary = json.loads((logdir / "summary.json").read_text())
+    summary["command_seconds"] = wall
+    summary["command"] = " ".join(command[command.index(str(ROOT / "scripts" / "train_fl.py")) :])
+    return summary
+
+
+def round_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    rounds = summary["rounds"]
+    steady = rounds[1:] or rounds
+    return {
+        "round_seconds_median": statistics.median(r["round_seconds"] for r in steady),
+        "round0_seconds": rounds[0]["round_seconds"],
+        "client_updates_per_second": sum(r["completed"] for r in steady)
+        / sum(r["round_seconds"] for r in steady),
+        "client_seconds_per_update": sum(r["client_seconds"] for r in steady)
+        / sum(r["completed"] for r in steady),
+        "bytes_sent_per_client": steady[-1]["bytes_sent"] / max(1, steady[-1]["completed"]),
+        "bytes_received_per_client": steady[-1]["bytes_received"] / max(1, steady[-1]["completed"]),
+        "rounds": len(rounds),
+        "completed_per_round": [r["completed"] for r in rounds],
+        "val": rounds[-1].get("val"),
+        "epsilon": rounds[-1].get("epsilon"),
+    }
+
+
+def bench_secure_vs_plain(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    common = [f"fl.rounds={args.rounds}", "fl.num_workers=1000", f"fl.client_num_per_round={args.clients}"]
+    out: dict[str, Any] = {"setup": {"config": "configs/dlrm_fl.yml", "ranks": 3, "overrides": common}}
+    for mode in ("plain", "secure"):
+        summary = run_fl(
+            "configs/dlrm_fl.yml", work / f"sv_{mode}", [*common, f"fl.secure={mode == 'secure'}"], ranks=3
+        )
+        out[mode] = round_figures(summary)
+        out[mode]["model_parameters_shared"] = summary["federated"]["model_parameters_shared"]
+        out[mode]["command"] = summary["command"]
+    out["secure_over_plain_round_time"] = (
+        out["secure"]["round_seconds_median"] / out["plain"]["round_seconds_median"]
+    )
+    out["secure_over_plain_client_seconds"] = (
+        out["secure"]["client_seconds_per_update"] / out["plain"]["client_seconds_per_update"]
+    )
+    out["goal"] = "secure round time <= 1.5x plaintext"
+    return out
+
+
+def bench_rank_scaling(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    common = [
+        f"fl.rounds={args.rounds}",
+        "fl.num_workers=1000",
+        f"fl.client_num_per_round={args.clients}",
+        "fl.secure=false",
+        "fl.local_epochs=2",
+    ]
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for repeat in range(args.repeats):
+        for workers in (1, 2):
+            summary = run_fl(
+                "configs/dlrm_fl.yml", work / f"scale_{workers}_{repeat}", common, ranks=workers + 1
+            )
+            rates[workers].append(round_figures(summary)["client_updates_per_second"])
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    return {
+        "setup": {"config": "configs/dlrm_fl.yml", "overrides": common, "repeats": args.repeats},
+        "updates_per_second_1_worker_rank": rates[1],
+        "updates_per_second_2_worker_ranks": rates[2],
+        "speedup_2_over_1": two / one,
+        "goal": "2 worker ranks >= 1.7x of 1",
+    }
+
+
+def bench_memory(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for clients in (1000, 4000):
+        overrides = [
+            "fl.rounds=3",
+            f"fl.num_workers={clients}",
+            "fl.client_num_per_round=100",
+            "fl.secure=false",
+        ]
+        summary = run_fl("configs/dlrm_fl.yml", work / f"mem_{clients}", overrides, ranks=3)
+        out[f"{clients}_clients"] = {
+            "aggregator_peak_rss_mb": summary["peak_rss_mb"],
+            "worker_rank_peak_rss_mb": summary["federated"]["rank_peak_rss_mb"],
+            "client_rows_mean": summary["federated"]["partition"]["client_rows"]["mean"],
+            "overrides": overrides,
+        }
+    a, b = out["1000_clients"], out["4000_clients"]
+    out["aggregator_growth_mb"] = b["aggregator_peak_rss_mb"] - a["aggregator_peak_rss_mb"]
+    out["worker_growth_mb"] = max(b["worker_rank_peak_rss_mb"].values()) - max(
+        a["worker_rank_peak_rss_mb"].values()
+    )
+    return out
+
+
+def bench_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    central_dir = work / "mf_central"
+    command = [PYTHON, str(ROOT / "scripts" / "train.py"), "--config", "configs/mf_movielens.yml"]
+    command += ["--logdir", str(central_dir), "train.progress=false"]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"central MF failed: {done.stderr[-1500:]}")
+    central = json.loads((central_dir / "summary.json").read_text())
+    central_seconds = time.perf_counter() - started
+    overrides = ["fl.secure=false", f"fl.rounds={args.mf_rounds}"]
+    federated = run_fl("configs/mf_movielens_fl.yml", work / "mf_fl", overrides)
+    fed_test = federated["final"]["test"]
+    return {
+        "central": {
+            "config": "configs/mf_movielens.yml",
+            "test": central["test"],
+            "seconds": central_seconds,
+        },
+        "federated": {
+            "config": "configs/mf_movielens_fl.yml",
+            "overrides": overrides,
+            "test": fed_test,
+            "seconds": federated["command_seconds"],
+            "val_rmse_by_round": [
+                (r["round"], r["val"]["rmse"]) for r in federated["rounds"] if r.get("val") is not None
+            ],
+            "clients": federated["federated"]["num_clients"],
+        },
+        "rmse_federated_minus_central": fed_test["rmse"] - central["test"]["rmse"],
+        "goal": "federated MF test RMSE within 0.02 of centralised MF",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and clients (a smoke run)")
+    parser.add_argument("--parts", default="secure_vs_plain,rank_scaling,memory,quality")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    args.rounds = 2 if args.quick else 4
+    args.clients = 20 if args.quick else 100
+    args.repeats = 1 if args.quick else 2
+    args.mf_rounds = 5 if args.quick else 100
+    parts = {
+        "secure_vs_plain": bench_secure_vs_plain,
+        "rank_scaling": bench_rank_scaling,
+        "memory": bench_memory,
+        "quality": bench_quality,
+    }
+    results: dict[str, Any] = {
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_average_before": os.getloadavg(),
+    }
+    with tempfile.TemporaryDirectory(prefix="fedrec-bench-fl-") as tmp:
+        for name in args.parts.split(","):
+            started = time.perf_counter()
+            results[name] = parts[name](Path(tmp), args)
+            results[name]["bench_seconds"] = time.perf_counter() - started
+            print(f"{name}: done in {results[name]['bench_seconds']:.0f}s", file=sys.stderr, flush=True)
+    results["load_average_after"] = os.getloadavg()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
