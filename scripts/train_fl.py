@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--num_workers", type=int, default=None, help="simulated clients (same as fl.num_workers=N)"
     )
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (same as fl.rounds=N)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     implied = []
     if args.num_workers is not None:
         implied.append(f"fl.num_workers={args.num_workers}")

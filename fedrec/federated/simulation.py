@@ -426,6 +426,10 @@ class RankContext:
             config.train.num_threads or 1
         )  # same threads everywhere: rank-independent results
         self.device = rank_device(spec)
+        if self.device.type == "cuda":
+            # Same model with any number of ranks: CUDA's atomics-based kernels would reorder float sums.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.data = prepare_data(config, log=lambda message: None, progress=False)
         self.meta = self.data.meta
         self.train = self.data.split("train")

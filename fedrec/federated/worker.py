@@ -31,6 +31,7 @@ from torch import nn
 
 from fedrec.config.schema import ExperimentConfig, FLConfig
 from fedrec.errors import FedrecError
+from fedrec.trainers.base_trainer import move_batch
 
 ROLES = ("aggregator", "trainer")
 
@@ -371,6 +372,7 @@ class FederatedWorker:
                 for batch in trainer.train_batches(epoch):
                     if limit is not None and steps >= limit:
                         break
+                    batch = move_batch(batch, trainer.device)
                     size = len(batch["label"])
                     loss = trainer.training_step(batch)
                     self.after_local_step(trainer)

@@ -132,7 +132,18 @@ def test_num_workers_flag_and_one_process_run(tiny_config, tmp_path):  # noqa: F
     path = write_config(tmp_path, tiny_config(rounds=1))
     done = train_fl("--config", str(path), "--logdir", str(tmp_path / "run"), "--num_workers", "5000")
     assert done.returncode == 2 and "--num_workers 5000" in done.stderr
-    done = train_fl("--config", str(path), "--logdir", str(tmp_path / "ok"), "--num_workers", "20")
+    # key=value overrides may come before or after the flags
+    done = train_fl(
+        "--config",
+        str(path),
+        "fl.client_num_per_round=4",
+        "--logdir",
+        str(tmp_path / "ok"),
+        "--num_workers",
+        "20",
+        "fl.rounds=2",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
     assert summary["federated"]["num_clients"] == 20 and summary["federated"]["executor"] == "in-process"
+    assert [r["sampled"] for r in summary["rounds"]] == [4, 4]
