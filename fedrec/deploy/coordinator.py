@@ -89,6 +89,11 @@ def one_line(err: BaseException) -> str:
 # One datasite, seen through a data-scientist account
 # --------------------------------------------------------------------------------------------------
 
+# Logged-in PySyft clients of this process by (url, email, password digest): a login costs seconds
+# (the datasite hashes the password, then builds the account's whole API), so a process that runs
+# several coordinators (a resume, the tests) logs in once per account.
+_SESSIONS: dict[tuple[str, str, str], Any] = {}
+
 
 class DatasiteClient:
     """The coordinator's session with one datasite: login, schema, code requests, calls."""
@@ -125,10 +130,23 @@ class DatasiteClient:
         from fedrec.deploy.owner import DATASET_NAME, OWNER_ASSET, TRAIN_ASSET
 
         host, port = _split_url(self.spec.url)
-        client = sy.login(
-            url=host, port=port, email=self.spec.email, password=self.spec.password, cache=False
-        )
-        dataset = client.datasets[DATASET_NAME]
+        key = (self.spec.url, self.spec.email, hashlib.sha256(self.spec.password.encode()).hexdigest())
+        client = _SESSIONS.get(key)
+        try:
+            if client is None:
+                client = sy.login(
+                    url=host, port=port, email=self.spec.email, password=self.spec.password, cache=False
+                )
+            dataset = client.datasets[DATASET_NAME]
+        except Exception:
+            if _SESSIONS.pop(key, None) is None:
+                raise
+            # the session of a datasite that restarted: log in again
+            client = sy.login(
+                url=host, port=port, email=self.spec.email, password=self.spec.password, cache=False
+            )
+            dataset = client.datasets[DATASET_NAME]
+        _SESSIONS[key] = client
         summary = json.loads(dataset.summary or "{}")
         train_asset = dataset.assets[TRAIN_ASSET]
         owner_asset = dataset.assets[OWNER_ASSET]
@@ -617,7 +635,12 @@ class Coordinator:
                 f"--logdir {self.logdir} already holds a deployment ({self.paths.checkpoint}); pass --resume or "
                 "choose a new --logdir"
             )
+        started = time.monotonic()
         self.connect()
+        self.log(
+            f"deploy: {sum(ds.connected for ds in self.datasites.values())} datasite(s) connected in "
+            f"{time.monotonic() - started:.1f}s"
+        )
         rows = [ds.rows if ds.connected else 0 for _, ds in sorted(self.datasites.items())]
         sizes = np.array([max(1, r) for r in rows], dtype=np.int64)
         # delta as the simulation resolves it for its clients (below 1/N of the largest client)
@@ -667,7 +690,9 @@ class Coordinator:
             del initial
         self.state = state
         self._open_ledger()
+        started = time.monotonic()
         self.request_approval()
+        self.log(f"deploy: code requests answered in {time.monotonic() - started:.1f}s")
         if not self.resume:
             os.makedirs(self.paths.root, exist_ok=True)
             self._save_checkpoint()

@@ -1,6 +1,7 @@
 """Fixtures of the deployment tests: a tiny DLRM config, three real PySyft datasites on 127.0.0.1
 (one owner process each, shared by every test of the session and shut down at the end), the
-same configuration run by the in-process simulation, and one two-round deployment over the datasites.
+same configuration run by the in-process simulation, and one two-round deployment over the datasites
+by scripts/deploy_syft.py (as for datasites their owners started: ``syft.datasites``).
 
 Each owner also lists a second data-scientist account ("analyst") that the security tests use, so
 their code requests never shadow the coordinator's approved functions.
@@ -12,12 +13,15 @@ import copy
 import json
 import os
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY_DEPLOY: dict[str, Any] = {
     "seed": 0,
     "model": {
@@ -128,11 +132,20 @@ def federation(deploy_cache, tmp_path_factory):
         accounts.append({"name": "analyst", "email": ANALYST_EMAIL, "password": ANALYST_PASSWORD})
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(accounts, fh)
+    _RUNNING.append(local)
     try:
         specs = local.start()
         yield Federation(local=local, specs=specs, public_context=local.public_context, cache=deploy_cache)
     finally:
         local.stop()
+
+
+_RUNNING: list = []  # launched federations, stopped after the last test of this directory
+
+
+def stop_datasites() -> None:
+    while _RUNNING:
+        _RUNNING.pop().stop()
 
 
 @dataclass
@@ -158,26 +171,58 @@ def simulation(deploy_cache, tmp_path_factory) -> SimulationRun:
 @dataclass
 class DeployedRun:
     logdir: str
-    final: dict
+    out: dict  # the script's JSON line
     summary: dict
     checkpoint: dict
+    stderr: str
+
+
+def script_config(federation: Federation, directory: Path, **changes: Any) -> Path:
+    """A config naming the session's datasites (``syft.datasites``), as for datasites owners started."""
+    import yaml
+
+    (directory / "public.ctx").write_bytes(federation.public_context)
+    sites = []
+    for spec in federation.specs:
+        password = directory / f"password{spec.client_id}"
+        password.write_text(spec.password)
+        sites.append(
+            {
+                "client_id": spec.client_id,
+                "url": spec.url,
+                "email": spec.email,
+                "password_file": str(password),
+            }
+        )
+    data = deploy_data(federation.cache, **changes)
+    data["syft"].update({"datasites": sites, "public_context": str(directory / "public.ctx")})
+    path = directory / "syft.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_deploy_script(*args: str) -> subprocess.CompletedProcess:
+    """``python scripts/deploy_syft.py ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "deploy_syft.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 @pytest.fixture(scope="session")
 def deployed_run(federation, tmp_path_factory) -> DeployedRun:
-    """Two rounds of the tiny config over the three datasites."""
-    from fedrec.deploy.coordinator import Coordinator
-
-    logdir = str(tmp_path_factory.mktemp("deployed"))
-    coordinator = Coordinator(
-        build(deploy_data(federation.cache)),
-        logdir,
-        federation.specs,
-        public_context=federation.public_context,
+    """scripts/deploy_syft.py: two rounds of the tiny config over the session's three datasites."""
+    directory = tmp_path_factory.mktemp("deployed")
+    logdir = directory / "run"
+    result = run_deploy_script("--config", str(script_config(federation, directory)), "--logdir", str(logdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads((logdir / "summary.json").read_text())
+    checkpoint = json.loads((logdir / "deploy" / "checkpoint.json").read_text())
+    return DeployedRun(
+        logdir=str(logdir), out=out, summary=summary, checkpoint=checkpoint, stderr=result.stderr
     )
-    final = coordinator.run()
-    with open(os.path.join(logdir, "summary.json"), encoding="utf-8") as fh:
-        summary = json.load(fh)
-    with open(os.path.join(logdir, "deploy", "checkpoint.json"), encoding="utf-8") as fh:
-        checkpoint = json.load(fh)
-    return DeployedRun(logdir=logdir, final=final, summary=summary, checkpoint=checkpoint)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from deploy_helpers import build, deploy_data
+from deploy_helpers import build, deploy_data, run_deploy_script
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _owner_keys(federation, client_id: int):
@@ -38,9 +36,9 @@ def test_three_datasites_two_rounds_match_the_simulation(federation, deployed_ru
 
     rounds = deployed_run.summary["rounds"]
     assert [r["completed"] for r in rounds] == [3, 3] and [r["dropped"] for r in rounds] == [0, 0]
-    assert deployed_run.final["rounds_completed"] == 2
+    assert deployed_run.out["rounds"] == 2 and deployed_run.out["datasites"] == 3
     # What the coordinator holds is sealed; an owner's model key opens it.
-    with open(deployed_run.final["final_model"], "rb") as fh:
+    with open(deployed_run.out["final_model"], "rb") as fh:
         sealed = fh.read()
     run_id = deployed_run.checkpoint["server_state"]["run_id"]
     params = open_global_model(
@@ -54,7 +52,7 @@ def test_three_datasites_two_rounds_match_the_simulation(federation, deployed_ru
     difference = float(np.max(np.abs(params.astype(np.float64) - simulation.params.astype(np.float64))))
     assert difference <= bound, f"max |deployment - simulation| = {difference} > encryption bound {bound}"
     # Quantisation draws from the same generators, so the two runs agree exactly here.
-    assert deployed_run.final["final_model_digest"] == simulation.digest
+    assert deployed_run.out["final_model_digest"] == simulation.digest
     # The coordinator's ledger copy holds the simulation's spends; epsilon agrees.
     assert _spends(deployed_run.logdir) == _spends(simulation.logdir)
     with open(os.path.join(simulation.logdir, "summary.json"), encoding="utf-8") as fh:
@@ -97,7 +95,7 @@ def test_resume_continues_to_the_same_model(federation, deployed_run, tmp_path):
     )
     final = resumed.run()
     assert final["rounds_completed"] == 2
-    assert final["final_model_digest"] == deployed_run.final["final_model_digest"]
+    assert final["final_model_digest"] == deployed_run.out["final_model_digest"]
 
 
 def test_down_and_slow_datasites_are_dropped_not_fatal(federation, tmp_path):
@@ -132,20 +130,18 @@ def test_down_and_slow_datasites_are_dropped_not_fatal(federation, tmp_path):
     assert record["dropped_clients"] == [2, 3]
 
 
-def test_deploy_script_writes_summary_and_privacy_report(federation, tmp_path):
-    """scripts/deploy_syft.py against datasites their owners started (syft.datasites), one round."""
-    config = _script_config(federation, tmp_path)
-    logdir = tmp_path / "run"
-    result = _run_script("--config", str(config), "--logdir", str(logdir), "--rounds", "1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["rounds"] == 1 and out["datasites"] == 3
-    summary = json.loads((logdir / "summary.json").read_text())
-    assert len(summary["rounds"]) == 1 and summary["rounds"][0]["completed"] == 3
+def test_deploy_script_writes_summary_and_privacy_report(deployed_run):
+    """scripts/deploy_syft.py (the run above): summary.json, the privacy report, one JSON line."""
+    logdir = Path(deployed_run.logdir)
+    summary = deployed_run.summary
+    assert len(summary["rounds"]) == 2 and summary["final"]["rounds_completed"] == 2
+    assert summary["deployment"]["mode"] == "pysyft" and len(summary["deployment"]["datasites"]) == 3
     report = json.loads((logdir / "privacy_report.json").read_text())
     assert (logdir / "privacy_report.html").stat().st_size > 0 and (logdir / "privacy_report.md").exists()
-    assert report["example_level"]["epsilon"]["max"] == pytest.approx(out["epsilon"], rel=1e-9)
-    assert out["epsilon"] == pytest.approx(summary["rounds"][0]["epsilon"], rel=1e-12)
+    assert deployed_run.out["privacy_report"] == str(logdir / "privacy_report.html")
+    assert report["example_level"]["epsilon"]["max"] == pytest.approx(deployed_run.out["epsilon"], rel=1e-9)
+    assert deployed_run.out["epsilon"] == pytest.approx(summary["rounds"][-1]["epsilon"], rel=1e-12)
+    assert "Traceback" not in deployed_run.stderr
 
 
 def test_deploy_script_bad_input_is_one_line(tmp_path):
@@ -155,41 +151,7 @@ def test_deploy_script_bad_input_is_one_line(tmp_path):
     ]
     path = tmp_path / "bad.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    result = _run_script("--config", str(path), "--logdir", str(tmp_path / "run"))
+    result = run_deploy_script("--config", str(path), "--logdir", str(tmp_path / "run"))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "syft.public_context" in line
-
-
-def _script_config(federation, tmp_path) -> Path:
-    (tmp_path / "public.ctx").write_bytes(federation.public_context)
-    sites = []
-    for spec in federation.specs:
-        password = tmp_path / f"password{spec.client_id}"
-        password.write_text(spec.password)
-        sites.append(
-            {
-                "client_id": spec.client_id,
-                "url": spec.url,
-                "email": spec.email,
-                "password_file": str(password),
-            }
-        )
-    data = deploy_data(federation.cache)
-    data["syft"].update({"datasites": sites, "public_context": str(tmp_path / "public.ctx")})
-    path = tmp_path / "syft.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _run_script(*args: str):
-    import subprocess
-
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "deploy_syft.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
