@@ -8,13 +8,21 @@ a separate party that hands each owner its file out of band; ``scripts/deploy_sy
 mode plays that part and writes each owner's file into that owner's directory.
 
 Owner key file: JSON (never pickle) with base64 fields, written atomically with mode 0600.
+
+Key authority command (one file per owner plus the coordinator's public context)::
+
+    python -m fedrec.deploy.keys --owners 3 --max-weight 20000 --out keys/
+    # keys/owner_000.keys.json ... (to each owner, out of band), keys/public.ctx (to the coordinator)
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,3 +145,42 @@ def write_private_bytes(path: str, data: bytes, *, mode: int = 0o600) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedrec.deploy.keys", description="Key authority of a deployment."
+    )
+    parser.add_argument("--owners", type=int, required=True, help="number of data owners (client ids 0..N-1)")
+    parser.add_argument(
+        "--max-weight", type=int, required=True, help="largest owner row count (the update weight)"
+    )
+    parser.add_argument(
+        "--max-clients", type=int, default=None, help="most updates per aggregate (default: owners)"
+    )
+    parser.add_argument("--scheme", default="bfv", choices=("bfv", "ckks"))
+    parser.add_argument("--clip", type=float, default=1.0, help="fl.encryption.clip of the runs")
+    parser.add_argument(
+        "--precision-bits", type=int, default=16, help="fl.encryption.precision_bits of the runs"
+    )
+    parser.add_argument("--out", required=True, help="directory for owner_NNN.keys.json and public.ctx")
+    args = parser.parse_args(argv)
+    keys = generate_federation_keys(
+        client_ids=list(range(args.owners)),
+        max_clients=args.max_clients or args.owners,
+        max_weight=args.max_weight,
+        scheme=args.scheme,
+        clip=args.clip,
+        precision_bits=args.precision_bits,
+    )
+    for owner in keys.owners:
+        owner.save(os.path.join(args.out, f"owner_{owner.client_id:03d}.keys.json"))
+    write_private_bytes(os.path.join(args.out, "public.ctx"), keys.public_context, mode=0o644)
+    print(f"{len(keys.owners)} owner key files and public.ctx written to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from fedrec.cli import run_main
+
+    run_main(main, sys.argv[1:])

@@ -3,6 +3,7 @@
 Commands (one owner, on the owner's own machine)::
 
     python -m fedrec.deploy.owner digests                 # what to pin in the policy file
+    python -m fedrec.deploy.owner prepare --config CFG --dir OWNER_DIR [--client K --of N]
     python -m fedrec.deploy.owner serve --dir OWNER_DIR   # launch, publish, approve until stopped
 
 The owner directory holds what the owner prepared (``scripts/deploy_syft.py`` writes it in local
@@ -512,6 +513,44 @@ def _print_digests() -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    """The owner's rows (its own data file, or part K of N of a shared one) and a policy template."""
+    from fedrec.config import load_config
+    from fedrec.data.partition import make_partition
+    from fedrec.deploy.functions import approved_digests
+    from fedrec.deploy.policy import policy_text
+    from fedrec.deploy.training import model_meta
+    from fedrec.experiment import prepare_data
+
+    config = load_config(args.config, args.overrides)
+    data = prepare_data(config, progress=False)
+    train = data.split("train")
+    rows = train.arrays
+    if args.of is not None:
+        if args.client is None or not 0 <= args.client < args.of:
+            raise DeployError(f"--client {args.client!r}: expected 0 <= K < --of {args.of}")
+        fl = config.fl
+        partition = make_partition(
+            fl.partition if fl else "iid",
+            train.arrays,
+            args.of,
+            seed=config.seed,
+            alpha=fl.dirichlet_alpha if fl else 0.5,
+        )
+        rows = train.subset(partition.client_rows(args.client)).arrays
+    else:
+        rows = {name: np.asarray(array) for name, array in rows.items()}
+    write_owner_data(args.dir, rows, model_meta(data.meta))
+    policy = os.path.join(args.dir, POLICY_FILE)
+    existing = os.path.exists(policy)
+    if not existing:
+        with open(policy, "w", encoding="utf-8") as fh:
+            fh.write(policy_text(approved_digests(), epsilon_budget=10.0, delta=1e-5))
+    state = "kept" if existing else "written (edit its budget)"
+    log(f"{args.dir}: {len(rows['label'])} rows and the model metadata written; policy.yml {state}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     owner = Owner(args.dir, host=args.host, port=args.port, name=args.name)
     if args.exit_with_parent:
@@ -537,6 +576,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("digests", help="print the source digests of the functions to approve")
+    prepare = commands.add_parser(
+        "prepare", help="write data.npz, meta.json (and a policy template) for an owner"
+    )
+    prepare.add_argument(
+        "--config", required=True, help="the federation's config (the data schema must agree)"
+    )
+    prepare.add_argument("--dir", required=True, help="owner directory to write")
+    prepare.add_argument("--client", type=int, default=None, help="with --of: this owner's part")
+    prepare.add_argument(
+        "--of", type=int, default=None, help="split the config's data into this many parts (demos)"
+    )
+    prepare.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     serve = commands.add_parser("serve", help="run this owner's datasite until stopped")
     serve.add_argument(
         "--dir", required=True, help="owner directory (data.npz, meta.json, keys.json, policy.yml)"
@@ -552,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "digests":
         return _print_digests()
+    if args.command == "prepare":
+        return _prepare(args)
     return _serve(args)
 
 
