@@ -806,15 +806,17 @@ class Coordinator:
         """Prepare, run the remaining rounds (at most ``max_rounds`` now), write the summary."""
         from fedrec.experiment import open_writer
 
-        self.prepare()
-        self.writer = open_writer(self.logdir)
         try:
+            self.prepare()
+            self.writer = open_writer(self.logdir)
             asyncio.run(self._rounds(max_rounds))
         except FedrecError as err:
-            self._write_summary(final=None, error=one_line(err))
+            if self.state is not None and hasattr(self, "layout"):
+                self._write_summary(final=None, error=one_line(err))
             raise
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
             if self.ledger is not None:
                 self.ledger.close()
                 self.ledger = None

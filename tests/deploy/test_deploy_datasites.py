@@ -114,8 +114,8 @@ def test_down_and_slow_datasites_are_dropped_not_fatal(federation, tmp_path):
             "fl.client_num_per_round": 4,
             "fl.rounds": 1,
             "fl.min_completion_rate": 0.5,
-            "fl.client_timeout": 12,
-            "fl.faults": {"hang_clients": [2], "hang_seconds": 30.0},
+            "fl.client_timeout": 15,
+            "fl.faults": {"hang_clients": [2], "hang_seconds": 45.0},
         },
     )
     coordinator = Coordinator(

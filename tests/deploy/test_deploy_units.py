@@ -345,3 +345,41 @@ def test_outputs_are_checked_before_anything_is_added(inprocess):
     for p in payloads:
         aggregator.add(p)
     assert aggregator.delivered == (1,) and record == good["spend"]
+
+
+def test_owner_reads_pysyft_requests_as_the_policy_sees_them():
+    """describe_request maps PySyft's input rules to this datasite's assets (swaps and extras show)."""
+    from types import SimpleNamespace
+
+    from syft.service.policy.policy import Matches, MixedInputPolicy, OutputPolicyExecuteCount, UserOwned
+    from syft.types.uid import UID
+
+    from fedrec.deploy import functions
+    from fedrec.deploy.owner import ask_on_terminal, describe_request
+
+    train, owner, other = UID(), UID(), UID()
+    assets = {"train": train, "owner": owner}
+
+    def code(rules, output_type=OutputPolicyExecuteCount, limit=7):
+        return SimpleNamespace(
+            service_func_name="fedrec_train_round",
+            raw_code=functions.function_source(functions.fedrec_train_round),
+            input_policy_type=MixedInputPolicy,
+            input_policy_init_kwargs={"server": rules},
+            output_policy_type=output_type,
+            output_policy_init_kwargs={"limit": limit},
+        )
+
+    good = {
+        "data": Matches(kw="data", val=train),
+        "owner": Matches(kw="owner", val=owner),
+        "request": UserOwned(kw="request", type=dict),
+    }
+    view = describe_request(code(good), assets)
+    assert view.inputs == GOOD_INPUTS and view.max_executions == 7
+    assert view.sha256 == approved_digests()["fedrec_train_round"]
+    swapped = {**good, "data": Matches(kw="data", val=owner), "owner": Matches(kw="owner", val=other)}
+    assert describe_request(code(swapped), assets).inputs["owner"].startswith("object ")
+    assert describe_request(code(good, output_type=object), assets).max_executions is None
+    request = describe_request(code(good), assets)
+    assert ask_on_terminal(None, request, "unlisted") is False  # no terminal under pytest: the answer is no
