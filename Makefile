@@ -15,8 +15,10 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-build-isolation -e '.[dev,bench]'
 	touch $(STAMP)
 
+# The main job: secure federated DLRM (DP-SGD + encrypted FedAvg) under mpirun -np 2, then its privacy report.
 demo: install
-	$(PY) scripts/train.py --config configs/dlrm.yml --logdir runs/demo
+	bash scripts/demo.sh runs/demo
+	$(PY) scripts/privacy_report.py --logdir runs/demo
 
 lint: install
 	$(PY) -m ruff check fedrec privacy scripts tests bench
