@@ -123,6 +123,9 @@ def worker(args: argparse.Namespace) -> dict:
         if "memory" not in message.lower() and "alloc" not in message.lower():
             raise
         return {"mode": args.mode, "rows": args.rows, "oom": True, "error": message, "steps_done": len(times)}
+    # Steady-state peak: before the export-time flush, which is measured on its own below.
+    step_peak_rss = peak_rss_mb()
+    step_peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     extra = {}
     if args.mode in ("dp_lazy", "dp_secure", "dp_dense"):
         dp = step.dp  # type: ignore[attr-defined]
@@ -131,6 +134,9 @@ def worker(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         extra["flush_ms"] = (time.perf_counter() - started) * 1000
+        extra["peak_rss_with_flush_mb"] = peak_rss_mb()
+        if device.type == "cuda":
+            extra["peak_gpu_with_flush_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result = {
         "mode": args.mode,
         "rows": args.rows,
@@ -146,12 +152,12 @@ def worker(args: argparse.Namespace) -> dict:
         "samples_per_s": args.batch / (statistics.median(times) / 1000),
         "rss_after_import_mb": baseline_rss,
         "rss_after_setup_mb": after_setup_rss,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_above_import_mb": peak_rss_mb() - baseline_rss,
+        "peak_rss_mb": step_peak_rss,
+        "peak_above_import_mb": step_peak_rss - baseline_rss,
         **extra,
     }
-    if device.type == "cuda":
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if step_peak_gpu is not None:
+        result["peak_gpu_mb"] = step_peak_gpu
     return result
 
 
@@ -341,7 +347,14 @@ def utility(args: argparse.Namespace) -> dict:
         f"model.preproc.cache_dir={args.data_dir}",
         "train.eval_batch_size=16384",
     ]
-    out: dict = {"rows": args.utility_rows, "epochs": args.utility_epochs, "lr": args.utility_lr, "runs": []}
+    out: dict = {
+        "rows": args.utility_rows,
+        "epochs": args.utility_epochs,
+        "lr": args.utility_lr,
+        "max_grad_norm": args.utility_clip,
+        "batch": args.batch,
+        "runs": [],
+    }
     steps = None
     for epsilon in args.epsilons:
         config = load_config(
@@ -415,6 +428,9 @@ def main() -> None:
     parser.add_argument("--utility-rows", type=int, default=200_000)
     parser.add_argument("--utility-epochs", type=int, default=3)
     parser.add_argument("--utility-lr", type=float, default=0.5)
+    parser.add_argument(
+        "--utility-clip", type=float, default=1.0, help="privacy.max_grad_norm of the DP runs"
+    )
     parser.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 3.0, 8.0])
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     args = parser.parse_args()
@@ -462,6 +478,11 @@ def main() -> None:
                 else {}
             ),
             **({"flush_ms": statistics.median(r["flush_ms"] for r in ok)} if "flush_ms" in ok[0] else {}),
+            **(
+                {"peak_rss_with_flush_mb": statistics.median(r["peak_rss_with_flush_mb"] for r in ok)}
+                if "peak_rss_with_flush_mb" in ok[0]
+                else {}
+            ),
             "params": ok[0]["params"],
         }
     report["modes"] = summary
