@@ -50,7 +50,7 @@ class AggregatorState:
 
 def capture_rng() -> dict[str, Any]:
     """The global generators' states as JSON-able data."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     py_state = random.getstate()
     return {
         "python": [py_state[0], list(py_state[1]), py_state[2]],

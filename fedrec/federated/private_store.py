@@ -39,7 +39,7 @@ def attempt_tag(round_idx: int, attempt: int) -> int:
 class PrivateRowStore:
     """Two-slot, attempt-tagged rows of each private parameter, indexed by user id."""
 
-    def __init__(self, directory: str, arrays: dict[str, np.ndarray], state: np.ndarray):
+    def __init__(self, directory: str, arrays: dict[str, np.memmap], state: np.memmap):
         self.directory = directory
         self.arrays = arrays  # name -> memmap [2, num_users, *row_shape]
         self.state = state  # memmap [num_users] int64

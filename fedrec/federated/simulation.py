@@ -22,6 +22,10 @@ applies the algorithm's server rule and evaluates; the aggregator then commits t
 atomically replacing ``LOGDIR/fl/checkpoint.json``. In secure mode the aggregator process never
 loads the secret key (with ``mpirun``; in one process everything shares the process).
 
+Modules: ``run`` (layout under LOGDIR, the spec sent to ranks, global model files), ``ranks`` (MPI
+ranks, hosts, GPUs and pools), ``clients`` (each rank's context and the client/apply tasks), and this
+one (the aggregator: validation, rounds, checkpoints, outputs).
+
 Faults: a task that raises, or returns nothing within ``fl.client_timeout`` seconds, is dropped from
 the round and reported to the algorithm's ``aggregate`` as a failure. At most as many tasks run as
 there are workers, so a task's deadline measures its own run time. A worker still stuck in a
@@ -34,19 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import dataclasses
 import hashlib
 import math
 import os
-import platform
-import signal
 import sys
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,7 +53,6 @@ import torch
 
 from fedrec import registry
 from fedrec.config import ExperimentConfig, config_to_dict
-from fedrec.data.base import ArraySplit, ProcessedData
 from fedrec.data.partition import Partition, make_partition, partition_statistics
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model, config_fingerprint, open_writer, prepare_data, write_summary
@@ -66,20 +64,43 @@ from fedrec.federated.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from fedrec.federated.clients import (  # _local_dp_trainer_class, client_seed: also used by fedrec.deploy
+    TaskResult,
+    _local_dp_trainer_class,
+    apply_task,
+    client_privacy_config,
+    client_seed,
+    client_task,
+    keygen_task,
+)
 from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.private_store import PrivateRowStore, attempt_tag
+from fedrec.federated.ranks import (
+    InProcessPool,
+    MPIPool,
+    check_gpu_map,
+    import_modules,
+    launcher_ranks,
+    mpi_world_size,
+)
+from fedrec.federated.run import (  # params_digest: also used by fedrec.deploy
+    RunPaths,
+    RunSpec,
+    one_line,
+    params_digest,
+    read_global_model,
+    write_global_model,
+)
 from fedrec.federated.worker import (
     ClientDirectory,
     ClientFailure,
     ClientResult,
     FederatedWorker,
-    GlobalModel,
-    Neighbour,
     ParamLayout,
     RoundResults,
     algorithm_params,
 )
-from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
+from fedrec.trainers.base_trainer import optimizer_supports_sparse
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
 MAX_LOGGED_FAILURES = 20
@@ -87,629 +108,6 @@ MAX_LOGGED_FAILURES = 20
 
 class SimulationError(FedrecError):
     """The simulation cannot go on (every worker stuck, the pool broken, a round that never completes)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Run layout and the spec every rank receives
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where a federated run keeps its state under LOGDIR."""
-
-    logdir: str
-
-    @property
-    def fl(self) -> str:
-        return os.path.join(self.logdir, "fl")
-
-    @property
-    def clients(self) -> str:  # the trainers' persistent storage (client side)
-        return os.path.join(self.fl, "clients")
-
-    @property
-    def aggregator(self) -> str:  # the aggregator's persistent storage
-        return os.path.join(self.fl, "aggregator")
-
-    @property
-    def partition(self) -> str:
-        return os.path.join(self.fl, "partition.npz")
-
-    @property
-    def checkpoint(self) -> str:
-        return os.path.join(self.fl, "checkpoint.json")
-
-    @property
-    def private_rows(self) -> str:
-        return os.path.join(self.clients, "private")
-
-    @property
-    def secret_context(self) -> str:
-        return os.path.join(self.clients, "keys", "secret.ctx")
-
-    @property
-    def public_context(self) -> str:
-        return os.path.join(self.aggregator, "public.ctx")
-
-    def global_model(self, round_idx: int) -> str:
-        return os.path.join(self.clients, "global", f"round_{round_idx:06d}.npy")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What every rank needs to rebuild its side of the run (sent with each task; small)."""
-
-    run_id: str
-    config: ExperimentConfig
-    logdir: str
-    device: str  # for ranks without a gpu_map entry
-    world_size: int
-
-    @property
-    def paths(self) -> RunPaths:
-        return RunPaths(self.logdir)
-
-
-# --------------------------------------------------------------------------------------------------
-# Global model files (client storage): immutable per round, identified by the digest of their values
-# --------------------------------------------------------------------------------------------------
-
-
-def params_digest(params: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(params, dtype=np.float32).tobytes()).hexdigest()
-
-
-def write_global_model(path: str, params: np.ndarray) -> str:
-    """Write ``params`` (float32) atomically; returns its digest."""
-    params = np.ascontiguousarray(params, dtype=np.float32)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npy"
-    np.save(tmp, params, allow_pickle=False)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return params_digest(params)
-
-
-def read_global_model(path: str, round_idx: int, digest: str) -> GlobalModel:
-    try:
-        params = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise FedrecError(f"{path}: cannot read the global model of round {round_idx} ({err})") from None
-    if params_digest(params) != digest:
-        raise FedrecError(f"{path}: global model of round {round_idx} does not match the checkpoint's digest")
-    params.setflags(write=False)
-    return GlobalModel(round_idx, params, digest)
-
-
-# --------------------------------------------------------------------------------------------------
-# Ranks, hosts and GPUs (communications.gpu_map: the seed's / FedML's format)
-# --------------------------------------------------------------------------------------------------
-
-
-def gpu_assignments(gpu_map: dict[str, list[int]]) -> list[tuple[str, int]]:
-    """Process i -> (host, GPU index): ``host: [n_0, n_1, ...]`` puts n_j processes on GPU j, in order."""
-    out = []
-    for host, counts in gpu_map.items():
-        for gpu, count in enumerate(counts):
-            out.extend([(host, gpu)] * int(count))
-    return out
-
-
-def _is_this_host(host: str) -> bool:
-    return host in (platform.node(), "localhost", "127.0.0.1")
-
-
-def check_gpu_map(gpu_map: dict[str, list[int]], world_size: int, *, cuda_devices: int) -> None:
-    """Errors before the first round: rank count differs from the map, or a GPU of this host is missing."""
-    assigned = gpu_assignments(gpu_map)
-    launch = "one process (no mpirun)" if world_size == 1 else f"{world_size} ranks (mpirun -np {world_size})"
-    if len(assigned) > world_size:
-        raise ConfigError(
-            f"config key 'communications.gpu_map' asks for {len(assigned)} processes but the job has {launch}"
-        )
-    if len(assigned) < world_size:
-        raise ConfigError(
-            f"config key 'communications.gpu_map' assigns {len(assigned)} processes but the job has {launch}; "
-            "every rank needs an entry"
-        )
-    host0, _ = assigned[0]
-    if not _is_this_host(host0):
-        raise ConfigError(
-            f"config key 'communications.gpu_map': rank 0 is mapped to host {host0!r} but runs on "
-            f"{platform.node()!r} (use the host's name or 'localhost')"
-        )
-    for host, counts in gpu_map.items():
-        if not _is_this_host(host):
-            continue  # checked by that host's worker ranks when the pool starts
-        for gpu, count in enumerate(counts):
-            if count > 0 and gpu >= cuda_devices:
-                raise ConfigError(
-                    f"config key 'communications.gpu_map.{host}' = {counts!r}: GPU {gpu} does not exist "
-                    f"({cuda_devices} CUDA device(s) on {platform.node()})"
-                )
-
-
-def import_modules(modules: list[str]) -> None:
-    """Import ``fl.import_modules`` (your own ``@registry.load('fl_algo', ...)``) on this rank."""
-    import importlib
-
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise ConfigError(f"config key 'fl.import_modules': cannot import {module!r} ({err})") from None
-
-
-def world_rank() -> int:
-    """This process's rank in MPI.COMM_WORLD (0 without MPI)."""
-    if "mpi4py.MPI" not in sys.modules:
-        return 0
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_rank()
-
-
-def rank_device(spec: RunSpec) -> torch.device:
-    gpu_map = spec.config.communications.gpu_map if spec.config.communications else None
-    if not gpu_map:
-        return torch.device(spec.device)
-    host, gpu = gpu_assignments(gpu_map)[world_rank()]
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if not _is_this_host(host):
-        raise ConfigError(
-            f"config key 'communications.gpu_map': rank {world_rank()} is mapped to host {host!r} but runs on "
-            f"{platform.node()!r}"
-        )
-    if gpu >= available:
-        raise ConfigError(
-            f"config key 'communications.gpu_map.{host}': GPU {gpu} does not exist ({available} CUDA device(s) "
-            f"on {platform.node()})"
-        )
-    return torch.device("cuda", gpu)
-
-
-def _init_worker_rank(spec: RunSpec) -> None:
-    """Pool initializer on every worker rank, before round 0: check (and select) this rank's device and
-    build the rank's context (data, partition, model), so no client's timeout pays for the setup."""
-    try:
-        device = rank_device(spec)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        rank_context(spec)
-    except Exception as err:
-        print(f"train_fl.py (rank {world_rank()}): error: {_one_line(err)}", file=sys.stderr, flush=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------------
-# Pools: mpi4py.futures under mpirun, one worker thread otherwise
-# --------------------------------------------------------------------------------------------------
-
-
-def mpi_world_size() -> int:
-    """Ranks of the surrounding ``python -m mpi4py.futures`` job (1 when not under one)."""
-    core = sys.modules.get("mpi4py.futures._core")
-    if core is None or getattr(core, "SharedPool", None) is None:
-        return 1
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_size()
-
-
-def launcher_ranks() -> int:
-    """Ranks announced by an MPI launcher's environment (mpich/hydra, Open MPI), or 1."""
-    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 1
-
-
-class InProcessPool:
-    """The pool of a run without mpirun: one worker thread in this process."""
-
-    mode = "in-process"
-    num_workers = 1
-
-    def __init__(self, spec: RunSpec) -> None:
-        self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-client")
-        self._executor.submit(rank_context, spec).result()  # set up before round 0 (errors surface here)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
-        return self._executor.submit(fn, *args)
-
-    def shutdown(self, *, stuck: bool) -> None:
-        self._executor.shutdown(wait=not stuck, cancel_futures=True)
-
-
-class MPIPool:
-    """The ``mpi4py.futures`` pool of the worker ranks (rank 0 is the aggregator)."""
-
-    mode = "mpi"
-
-    def __init__(self, spec: RunSpec) -> None:
-        from mpi4py.futures import MPIPoolExecutor
-
-        self._executor = MPIPoolExecutor(initializer=_init_worker_rank, initargs=(spec,))
-        try:
-            self._executor.bootup(wait=True)
-            self.num_workers = self._executor.num_workers
-        except Exception as err:
-            raise ConfigError(f"the MPI worker pool did not start: {err}") from None
-        if self.num_workers < 1:
-            raise ConfigError(
-                "the MPI worker pool did not start: a worker rank failed its setup "
-                "(for example its communications.gpu_map entry; see the rank's error above)"
-            )
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
-        return self._executor.submit(fn, *args)
-
-    def shutdown(self, *, stuck: bool) -> None:
-        self._executor.shutdown(wait=not stuck, cancel_futures=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Rank side: per-process context and the tasks
-# --------------------------------------------------------------------------------------------------
-
-
-def client_seed(seed: int, round_idx: int, client_id: int) -> int:
-    """The seed of one client's local round: its batches and (non-secure-mode) DP noise."""
-    return int(
-        np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, np.uint64)[0] >> np.uint64(2)
-    )
-
-
-def _local_dp_trainer_class() -> type:
-    from fedrec.trainers.dp_trainer import DPTrainer
-
-    class LocalDPTrainer(DPTrainer):
-        """DPTrainer for one client's local epochs; its spend goes to the ledger from the client task."""
-
-        def flush_noise(self) -> None:
-            self.dp.flush()
-
-        def finish(self) -> None:
-            self.dp.close()  # flush pending row noise, remove the hooks from the (reused) model
-
-        def update_extra(self) -> dict[str, Any]:
-            return {
-                "noise_multiplier": float(self.params["noise_multiplier"]),
-                "sample_rate": float(self.params["sample_rate"]),
-                "dp_steps": int(self.dp.steps),
-                "clipped_fraction": float(self.last_stats.clipped_fraction) if self.last_stats else 0.0,
-            }
-
-    return LocalDPTrainer
-
-
-class ClientChannel:
-    """A trainer's transport: the global model comes from client storage (checked against its digest)."""
-
-    def __init__(self, context: RankContext, digest: str):
-        self.context = context
-        self.digest = digest
-
-    async def request_models(self, worker: FederatedWorker, neighbour_ids: Any) -> list[GlobalModel]:
-        return [self.context.global_model(worker.round_idx, self.digest) for _ in neighbour_ids]
-
-
-@dataclass
-class TaskResult:
-    """What a client task sends back to the aggregator."""
-
-    client_id: int
-    payload: Any
-    bytes_sent: int
-    num_examples: int
-    weight: float
-    train_loss: float
-    steps: int
-    seconds: float
-    rank: int
-    peak_rss_mb: float
-
-
-class RankContext:
-    """One rank's cached view of the run: data (memory-mapped), partition, one model, codec, store."""
-
-    def __init__(self, spec: RunSpec):
-        self.spec = spec
-        self.config = config = spec.config
-        self.fl = config.fl
-        self.paths = spec.paths
-        import_modules(self.fl.import_modules)
-        torch.set_num_threads(
-            config.train.num_threads or 1
-        )  # same threads everywhere: rank-independent results
-        self.device = rank_device(spec)
-        if self.device.type == "cuda":
-            # Same model with any number of ranks: CUDA's atomics-based kernels would reorder float sums.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        self.data = prepare_data(config, log=lambda message: None, progress=False)
-        self.meta = self.data.meta
-        self.train = self.data.split("train")
-        self.partition = Partition.load(self.paths.partition)
-        self.model_cls = registry.lookup("model", config.model.name)
-        self.private_names = tuple(getattr(self.model_cls, "PRIVATE_PARAMETERS", ()))
-        self.sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
-        self.template = build_model(config, self.meta, sparse=self.sparse).to(self.device)
-        self.layout = ParamLayout.from_model(self.template)
-        self.algorithm_cls = registry.lookup("fl_algo", self.fl.algorithm)
-        self.algorithm_params = algorithm_params(self.algorithm_cls, self.fl.algorithm_params)
-        self.store = (
-            PrivateRowStore.open(self.paths.private_rows, list(self.private_names))
-            if self.private_names
-            else None
-        )
-        self.ledger: Any = None
-        if self.fl.secure:
-            from privacy.ledger import PrivacyLedger, ledger_path
-
-            self.client_privacy = client_privacy_config(config, self.partition)
-            self.dp_trainer_cls = _local_dp_trainer_class()
-            self.ledger = PrivacyLedger.attach(ledger_path(spec.logdir))
-        self._codec: Any = None
-        self._global: GlobalModel | None = None
-        self._evaluator: BaseTrainer | None = None
-
-    @property
-    def codec(self) -> Any:
-        """Plain fixed point, or encryption with the clients' secret key (read at first use: the key
-        authority runs after the ranks are set up)."""
-        if self._codec is None:
-            if self.fl.secure:
-                with open(self.paths.secret_context, "rb") as fh:
-                    self._codec = SecureCodec(self.layout, secret_context=fh.read())
-            else:
-                self._codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
-        return self._codec
-
-    def global_model(self, round_idx: int, digest: str) -> GlobalModel:
-        if self._global is None or self._global.round_idx != round_idx or self._global.digest != digest:
-            self._global = read_global_model(self.paths.global_model(round_idx), round_idx, digest)
-        return self._global
-
-    def make_trainer(self, worker: FederatedWorker) -> BaseTrainer:
-        """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client)."""
-        data = ProcessedData({"train": worker.data}, self.meta)
-        seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id))
-        if not self.fl.secure:
-            return BaseTrainer(
-                worker.model, data, dataclasses.replace(self.config, seed=seed), device=self.device
-            )
-        local = dataclasses.replace(self.config, seed=seed, privacy=self.client_privacy)
-        trainer = self.dp_trainer_cls(worker.model, data, local, device=self.device, ledger=False)
-        # DPTrainer resets a data-dependent global rating bias; the global model's value is the one to use.
-        self.layout.load_into(worker.model, worker.global_model.params)  # type: ignore[union-attr]
-        return trainer
-
-    def trainer_worker(self, client_id: int, round_idx: int, attempt: int, digest: str) -> FederatedWorker:
-        """A short-lived trainer for ``client_id``: its rows, a local model, the global model's digest."""
-        split = self.train.subset(self.partition.client_rows(client_id))
-        if self.private_names:
-            users = self.partition.client_users(client_id)
-            arrays = dict(split.arrays)
-            arrays["user"] = np.searchsorted(users, arrays["user"]).astype(arrays["user"].dtype)
-            split = ArraySplit(arrays)
-            model = build_model(self.config, {**self.meta, "num_users": len(users)}, sparse=self.sparse)
-            rows = self.store.read(users, tag=attempt_tag(round_idx, attempt))  # type: ignore[union-attr]
-            state = model.state_dict()
-            with torch.no_grad():
-                for name in self.private_names:
-                    state[name].copy_(torch.from_numpy(rows[name]))
-            model = model.to(self.device)
-        else:
-            model = self.template
-        worker = self.algorithm_cls(
-            client_id,
-            ("trainer",),
-            config=self.config,
-            out_neighbours={"aggregator": Neighbour("aggregator", 0)},
-            persistent_storage=self.paths.clients,
-            comm=ClientChannel(self, digest),
-            round_idx=round_idx,
-            params=self.algorithm_params,
-        )
-        worker.attempt = attempt
-        worker.model = model
-        worker.data = split
-        worker.layout = self.layout
-        worker.make_trainer = self.make_trainer
-        return worker
-
-    def save_private_rows(self, worker: FederatedWorker, round_idx: int, attempt: int) -> None:
-        if not self.private_names:
-            return
-        users = self.partition.client_users(int(worker.worker_id))
-        state = worker.model.state_dict()
-        rows = {name: state[name].detach().cpu().numpy() for name in self.private_names}
-        self.store.write(users, rows, tag=attempt_tag(round_idx, attempt))  # type: ignore[union-attr]
-
-    def evaluate(self, params: np.ndarray, splits: list[str], *, tag: int) -> dict[str, dict[str, float]]:
-        """Metrics of the global model (plus every user's private rows as of ``tag``) on ``splits``."""
-        if not splits:
-            return {}
-        model = self.template
-        self.layout.load_into(model, params)
-        if self.store is not None:
-            rows = self.store.read_all(tag=tag)
-            state = model.state_dict()
-            with torch.no_grad():
-                for name in self.private_names:
-                    state[name].copy_(torch.from_numpy(rows[name]))
-        if self._evaluator is None:
-            self._evaluator = BaseTrainer(model, self.data, self.config, device=self.device)
-        return {
-            split: self._evaluator.evaluate(split, self.config.train.num_eval_batches) for split in splits
-        }
-
-
-def client_privacy_config(config: ExperimentConfig, partition: Partition) -> Any:
-    """``privacy:`` as every client applies it: one delta for all (below 1/N of the largest client).
-
-    Budgets are enforced through the ledger, per client, not by each round's local trainer.
-    """
-    privacy = config.privacy
-    if privacy is None:
-        raise ConfigError(
-            "fl.secure = true needs a 'privacy' section (DP-SGD on each client: privacy.noise_multiplier)"
-        )
-    if privacy.noise_multiplier is None:
-        raise ConfigError(
-            "config key 'privacy.noise_multiplier' is required in federated runs (privacy.target_epsilon is "
-            "per central run; each client's epsilon is reported from the ledger)"
-        )
-    largest = int(partition.sizes().max())
-    delta = privacy.delta if privacy.delta is not None else 0.1 / largest
-    if not 0 < delta < 1.0 / largest:
-        raise ConfigError(
-            f"config key 'privacy.delta' = {delta!r}: expected below 1/N = {1.0 / largest:.3g} for the largest "
-            f"client ({largest} examples)"
-        )
-    return dataclasses.replace(privacy, delta=delta, epsilon_budget=None)
-
-
-_CONTEXTS: dict[str, RankContext] = {}
-_CONTEXT_LOCK = threading.Lock()
-
-
-def rank_context(spec: RunSpec) -> RankContext:
-    with _CONTEXT_LOCK:
-        context = _CONTEXTS.get(spec.run_id)
-        if context is None:
-            _CONTEXTS.clear()  # one run per process at a time
-            context = _CONTEXTS[spec.run_id] = RankContext(spec)
-        return context
-
-
-def inject_faults(spec: RunSpec, round_idx: int, client_id: int) -> None:
-    """``fl.faults``: deliberate failures for testing the fault handling."""
-    faults = spec.config.fl.faults
-    if faults.rounds is not None and round_idx not in faults.rounds:
-        return
-    if client_id in faults.kill_clients:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if client_id in faults.raise_clients:
-        raise FedrecError(f"fault injection: client {client_id} raised in round {round_idx}")
-    if client_id in faults.hang_clients:
-        time.sleep(faults.hang_seconds)
-
-
-def _peak_rss_mb() -> float:
-    from fedrec.experiment import peak_rss_mb
-
-    return peak_rss_mb()
-
-
-def client_task(spec: RunSpec, round_idx: int, attempt: int, client_id: int, digest: str) -> TaskResult:
-    """One client's round: take the global model, train locally, encode (encrypt) the update."""
-    started = time.perf_counter()
-    inject_faults(spec, round_idx, client_id)
-    context = rank_context(spec)
-    worker = context.trainer_worker(client_id, round_idx, attempt, digest)
-    asyncio.run(worker.run())
-    update = worker.update
-    assert update is not None
-    context.save_private_rows(worker, round_idx, attempt)
-    if context.ledger is not None:
-        # Durable before the update leaves this client (BudgetExceededError: it never leaves).
-        context.ledger.record_client_spend(
-            client=client_id,
-            round=round_idx,
-            noise_multiplier=update.extra["noise_multiplier"],
-            sample_rate=update.extra["sample_rate"],
-            steps=update.extra["dp_steps"],
-        )
-    tag = attempt_tag(round_idx, attempt)
-    rng = np.random.default_rng([spec.config.seed, round_idx, client_id, 0xE1])
-    payload, nbytes = context.codec.encode(update, tag=tag, rng=rng)
-    return TaskResult(
-        client_id=client_id,
-        payload=payload,
-        bytes_sent=nbytes,
-        num_examples=update.num_examples,
-        weight=update.weight,
-        train_loss=update.train_loss,
-        steps=update.steps,
-        seconds=time.perf_counter() - started,
-        rank=world_rank(),
-        peak_rss_mb=_peak_rss_mb(),
-    )
-
-
-def apply_task(
-    spec: RunSpec, round_idx: int, attempt: int, aggregate: Any, digest: str, splits: list[str]
-) -> dict[str, Any]:
-    """A key-holding client: decode the round's aggregate, apply the server rule, write and evaluate.
-
-    Writes the global model of round ``round_idx + 1`` to client storage; returns its digest and the
-    evaluation metrics (numbers only: the model itself never goes to the aggregator).
-    """
-    started = time.perf_counter()
-    context = rank_context(spec)
-    current = context.global_model(round_idx, digest)
-    decoded = context.codec.decode_mean(aggregate, tag=attempt_tag(round_idx, attempt))
-    worker = context.algorithm_cls(
-        "apply",
-        ("trainer",),
-        config=spec.config,
-        persistent_storage=spec.paths.clients,
-        params=context.algorithm_params,
-    )
-    new_params = np.asarray(worker.apply_aggregate(current.params, decoded.mean), dtype=np.float32)
-    if not np.all(np.isfinite(new_params)):
-        raise FedrecError(
-            f"round {round_idx}: the new global model has NaN or infinite values (lower train.lr?)"
-        )
-    new_digest = write_global_model(spec.paths.global_model(round_idx + 1), new_params)
-    context._global = GlobalModel(round_idx + 1, new_params, new_digest)
-    metrics = context.evaluate(new_params, splits, tag=attempt_tag(round_idx + 1, 0))
-    stale = spec.paths.global_model(round_idx - 1)
-    if round_idx >= 1 and os.path.exists(stale):
-        os.remove(stale)  # keep the current and the previous round's models
-    return {
-        "digest": new_digest,
-        "metrics": metrics,
-        "seconds": time.perf_counter() - started,
-        "num_clients": decoded.num_clients,
-        "error_bound": decoded.error_bound,
-        "rank": world_rank(),
-        "peak_rss_mb": _peak_rss_mb(),
-    }
-
-
-def keygen_task(spec: RunSpec, *, max_clients: int, max_weight: int) -> bytes:
-    """Key authority on the client side: keep the secret context in client storage, return the public one."""
-    from privacy.encryption.context import generate_keys
-
-    enc = spec.config.fl.encryption
-    keys = generate_keys(
-        max_clients=max_clients,
-        scheme=enc.scheme,
-        max_weight=max_weight,
-        clip=enc.clip,
-        precision_bits=enc.precision_bits,
-    )
-    path = spec.paths.secret_context
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(keys.secret_context)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return keys.public_context
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,9 +152,7 @@ class AggregatorTransport:
             free = sim.pool.num_workers - len(inflight) - len(self.stuck)
             while queue and free > 0:
                 client = queue.popleft()
-                future = sim.pool.submit(
-                    client_task, sim.spec, round_idx, attempt, client, sim.state.global_digest
-                )
+                future = sim.pool.submit(client_task, sim.spec, round_idx, attempt, client, sim.digest)
                 inflight[asyncio.wrap_future(future)] = (client, time.monotonic(), future)
                 free -= 1
             if not inflight:
@@ -804,9 +200,9 @@ class AggregatorTransport:
         try:
             result: TaskResult = waiter.result()
         except cf.BrokenExecutor as err:
-            raise SimulationError(f"the worker pool broke: {_one_line(err)}") from None
+            raise SimulationError(f"the worker pool broke: {one_line(err)}") from None
         except Exception as err:  # a client's failure is data, not an exception unwinding the round
-            failures.append(ClientFailure(client, "error", _one_line(err), elapsed))
+            failures.append(ClientFailure(client, "error", one_line(err), elapsed))
             return
         if result.seconds > sim.fl.client_timeout:
             failures.append(
@@ -821,7 +217,7 @@ class AggregatorTransport:
         try:
             sim.codec.add(running, result.payload)
         except Exception as err:
-            failures.append(ClientFailure(client, "rejected", _one_line(err), elapsed))
+            failures.append(ClientFailure(client, "rejected", one_line(err), elapsed))
             return
         sim.note_rank_memory(result.rank, result.peak_rss_mb)
         results.append(
@@ -843,9 +239,7 @@ class AggregatorTransport:
     ) -> dict[str, Any]:
         """Hand the aggregate to a key-holding client (the apply task); returns its digest and metrics."""
         sim = self.sim
-        future = sim.pool.submit(
-            apply_task, sim.spec, round_idx, attempt, aggregate, sim.state.global_digest, splits
-        )
+        future = sim.pool.submit(apply_task, sim.spec, round_idx, attempt, aggregate, sim.digest, splits)
         timeout = sim.fl.client_timeout + APPLY_TIMEOUT_FLOOR
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout)
@@ -855,7 +249,7 @@ class AggregatorTransport:
                 f"round {round_idx}: the apply/evaluate task did not return within {timeout:.0f}s"
             ) from None
         except cf.BrokenExecutor as err:
-            raise SimulationError(f"the worker pool broke: {_one_line(err)}") from None
+            raise SimulationError(f"the worker pool broke: {one_line(err)}") from None
 
 
 class Simulation:
@@ -1032,6 +426,12 @@ class Simulation:
             epsilons = self.ledger.epsilons()
             self.max_epsilon = max(epsilons.values(), default=0.0)
 
+    @property
+    def digest(self) -> str:
+        """Digest of the global model the current round starts from."""
+        assert self.state is not None
+        return self.state.global_digest
+
     def note_rank_memory(self, rank: int, peak_mb: float) -> None:
         self.rank_memory[rank] = max(self.rank_memory.get(rank, 0.0), float(peak_mb))
 
@@ -1043,7 +443,7 @@ class Simulation:
         try:
             asyncio.run(self._rounds())
         except FedrecError as err:
-            self._write_summary(final=None, error=_one_line(err))
+            self._write_summary(final=None, error=one_line(err))
             raise
         finally:
             # A worker still inside a timed-out task will not finish: do not wait for it.
@@ -1303,3 +703,15 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+# Names other packages (fedrec.deploy) import from here; they live in .clients and .run.
+__all__ = [
+    "Simulation",
+    "SimulationError",
+    "_local_dp_trainer_class",
+    "_public_initialisation",
+    "client_privacy_config",
+    "client_seed",
+    "params_digest",
+]

@@ -279,7 +279,7 @@ class FederatedWorker:
         self.comm = comm
         self.round_idx = int(round_idx)
         self.attempt = 0
-        self.params = params if params is not None else self.Config()
+        self.params: Any = params if params is not None else self.Config()
         # Aggregator state
         self.last_results: RoundResults | None = None
         # Trainer state (set by the transport)

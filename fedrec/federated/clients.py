@@ -1,0 +1,400 @@
+"""The client side of the simulation: each rank's cached context and the tasks the pool runs.
+
+A client task is lazy: it reads one client's rows of the memory-mapped training split, loads the
+global model into the rank's one model (or a small per-client model when the model has private
+parameters), trains, records its privacy spend (secure mode) and returns its encoded (encrypted)
+update. The apply task is a key-holding client that decodes the round's aggregate, applies the
+algorithm's server rule, writes the next global model and evaluates it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedrec import registry
+from fedrec.config import ExperimentConfig
+from fedrec.config.schema import FLConfig
+from fedrec.data.base import ArraySplit, ProcessedData
+from fedrec.data.partition import Partition
+from fedrec.errors import ConfigError, FedrecError
+from fedrec.experiment import build_model, prepare_data
+from fedrec.federated.codec import PlainCodec, SecureCodec
+from fedrec.federated.private_store import PrivateRowStore, attempt_tag
+from fedrec.federated.ranks import import_modules, rank_device, world_rank
+from fedrec.federated.run import RunSpec, read_global_model, write_global_model
+from fedrec.federated.worker import (
+    FederatedWorker,
+    GlobalModel,
+    Neighbour,
+    ParamLayout,
+    algorithm_params,
+)
+from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
+
+# --------------------------------------------------------------------------------------------------
+# Rank side: per-process context and the tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def client_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """The seed of one client's local round: its batches and (non-secure-mode) DP noise."""
+    return int(
+        np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, np.uint64)[0] >> np.uint64(2)
+    )
+
+
+def _local_dp_trainer_class() -> type:
+    from fedrec.trainers.dp_trainer import DPTrainer
+
+    class LocalDPTrainer(DPTrainer):
+        """DPTrainer for one client's local epochs; its spend goes to the ledger from the client task."""
+
+        def flush_noise(self) -> None:
+            self.dp.flush()
+
+        def finish(self) -> None:
+            self.dp.close()  # flush pending row noise, remove the hooks from the (reused) model
+
+        def update_extra(self) -> dict[str, Any]:
+            return {
+                "noise_multiplier": float(self.params["noise_multiplier"]),
+                "sample_rate": float(self.params["sample_rate"]),
+                "dp_steps": int(self.dp.steps),
+                "clipped_fraction": float(self.last_stats.clipped_fraction) if self.last_stats else 0.0,
+            }
+
+    return LocalDPTrainer
+
+
+class ClientChannel:
+    """A trainer's transport: the global model comes from client storage (checked against its digest)."""
+
+    def __init__(self, context: RankContext, digest: str):
+        self.context = context
+        self.digest = digest
+
+    async def request_models(self, worker: FederatedWorker, neighbour_ids: Any) -> list[GlobalModel]:
+        return [self.context.global_model(worker.round_idx, self.digest) for _ in neighbour_ids]
+
+
+@dataclass
+class TaskResult:
+    """What a client task sends back to the aggregator."""
+
+    client_id: int
+    payload: Any
+    bytes_sent: int
+    num_examples: int
+    weight: float
+    train_loss: float
+    steps: int
+    seconds: float
+    rank: int
+    peak_rss_mb: float
+
+
+class RankContext:
+    """One rank's cached view of the run: data (memory-mapped), partition, one model, codec, store."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.config = config = spec.config
+        assert config.fl is not None
+        self.fl: FLConfig = config.fl
+        self.paths = spec.paths
+        import_modules(self.fl.import_modules)
+        torch.set_num_threads(
+            config.train.num_threads or 1
+        )  # same threads everywhere: rank-independent results
+        self.device = rank_device(spec)
+        if self.device.type == "cuda":
+            # Same model with any number of ranks: CUDA's atomics-based kernels would reorder float sums.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.data = prepare_data(config, log=lambda message: None, progress=False)
+        self.meta = self.data.meta
+        self.train = self.data.split("train")
+        self.partition = Partition.load(self.paths.partition)
+        self.model_cls = registry.lookup("model", config.model.name)
+        self.private_names = tuple(getattr(self.model_cls, "PRIVATE_PARAMETERS", ()))
+        self.sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
+        self.template = build_model(config, self.meta, sparse=self.sparse).to(self.device)
+        self.layout = ParamLayout.from_model(self.template)
+        self.algorithm_cls = registry.lookup("fl_algo", self.fl.algorithm)
+        self.algorithm_params = algorithm_params(self.algorithm_cls, self.fl.algorithm_params)
+        self.store = (
+            PrivateRowStore.open(self.paths.private_rows, list(self.private_names))
+            if self.private_names
+            else None
+        )
+        self.ledger: Any = None
+        if self.fl.secure:
+            from privacy.ledger import PrivacyLedger, ledger_path
+
+            self.client_privacy = client_privacy_config(config, self.partition)
+            self.dp_trainer_cls = _local_dp_trainer_class()
+            self.ledger = PrivacyLedger.attach(ledger_path(spec.logdir))
+        self._codec: Any = None
+        self._global: GlobalModel | None = None
+        self._evaluator: BaseTrainer | None = None
+
+    @property
+    def codec(self) -> Any:
+        """Plain fixed point, or encryption with the clients' secret key (read at first use: the key
+        authority runs after the ranks are set up)."""
+        if self._codec is None:
+            if self.fl.secure:
+                with open(self.paths.secret_context, "rb") as fh:
+                    self._codec = SecureCodec(self.layout, secret_context=fh.read())
+            else:
+                self._codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
+        return self._codec
+
+    def global_model(self, round_idx: int, digest: str) -> GlobalModel:
+        if self._global is None or self._global.round_idx != round_idx or self._global.digest != digest:
+            self._global = read_global_model(self.paths.global_model(round_idx), round_idx, digest)
+        return self._global
+
+    def make_trainer(self, worker: FederatedWorker) -> BaseTrainer:
+        """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client)."""
+        data = ProcessedData({"train": worker.data}, self.meta)
+        seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id))
+        if not self.fl.secure:
+            return BaseTrainer(
+                worker.model, data, dataclasses.replace(self.config, seed=seed), device=self.device
+            )
+        local = dataclasses.replace(self.config, seed=seed, privacy=self.client_privacy)
+        trainer = self.dp_trainer_cls(worker.model, data, local, device=self.device, ledger=False)
+        # DPTrainer resets a data-dependent global rating bias; the global model's value is the one to use.
+        self.layout.load_into(worker.model, worker.global_model.params)  # type: ignore[union-attr]
+        return trainer
+
+    def trainer_worker(self, client_id: int, round_idx: int, attempt: int, digest: str) -> FederatedWorker:
+        """A short-lived trainer for ``client_id``: its rows, a local model, the global model's digest."""
+        split = self.train.subset(self.partition.client_rows(client_id))
+        if self.private_names:
+            users = self.partition.client_users(client_id)
+            arrays = dict(split.arrays)
+            arrays["user"] = np.searchsorted(users, arrays["user"]).astype(arrays["user"].dtype)
+            split = ArraySplit(arrays)
+            model = build_model(self.config, {**self.meta, "num_users": len(users)}, sparse=self.sparse)
+            rows = self.store.read(users, tag=attempt_tag(round_idx, attempt))  # type: ignore[union-attr]
+            state = model.state_dict()
+            with torch.no_grad():
+                for name in self.private_names:
+                    state[name].copy_(torch.from_numpy(rows[name]))
+            model = model.to(self.device)
+        else:
+            model = self.template
+        worker = self.algorithm_cls(
+            client_id,
+            ("trainer",),
+            config=self.config,
+            out_neighbours={"aggregator": Neighbour("aggregator", 0)},
+            persistent_storage=self.paths.clients,
+            comm=ClientChannel(self, digest),
+            round_idx=round_idx,
+            params=self.algorithm_params,
+        )
+        worker.attempt = attempt
+        worker.model = model
+        worker.data = split
+        worker.layout = self.layout
+        worker.make_trainer = self.make_trainer
+        return worker
+
+    def save_private_rows(self, worker: FederatedWorker, round_idx: int, attempt: int) -> None:
+        if not self.private_names:
+            return
+        users = self.partition.client_users(int(worker.worker_id))
+        state = worker.model.state_dict()
+        rows = {name: state[name].detach().cpu().numpy() for name in self.private_names}
+        self.store.write(users, rows, tag=attempt_tag(round_idx, attempt))  # type: ignore[union-attr]
+
+    def evaluate(self, params: np.ndarray, splits: list[str], *, tag: int) -> dict[str, dict[str, float]]:
+        """Metrics of the global model (plus every user's private rows as of ``tag``) on ``splits``."""
+        if not splits:
+            return {}
+        model = self.template
+        self.layout.load_into(model, params)
+        if self.store is not None:
+            rows = self.store.read_all(tag=tag)
+            state = model.state_dict()
+            with torch.no_grad():
+                for name in self.private_names:
+                    state[name].copy_(torch.from_numpy(rows[name]))
+        if self._evaluator is None:
+            self._evaluator = BaseTrainer(model, self.data, self.config, device=self.device)
+        return {
+            split: self._evaluator.evaluate(split, self.config.train.num_eval_batches) for split in splits
+        }
+
+
+def client_privacy_config(config: ExperimentConfig, partition: Partition) -> Any:
+    """``privacy:`` as every client applies it: one delta for all (below 1/N of the largest client).
+
+    Budgets are enforced through the ledger, per client, not by each round's local trainer.
+    """
+    privacy = config.privacy
+    if privacy is None:
+        raise ConfigError(
+            "fl.secure = true needs a 'privacy' section (DP-SGD on each client: privacy.noise_multiplier)"
+        )
+    if privacy.noise_multiplier is None:
+        raise ConfigError(
+            "config key 'privacy.noise_multiplier' is required in federated runs (privacy.target_epsilon is "
+            "per central run; each client's epsilon is reported from the ledger)"
+        )
+    largest = int(partition.sizes().max())
+    delta = privacy.delta if privacy.delta is not None else 0.1 / largest
+    if not 0 < delta < 1.0 / largest:
+        raise ConfigError(
+            f"config key 'privacy.delta' = {delta!r}: expected below 1/N = {1.0 / largest:.3g} for the largest "
+            f"client ({largest} examples)"
+        )
+    return dataclasses.replace(privacy, delta=delta, epsilon_budget=None)
+
+
+_CONTEXTS: dict[str, RankContext] = {}
+_CONTEXT_LOCK = threading.Lock()
+
+
+def rank_context(spec: RunSpec) -> RankContext:
+    with _CONTEXT_LOCK:
+        context = _CONTEXTS.get(spec.run_id)
+        if context is None:
+            _CONTEXTS.clear()  # one run per process at a time
+            context = _CONTEXTS[spec.run_id] = RankContext(spec)
+        return context
+
+
+def inject_faults(spec: RunSpec, round_idx: int, client_id: int) -> None:
+    """``fl.faults``: deliberate failures for testing the fault handling."""
+    assert spec.config.fl is not None
+    faults = spec.config.fl.faults
+    if faults.rounds is not None and round_idx not in faults.rounds:
+        return
+    if client_id in faults.kill_clients:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if client_id in faults.raise_clients:
+        raise FedrecError(f"fault injection: client {client_id} raised in round {round_idx}")
+    if client_id in faults.hang_clients:
+        time.sleep(faults.hang_seconds)
+
+
+def _peak_rss_mb() -> float:
+    from fedrec.experiment import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def client_task(spec: RunSpec, round_idx: int, attempt: int, client_id: int, digest: str) -> TaskResult:
+    """One client's round: take the global model, train locally, encode (encrypt) the update."""
+    started = time.perf_counter()
+    inject_faults(spec, round_idx, client_id)
+    context = rank_context(spec)
+    worker = context.trainer_worker(client_id, round_idx, attempt, digest)
+    asyncio.run(worker.run())
+    update = worker.update
+    assert update is not None
+    context.save_private_rows(worker, round_idx, attempt)
+    if context.ledger is not None:
+        # Durable before the update leaves this client (BudgetExceededError: it never leaves).
+        context.ledger.record_client_spend(
+            client=client_id,
+            round=round_idx,
+            noise_multiplier=update.extra["noise_multiplier"],
+            sample_rate=update.extra["sample_rate"],
+            steps=update.extra["dp_steps"],
+        )
+    tag = attempt_tag(round_idx, attempt)
+    rng = np.random.default_rng([spec.config.seed, round_idx, client_id, 0xE1])
+    payload, nbytes = context.codec.encode(update, tag=tag, rng=rng)
+    return TaskResult(
+        client_id=client_id,
+        payload=payload,
+        bytes_sent=nbytes,
+        num_examples=update.num_examples,
+        weight=update.weight,
+        train_loss=update.train_loss,
+        steps=update.steps,
+        seconds=time.perf_counter() - started,
+        rank=world_rank(),
+        peak_rss_mb=_peak_rss_mb(),
+    )
+
+
+def apply_task(
+    spec: RunSpec, round_idx: int, attempt: int, aggregate: Any, digest: str, splits: list[str]
+) -> dict[str, Any]:
+    """A key-holding client: decode the round's aggregate, apply the server rule, write and evaluate.
+
+    Writes the global model of round ``round_idx + 1`` to client storage; returns its digest and the
+    evaluation metrics (numbers only: the model itself never goes to the aggregator).
+    """
+    started = time.perf_counter()
+    context = rank_context(spec)
+    current = context.global_model(round_idx, digest)
+    decoded = context.codec.decode_mean(aggregate, tag=attempt_tag(round_idx, attempt))
+    worker = context.algorithm_cls(
+        "apply",
+        ("trainer",),
+        config=spec.config,
+        persistent_storage=spec.paths.clients,
+        params=context.algorithm_params,
+    )
+    new_params = np.asarray(worker.apply_aggregate(current.params, decoded.mean), dtype=np.float32)
+    if not np.all(np.isfinite(new_params)):
+        raise FedrecError(
+            f"round {round_idx}: the new global model has NaN or infinite values (lower train.lr?)"
+        )
+    new_digest = write_global_model(spec.paths.global_model(round_idx + 1), new_params)
+    context._global = GlobalModel(round_idx + 1, new_params, new_digest)
+    metrics = context.evaluate(new_params, splits, tag=attempt_tag(round_idx + 1, 0))
+    stale = spec.paths.global_model(round_idx - 1)
+    if round_idx >= 1 and os.path.exists(stale):
+        os.remove(stale)  # keep the current and the previous round's models
+    return {
+        "digest": new_digest,
+        "metrics": metrics,
+        "seconds": time.perf_counter() - started,
+        "num_clients": decoded.num_clients,
+        "error_bound": decoded.error_bound,
+        "rank": world_rank(),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def keygen_task(spec: RunSpec, *, max_clients: int, max_weight: int) -> bytes:
+    """Key authority on the client side: keep the secret context in client storage, return the public one."""
+    from privacy.encryption.context import generate_keys
+
+    assert spec.config.fl is not None
+    enc = spec.config.fl.encryption
+    keys = generate_keys(
+        max_clients=max_clients,
+        scheme=enc.scheme,
+        max_weight=max_weight,
+        clip=enc.clip,
+        precision_bits=enc.precision_bits,
+    )
+    path = spec.paths.secret_context
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(keys.secret_context)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return keys.public_context
