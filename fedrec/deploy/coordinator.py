@@ -623,7 +623,7 @@ class Coordinator:
             load_checkpoint,
             restore_rng,
         )
-        from fedrec.federated.simulation import client_privacy_config
+        from fedrec.federated.clients import client_privacy_config
         from privacy.encryption.context import load_context
         from privacy.encryption.schema import UpdateSchema
 

@@ -487,6 +487,7 @@ def preload_training_modules() -> None:
 
     import fedrec.deploy.training
     import fedrec.federated.algorithms.fed_avg
+    import fedrec.federated.clients
     import fedrec.federated.simulation
     import fedrec.models.dlrm
     import fedrec.trainers.dp_trainer  # noqa: F401

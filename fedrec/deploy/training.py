@@ -212,7 +212,7 @@ def _arrays(data: Any) -> dict[str, np.ndarray]:
 
 def params_digest(params: np.ndarray) -> str:
     """sha256 of the float32 values (the simulation's global-model digest)."""
-    from fedrec.federated.simulation import params_digest as digest
+    from fedrec.federated.run import params_digest as digest
 
     return digest(params)
 
@@ -330,7 +330,7 @@ def local_update(
     for clients (the coordinator resolves delta exactly as ``client_privacy_config`` does).
     """
     from fedrec.data.base import ArraySplit, ProcessedData
-    from fedrec.federated.simulation import _local_dp_trainer_class, client_seed
+    from fedrec.federated.clients import _local_dp_trainer_class, client_seed
     from fedrec.federated.worker import GlobalModel, Neighbour
 
     torch.set_num_threads(config.train.num_threads or 1)  # as every simulation rank: same results

@@ -192,7 +192,7 @@ def inprocess(deploy_cache, tmp_path_factory):
     from fedrec.deploy.keys import generate_federation_keys
     from fedrec.deploy.training import ModelPlan, model_meta
     from fedrec.experiment import prepare_data
-    from fedrec.federated.simulation import client_privacy_config
+    from fedrec.federated.clients import client_privacy_config
     from privacy.ledger import PrivacyLedger
 
     config = build(deploy_data(deploy_cache))
