@@ -21,11 +21,13 @@ setup(
         "mpich>=4.2",
         "matplotlib>=3.7",
         "syft==0.9.5",
+        # Sealed (AES-GCM) global model in deployment; pulled in by syft too, used directly here.
+        "cryptography",
         # syft 0.9.5's kr8s imports sniffio without declaring it.
         "sniffio",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "ruff", "mypy", "pandas"],
+        "dev": ["pytest", "hypothesis", "ruff", "mypy", "pandas", "psutil"],
         "bench": ["pandas", "scikit-surprise"],
     },
 )
