@@ -358,7 +358,8 @@ def utility(args: argparse.Namespace) -> dict:
     steps = None
     for epsilon in args.epsilons:
         config = load_config(
-            os.path.join(ROOT, "configs/dlrm_dp.yml"), [*common, f"privacy.target_epsilon={epsilon}"]
+            os.path.join(ROOT, "configs/dlrm_dp.yml"),
+            [*common, f"privacy.target_epsilon={epsilon}", f"privacy.max_grad_norm={args.utility_clip}"],
         )
         set_seed(config.seed)
         data = prepare_data(config, progress=False)
@@ -373,6 +374,7 @@ def utility(args: argparse.Namespace) -> dict:
                 "epsilon": p["epsilon"],
                 "delta": p["delta"],
                 "noise_multiplier": p["noise_multiplier"],
+                "max_grad_norm": p["max_grad_norm"],
                 "steps": steps,
                 "test_auc": summary["test"]["auc"],
                 "test_logloss": summary["test"]["logloss"],
@@ -425,6 +427,7 @@ def main() -> None:
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--skip-secure", action="store_true")
     parser.add_argument("--skip-utility", action="store_true")
+    parser.add_argument("--only-utility", action="store_true")
     parser.add_argument("--utility-rows", type=int, default=200_000)
     parser.add_argument("--utility-epochs", type=int, default=3)
     parser.add_argument("--utility-lr", type=float, default=0.5)
@@ -442,6 +445,13 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    if args.only_utility:
+        print(
+            json.dumps(
+                {"benchmark": "dp_sgd", "utility": utility(args), "loadavg": os.getloadavg()}, indent=2
+            )
+        )
+        return
     load_before = os.getloadavg()
     report: dict = {
         "benchmark": "dp_sgd",
