@@ -3,6 +3,8 @@
 Prints JSON. Every figure comes from real ``scripts/train_fl.py`` / ``scripts/train.py`` runs started
 here (under ``mpirun`` where ranks are compared) and read back from their summary.json:
 
+- ``client_breakdown``: per-client milliseconds of local training (plain vs DP-SGD), encoding
+  (plain) or BFV encryption, and the ledger record, timed in one process on the same clients.
 - ``secure_vs_plain``: DLRM (configs/dlrm_fl.yml) on the same clients, model and data, once with
   ``fl.secure=false`` and once secure (DP-SGD + BFV + ledger), both under ``mpirun -np 3``; the
   median round time of rounds >= 1 (round 0 is reported but left out: first-use costs).
@@ -181,17 +183,79 @@ def bench_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def bench_client_breakdown(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Where a secure client's time goes: one process, the same clients trained plain and secure."""
+    import asyncio
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from fedrec.config import load_config
+    from fedrec.federated.clients import rank_context
+    from fedrec.federated.private_store import attempt_tag
+    from fedrec.federated.simulation import Simulation
+
+    out: dict[str, Any] = {
+        "setup": {"config": "configs/dlrm_fl.yml", "clients_timed": args.breakdown_clients}
+    }
+    for secure in (False, True):
+        config = load_config(
+            "configs/dlrm_fl.yml", [f"fl.secure={secure}", "fl.rounds=1", "train.progress=false"]
+        )
+        sim = Simulation(config, str(work / f"breakdown_{secure}"), log=lambda message: None)
+        sim.prepare()
+
+        def time_clients(sim: Simulation = sim, secure: bool = secure) -> dict[str, float]:
+            context = rank_context(sim.spec)
+            tag = attempt_tag(0, 0)
+            totals = {"local_training": 0.0, "encode_or_encrypt": 0.0, "ledger_record": 0.0}
+            clients = range(100, 100 + args.breakdown_clients)
+            for client in [0, *clients]:  # client 0 warms up (first use of the codec, the key)
+                t0 = time.perf_counter()
+                worker = context.trainer_worker(client, 0, 0, sim.digest)
+                asyncio.run(worker.run())
+                t1 = time.perf_counter()
+                if context.ledger is not None:
+                    extra = worker.update.extra
+                    context.ledger.record_client_spend(
+                        client=client,
+                        round=0,
+                        noise_multiplier=extra["noise_multiplier"],
+                        sample_rate=extra["sample_rate"],
+                        steps=extra["dp_steps"],
+                    )
+                t2 = time.perf_counter()
+                context.codec.encode(worker.update, tag=tag, rng=np.random.default_rng(client))
+                t3 = time.perf_counter()
+                if client:
+                    totals["local_training"] += t1 - t0
+                    totals["ledger_record"] += t2 - t1
+                    totals["encode_or_encrypt"] += t3 - t2
+            return {k: v / args.breakdown_clients * 1000 for k, v in totals.items()}
+
+        out["secure_ms_per_client" if secure else "plain_ms_per_client"] = sim.pool.submit(
+            time_clients
+        ).result()
+        sim.pool.shutdown(stuck=False)
+    plain, secure = out["plain_ms_per_client"], out["secure_ms_per_client"]
+    out["secure_over_plain_client"] = sum(secure.values()) / sum(plain.values())
+    out["dp_training_over_plain_training"] = secure["local_training"] / plain["local_training"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and clients (a smoke run)")
-    parser.add_argument("--parts", default="secure_vs_plain,rank_scaling,memory,quality")
+    parser.add_argument("--parts", default="client_breakdown,secure_vs_plain,rank_scaling,memory,quality")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     args.rounds = 2 if args.quick else 4
     args.clients = 20 if args.quick else 100
     args.repeats = 1 if args.quick else 2
     args.mf_rounds = 5 if args.quick else 100
+    args.breakdown_clients = 5 if args.quick else 40
     parts = {
+        "client_breakdown": bench_client_breakdown,
         "secure_vs_plain": bench_secure_vs_plain,
         "rank_scaling": bench_rank_scaling,
         "memory": bench_memory,
