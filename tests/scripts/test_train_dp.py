@@ -55,7 +55,12 @@ def run_dp(tmp_path: Path, data: Path, *overrides: str, config: str = "configs/d
 
 def test_dlrm_dp_run_reports_epsilon_of_an_independent_computation(tmp_path, data_dir):
     proc = run_dp(
-        tmp_path, data_dir, "privacy.target_epsilon=3", "privacy.delta=1e-5", "privacy.accountant=prv"
+        tmp_path,
+        data_dir,
+        "privacy.target_epsilon=3",
+        "privacy.delta=1e-5",
+        "privacy.accountant=prv",
+        "train.log_every=4",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -81,9 +86,15 @@ def test_dlrm_dp_run_reports_epsilon_of_an_independent_computation(tmp_path, dat
     assert p["epsilon"] == pytest.approx(independent, rel=1e-9)
     assert p["epsilon"] <= 3.0
     assert (tmp_path / "run" / "privacy_ledger.sqlite").exists()
-    # TensorBoard got epsilon as training went
-    events = [f for f in os.listdir(tmp_path / "run") if f.startswith("events.out.tfevents")]
-    assert events
+    # TensorBoard got epsilon as training went: steps 4, 8, 12, increasing, the last one the summary's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("privacy/epsilon")]
+    assert [step for step, _ in logged] == [4, 8, 12]
+    assert logged[0][1] < logged[1][1] < logged[2][1]
+    assert logged[-1][1] == pytest.approx(p["epsilon"], rel=1e-6)
 
 
 @pytest.mark.parametrize(
