@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"{args.config}: no 'fl' section (see configs/dlrm_fl.yml and configs/flags.md)")
     device = parse_devices(args.devices)[0]
     logdir = prepare_logdir(args.logdir)
-    record_run_config(logdir, config, resume=args.resume)
+    # fl and train are compared through the checkpoint's fingerprint, which lets fl.rounds grow on --resume.
+    record_run_config(logdir, config, resume=args.resume, ignore=("fl", "train"))
     set_seed(config.seed)
 
     from fedrec.federated.simulation import Simulation, SimulationError

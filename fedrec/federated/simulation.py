@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import math
 import os
@@ -345,7 +346,7 @@ class Simulation:
         if fl.secure:
             self.client_privacy = client_privacy_config(config, partition)
             _public_initialisation(model, data.meta)
-        fingerprint = config_fingerprint(config)
+        fingerprint = run_fingerprint(config)
 
         if self.resume:
             state = load_checkpoint(paths.checkpoint)
@@ -671,6 +672,18 @@ class Simulation:
                 "privacy": self._privacy_summary(),
             },
         )
+
+
+def run_fingerprint(config: ExperimentConfig) -> str:
+    """The config's fingerprint, leaving out what a resume may change without changing any round's
+    result: ``fl.rounds`` (to extend a run), ``fl.eval_every``, ``train.progress``."""
+    assert config.fl is not None
+    normalised = dataclasses.replace(
+        config,
+        fl=dataclasses.replace(config.fl, rounds=1, eval_every=1),
+        train=dataclasses.replace(config.train, progress=True),
+    )
+    return config_fingerprint(normalised)
 
 
 def _public_initialisation(model: torch.nn.Module, meta: dict[str, Any]) -> None:

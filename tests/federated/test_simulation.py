@@ -136,6 +136,10 @@ def test_resume_checks(tiny_config, tmp_path):
         run(tiny_config(rounds=1, server_lr=0.5), tmp_path, resume=True)
     with pytest.raises(Exception, match="no federated checkpoint"):
         run(tiny_config(), tmp_path / "empty", resume=True)
+    # fl.rounds may grow on --resume: the extended run equals a run planned that long from the start.
+    run(tiny_config(rounds=2), tmp_path, resume=True)
+    run(tiny_config(rounds=2), tmp_path / "fresh")
+    assert np.array_equal(final_model(tmp_path, 2), final_model(tmp_path / "fresh", 2))
 
 
 @registry.load("fl_algo", "_test_uniform_avg")
