@@ -2,7 +2,7 @@
 # The main demo: a secure federated run of DLRM on the built-in synthetic Criteo-format data under
 # `mpirun -np 2` (rank 0 aggregates, rank 1 runs the clients): DP-SGD on every client, BFV-encrypted
 # updates, a privacy ledger record before any update leaves a client. Prints the final test AUC, the
-# epsilon spent and where the TensorBoard logs are.
+# epsilon spent, the privacy report (scripts/privacy_report.py) and where the TensorBoard logs are.
 #
 #   scripts/demo.sh [LOGDIR] [extra key=value overrides...]      (default LOGDIR: runs/demo_fl)
 set -euo pipefail
@@ -20,6 +20,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$MPIRUN" -np 2 "$PY" -m mpi4py.futures scripts/train_fl.py \
   --config configs/dlrm_fl.yml --logdir "$LOGDIR" \
   fl.rounds=5 fl.num_workers=1000 fl.client_num_per_round=100 fl.partition=iid "$@" | tee "$LOGDIR.out.json"
+"$PY" scripts/privacy_report.py --logdir "$LOGDIR" > /dev/null
 "$PY" - "$LOGDIR" <<'PYEOF'
 import json, sys
 logdir = sys.argv[1]
@@ -33,6 +34,7 @@ print(f"final test AUC      : {out['test']['auc']:.4f}   (log loss {out['test'][
 privacy = summary["federated"]["privacy"]
 print(f"epsilon spent       : {out['epsilon']:.3f} at delta {privacy['delta']:.2g}  (example-level DP-SGD, "
       f"most exposed client; ledger: {logdir}/privacy_ledger.sqlite)")
+print(f"privacy report      : {logdir}/privacy_report.html (and .md, .json, PNG plots)")
 print(f"TensorBoard logs    : {logdir}   ->  tensorboard --logdir {logdir}")
 print(f"summary             : {logdir}/summary.json")
 PYEOF
