@@ -15,10 +15,9 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-build-isolation -e '.[dev,bench]'
 	touch $(STAMP)
 
-# The main job: secure federated DLRM (DP-SGD + encrypted FedAvg) under mpirun -np 2, then its privacy report.
+# The main job: secure federated DLRM (DP-SGD + encrypted FedAvg) under mpirun -np 2, and its privacy report.
 demo: install
 	bash scripts/demo.sh runs/demo
-	$(PY) scripts/privacy_report.py --logdir runs/demo
 
 lint: install
 	$(PY) -m ruff check fedrec privacy scripts tests bench

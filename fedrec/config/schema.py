@@ -299,7 +299,9 @@ class SyftConfig:
 
     def validate(self, path: str) -> None:
         if not self.host:
-            raise ConfigError(f"config key '{path}.host' = {self.host!r}: expected an address such as 127.0.0.1")
+            raise ConfigError(
+                f"config key '{path}.host' = {self.host!r}: expected an address such as 127.0.0.1"
+            )
         for key in ("approval_timeout", "owner_epsilon_budget"):
             value = getattr(self, key)
             if not 0 < value < float("inf"):
@@ -309,7 +311,9 @@ class SyftConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
         if self.owner_delta is not None and not 0 < self.owner_delta < 1:
-            raise ConfigError(f"config key '{path}.owner_delta' = {self.owner_delta!r}: expected a number in (0, 1)")
+            raise ConfigError(
+                f"config key '{path}.owner_delta' = {self.owner_delta!r}: expected a number in (0, 1)"
+            )
         if self.datasites:
             ids = [d.client_id for d in self.datasites]
             if len(set(ids)) != len(ids):
