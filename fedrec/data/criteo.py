@@ -65,14 +65,15 @@ PARALLEL_MIN_BYTES = 32 << 20  # smaller files are parsed in-process (worker sta
 
 
 def default_workers(file_bytes: int) -> int:
-    """Parsing processes for a file: 2 where the machine has cores to spare beside this process
-    (4 or more CPUs) and the file is large enough to repay their start-up, else 1 (parse here).
+    """Parsing processes for a file: 2 where the machine has a second CPU and the file is large enough
+    to repay their start-up, else 1 (parse here).
 
-    On a 2-CPU machine shared with other work, two workers measured no faster than one process
-    (they add about 0.5 us of CPU per row: start-up and passing results), see docs/PERFORMANCE.md.
+    On a quiet 2-CPU machine two workers parsed 1.5-1.6x faster than one process; on a 2-CPU machine
+    busy with other work they were no faster (they add about 0.5 us of CPU per row: start-up and
+    passing results). See docs/PERFORMANCE.md.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if cpus >= 4 and file_bytes >= PARALLEL_MIN_BYTES else 1
+    return 2 if cpus >= 2 and file_bytes >= PARALLEL_MIN_BYTES else 1
 
 
 def day_bounds(num_lines: int, num_days: int) -> list[int]:
