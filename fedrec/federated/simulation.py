@@ -101,6 +101,7 @@ from fedrec.federated.worker import (
     RoundResults,
     algorithm_params,
 )
+from fedrec.progress import progress_bar
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
@@ -469,7 +470,14 @@ class Simulation:
             round_idx=state.round_idx,
             params=algorithm_params(registry.lookup("fl_algo", fl.algorithm), fl.algorithm_params),
         )
-        bar = _progress(total=fl.rounds, initial=state.round_idx, enabled=self.config.train.progress)
+        bar = progress_bar(
+            total=fl.rounds,
+            initial=state.round_idx,
+            desc="rounds",
+            unit="round",
+            enabled=self.config.train.progress,
+            leave=True,
+        )
         try:
             while aggregator.round_idx < fl.rounds:
                 record = await self._one_round(aggregator)
@@ -696,26 +704,6 @@ def _public_initialisation(model: torch.nn.Module, meta: dict[str, Any]) -> None
 
 def _keygen_call(spec: RunSpec, max_clients: int, max_weight: int) -> bytes:
     return keygen_task(spec, max_clients=max_clients, max_weight=max_weight)
-
-
-def _progress(*, total: int, initial: int, enabled: bool) -> Any:
-    """A tqdm bar over rounds on stderr, or a no-op."""
-    if enabled:
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=initial, desc="rounds", unit="round", dynamic_ncols=True)
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # Names other packages (fedrec.deploy) import from here; they live in .clients and .run.

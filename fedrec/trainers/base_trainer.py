@@ -22,6 +22,7 @@ from torch import nn
 from fedrec.config.schema import ExperimentConfig
 from fedrec.data.base import ProcessedData
 from fedrec.errors import ConfigError, FedrecError
+from fedrec.progress import progress_bar
 from fedrec.trainers import metrics as M
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -128,7 +129,7 @@ class BaseTrainer:
         cfg = self.train_cfg
         show = cfg.progress if progress is None else progress
         total = self.planned_steps()
-        bar = _progress(total=total, initial=self.step, desc="train", enabled=show)
+        bar = progress_bar(total=total, initial=self.step, desc="train", unit="step", enabled=show)
         running_loss, running_count = 0.0, 0
         try:
             while self.epoch < cfg.epochs and self.step < total and not self.should_stop():
@@ -326,32 +327,3 @@ class BaseTrainer:
             raise FedrecError(
                 f"{path}: cannot resume from this checkpoint ({str(err).splitlines()[0]})"
             ) from None
-
-
-def _progress(*, total: int, initial: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar on stderr, or a no-op object when disabled."""
-    if enabled:
-        from tqdm import tqdm
-
-        # disable=None: no bar when stderr is not a terminal (logs stay readable).
-        return tqdm(
-            total=total,
-            initial=initial,
-            desc=desc,
-            unit="step",
-            dynamic_ncols=True,
-            leave=False,
-            disable=None,
-        )
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
