@@ -50,7 +50,6 @@ from fedrec.deploy.local import DatasiteSpec
 from fedrec.deploy.training import PROTOCOL, RoundRequest, initial_global_model, params_digest
 from fedrec.errors import ConfigError, FedrecError
 
-MAX_LOGGED_FAILURES = 20
 SPEND_KEYS = {"client", "round", "attempt", "noise_multiplier", "sample_rate", "steps"}
 APPLY_KEYS = {"protocol", "round", "global_model", "digest", "num_clients", "error_bound"}
 
@@ -879,32 +878,15 @@ class Coordinator:
         self.sealed_global = sealed
         self.download_bytes = len(sealed)
         epsilon = self._epsilon(attempts)
-        failures = [f for attempt in attempts for f in attempt.failures]
+        from fedrec.federated.worker import round_outcome
+
         record = {
-            "round": round_idx,
-            "attempts": len(attempts),
-            "sampled": len(results.sampled),
-            "completed": len(results.results),
-            "dropped": len(results.failures),
-            "dropped_clients": [f.client_id for f in results.failures],
-            "failures": [
-                {
-                    "client": f.client_id,
-                    "reason": f.reason,
-                    "message": f.message,
-                    "seconds": round(f.seconds, 3),
-                }
-                for f in failures[:MAX_LOGGED_FAILURES]
-            ],
+            **round_outcome(round_idx, attempts),
             "round_seconds": time.perf_counter() - started,
-            "client_seconds": float(sum(r.seconds for r in results.results)),
             "apply_seconds": float(applied["seconds"]),
             "apply_datasite": applied["client"],
-            "bytes_sent": int(sum(r.bytes_sent for r in results.results)),
-            "bytes_received": int(sum(r.bytes_received for r in results.results)),
             "aggregate_bytes": len(closed.aggregate),
             "aggregate_clients": int(closed.num_clients),
-            "local_steps": int(sum(r.steps for r in results.results)),
             "epsilon": epsilon,
             "aggregate_error_bound": float(applied["error_bound"]),
             "global_digest": applied["digest"],

@@ -100,12 +100,12 @@ from fedrec.federated.worker import (
     ParamLayout,
     RoundResults,
     algorithm_params,
+    round_outcome,
 )
 from fedrec.progress import progress_bar
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
-MAX_LOGGED_FAILURES = 20
 
 
 class SimulationError(FedrecError):
@@ -548,35 +548,16 @@ class Simulation:
             if finite.any()
             else None
         )
-        failures = [f for attempt in attempts for f in attempt.failures]
         return {
-            "round": round_idx,
-            "attempts": len(attempts),
-            "sampled": len(results.sampled),
-            "completed": len(results.results),
-            "dropped": len(results.failures),
-            "dropped_clients": [f.client_id for f in results.failures],
-            "failures": [
-                {
-                    "client": f.client_id,
-                    "reason": f.reason,
-                    "message": f.message,
-                    "seconds": round(f.seconds, 3),
-                }
-                for f in failures[:MAX_LOGGED_FAILURES]
-            ],
+            **round_outcome(round_idx, attempts),
             "failed_attempts": [
                 {"completed": len(a.results), "sampled": len(a.sampled)} for a in attempts[:-1]
             ],
             "round_seconds": seconds,
-            "client_seconds": float(sum(r.seconds for r in results.results)),
             "apply_seconds": float(applied["seconds"]),
             "client_updates_per_second": len(results.results) / seconds if seconds > 0 else 0.0,
-            "bytes_sent": int(sum(r.bytes_sent for r in results.results)),
-            "bytes_received": int(sum(r.bytes_received for r in results.results)),
             "aggregate_bytes": int(aggregate_bytes),
             "train_loss": train_loss,
-            "local_steps": int(sum(r.steps for r in results.results)),
             "val": applied["metrics"].get("val"),
             "test": applied["metrics"].get("test"),
             "epsilon": epsilon,

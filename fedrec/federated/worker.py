@@ -412,3 +412,31 @@ def algorithm_params(algorithm_cls: type[FederatedWorker], data: Mapping[str, An
     if not dataclasses.is_dataclass(algorithm_cls.Config):
         raise InvalidStateError(f"{algorithm_cls.__name__}.Config must be a dataclass")
     return build(algorithm_cls.Config, dict(data), "fl.algorithm_params")
+
+
+MAX_LOGGED_FAILURES = 20  # failures listed per round record (all are counted)
+
+
+def round_outcome(round_idx: int, attempts: list[RoundResults]) -> dict[str, Any]:
+    """What every round record holds about its clients: sampled, completed, dropped, failures, traffic.
+
+    ``attempts`` are the round's tries in order; the last one is the one that completed.
+    """
+    results = attempts[-1]
+    failures = [f for attempt in attempts for f in attempt.failures]
+    return {
+        "round": round_idx,
+        "attempts": len(attempts),
+        "sampled": len(results.sampled),
+        "completed": len(results.results),
+        "dropped": len(results.failures),
+        "dropped_clients": [f.client_id for f in results.failures],
+        "failures": [
+            {"client": f.client_id, "reason": f.reason, "message": f.message, "seconds": round(f.seconds, 3)}
+            for f in failures[:MAX_LOGGED_FAILURES]
+        ],
+        "client_seconds": float(sum(r.seconds for r in results.results)),
+        "bytes_sent": int(sum(r.bytes_sent for r in results.results)),
+        "bytes_received": int(sum(r.bytes_received for r in results.results)),
+        "local_steps": int(sum(r.steps for r in results.results)),
+    }
