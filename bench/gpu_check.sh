@@ -16,15 +16,21 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 
 echo "== GPU tests"
-timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/trainers tests/privacy/dp 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/trainers tests/privacy/dp 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 
 echo "== train.py --devices 0"
 timeout 60 python3 scripts/train.py --config configs/dlrm.yml --logdir "$OUT/train_gpu" --devices 0 \
   train.progress=false model.preproc.synthetic.rows=100000 model.preproc.cache_dir=/tmp/data 2>&1 | tail -3
 
-echo "== train_dp.py --devices 0"
-timeout 60 python3 scripts/train_dp.py --config configs/dlrm_dp.yml --logdir "$OUT/train_dp_gpu" --devices 0 \
-  train.progress=false model.preproc.synthetic.rows=100000 model.preproc.cache_dir=/tmp/data 2>&1 | tail -3
+echo "== train_dp.py, DLRM, CPU then --devices 0 (same seed: the results should agree in distribution)"
+for dev in cpu 0; do
+  timeout 120 python3 scripts/train_dp.py --config configs/dlrm_dp.yml --logdir "$OUT/train_dp_$dev" --devices $dev \
+    train.progress=false model.preproc.synthetic.rows=100000 model.preproc.cache_dir=/tmp/data 2>&1 | tail -1
+done
+
+echo "== train_dp.py, MF on MovieLens-format data, --devices 0"
+timeout 90 python3 scripts/train_dp.py --config configs/mf_movielens_dp.yml --logdir "$OUT/train_dp_mf_gpu" --devices 0 \
+  train.progress=false model.preproc.cache_dir=/tmp/data 2>&1 | tail -1
 
 echo "== DLRM throughput (Kaggle-size tables)"
 timeout 70 python3 bench/dlrm_train.py --device cuda:0 --threads 16 --steps 100 2>&1 | tee "$OUT/dlrm_train_gpu.json" | tail -20

@@ -39,10 +39,11 @@ def _data():
 DATA = _data()
 
 
-def train(seed: int, *, lazy: bool) -> np.ndarray:
+def train(seed: int, *, lazy: bool, device: str = "cpu") -> np.ndarray:
     idx, x, y, batches = DATA
+    idx, x, y = idx.to(device), x.to(device), y.to(device)
     torch.manual_seed(0)  # same initial model in every run
-    model = Tiny()
+    model = Tiny().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LRS[0])
     dp = DPSGD(
         model,
@@ -56,15 +57,15 @@ def train(seed: int, *, lazy: bool) -> np.ndarray:
     )
     for step, batch in enumerate(batches):
         opt.param_groups[0]["lr"] = LRS[step]
-        b = torch.tensor(batch, dtype=torch.long)
+        b = torch.tensor(batch, dtype=torch.long, device=device)
         loss = (model(idx[b], x[b]) - y[b]) ** 2
         dp.step(loss)
     dp.flush()
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu().numpy().copy()
 
 
-def run_many(lazy: bool, seeds: range) -> np.ndarray:
-    return np.stack([train(s, lazy=lazy) for s in seeds])
+def run_many(lazy: bool, seeds: range, device: str = "cpu") -> np.ndarray:
+    return np.stack([train(s, lazy=lazy, device=device) for s in seeds])
 
 
 def untouched_variance_pvalue(samples: np.ndarray) -> tuple[float, float]:
@@ -89,7 +90,7 @@ def dense_runs():
     return run_many(False, range(1000, 1300))
 
 
-def test_lazy_matches_dense_in_distribution(lazy_runs, dense_runs):
+def assert_same_distribution(lazy_runs, dense_runs):
     # Every coordinate (touched rows, untouched rows, dense layer): two-sample KS test, Bonferroni.
     coords = lazy_runs.shape[1]
     pvalues = [stats.ks_2samp(lazy_runs[:, j], dense_runs[:, j]).pvalue for j in range(coords)]
@@ -98,6 +99,20 @@ def test_lazy_matches_dense_in_distribution(lazy_runs, dense_runs):
     for j in range(coords):
         assert stats.levene(lazy_runs[:, j], dense_runs[:, j]).pvalue > 0.001 / coords
     assert not np.allclose(lazy_runs[0], lazy_runs[1])  # noise was really drawn
+
+
+def test_lazy_matches_dense_in_distribution(lazy_runs, dense_runs):
+    assert_same_distribution(lazy_runs, dense_runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_lazy_noise_on_cuda_matches_dense_noise_on_cpu(dense_runs):
+    """The whole lazy path on CUDA (duplicate rows in a batch included): same law as the CPU reference."""
+    cuda_runs = run_many(True, range(300), device="cuda")
+    assert_same_distribution(cuda_runs, dense_runs)
+    p, ratio = untouched_variance_pvalue(cuda_runs)
+    assert p > 1e-4 and 0.9 < ratio < 1.1, (p, ratio)
 
 
 def test_untouched_rows_have_exact_law(lazy_runs, dense_runs):
