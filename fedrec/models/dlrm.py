@@ -1,6 +1,6 @@
 """DLRM: Deep Learning Recommendation Model (Naumov et al. 2019, arXiv:1906.00091).
 
-Named parts as in TorchRec: a sparse arch (one EmbeddingBag per categorical feature), a dense arch
+Named parts as in TorchRec: a sparse arch (the categorical features' tables fused in one embedding), a dense arch
 (bottom MLP over the dense features), the feature interaction (pairwise dot products or
 concatenation) and the over arch (top MLP). The default configuration is the DLRM Kaggle reference:
 bottom 13-512-256-64-16, top 367-512-256-1, binary cross-entropy. No transport or privacy code here.
@@ -71,25 +71,54 @@ def interaction_size(op: str, num_vectors: int, dim: int, itself: bool) -> int:
 
 
 class SparseArch(nn.Module):
-    """One sum-pooled EmbeddingBag per categorical feature (DLRM-reference uniform initialisation)."""
+    """Every categorical feature's table in one fused embedding (DLRM-reference uniform initialisation).
+
+    Table ``t`` owns rows ``[row_offsets[t], row_offsets[t] + table_sizes[t])`` of ``embedding.weight``, as
+    in TorchRec's fused table-batched embeddings: a batch costs one lookup and one (sparse) gradient
+    instead of one per table, which is what a step's time goes to on GPUs and with small batches.
+    With one index per example and table, sum pooling is the lookup itself.
+    """
 
     def __init__(
         self, table_sizes: list[int], dim: int, generator: torch.Generator | None = None, sparse: bool = False
     ):
         super().__init__()
-        self.tables = nn.ModuleList()
-        for rows in table_sizes:
-            table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse)
-            bound = math.sqrt(1.0 / rows)
-            with torch.no_grad():
-                table.weight.uniform_(-bound, bound, generator=generator)
-            self.tables.append(table)
+        self.table_sizes = list(table_sizes)
+        starts = [0]
+        for rows in self.table_sizes[:-1]:
+            starts.append(starts[-1] + rows)
+        self.embedding = nn.Embedding(sum(self.table_sizes), dim, sparse=sparse)
+        with torch.no_grad():
+            for start, rows in zip(starts, self.table_sizes):
+                bound = math.sqrt(1.0 / rows)
+                self.embedding.weight[start : start + rows].uniform_(-bound, bound, generator=generator)
+        self.register_buffer("row_offsets", torch.tensor(starts, dtype=torch.long), persistent=False)
+        self.register_buffer("row_limits", torch.tensor(self.table_sizes, dtype=torch.long), persistent=False)
 
-    def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:
-        """``sparse``: [B, num_tables] indices, one per table -> list of [B, dim]."""
-        batch = sparse.shape[0]
-        offsets = torch.arange(batch, device=sparse.device)
-        return [table(sparse[:, t].contiguous(), offsets) for t, table in enumerate(self.tables)]
+    def table(self, t: int) -> torch.Tensor:
+        """Table ``t``'s rows (a view of the fused weight)."""
+        start = int(self.row_offsets[t])
+        return self.embedding.weight[start : start + self.table_sizes[t]]
+
+    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        """``sparse``: [B, num_tables] indices, one per table -> [B, num_tables, dim]."""
+        if sparse.dim() != 2 or sparse.shape[1] != len(self.table_sizes):
+            raise ValueError(
+                f"sparse features of shape {tuple(sparse.shape)}: expected [batch, {len(self.table_sizes)}]"
+            )
+        sparse = sparse.long()
+        # A fused table must not let an index past its table read the next one: check the range.
+        outside = (sparse < 0) | (sparse >= self.row_limits)
+        if sparse.device.type == "cpu":
+            if bool(outside.any()):
+                b, t = (int(v) for v in outside.nonzero()[0])
+                raise IndexError(
+                    f"sparse feature {t} = {int(sparse[b, t])} in example {b}: expected 0 to "
+                    f"{self.table_sizes[t] - 1} (table {t} has {self.table_sizes[t]} rows)"
+                )
+        else:  # no host synchronisation on accelerators: a device-side assertion
+            torch._assert_async(~outside.any(), "sparse feature index outside its embedding table")
+        return self.embedding(sparse + self.row_offsets)
 
 
 class InteractionArch(nn.Module):
@@ -100,10 +129,11 @@ class InteractionArch(nn.Module):
         self.op = op
         self.itself = itself
 
-    def forward(self, dense: torch.Tensor, embedded: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """``dense`` [B, d], ``embedded`` [B, num_tables, d]."""
         if self.op == "cat":
-            return torch.cat([dense, *embedded], dim=1)
-        vectors = torch.stack([dense, *embedded], dim=1)  # [B, n, d]
+            return torch.cat([dense, embedded.flatten(1)], dim=1)
+        vectors = torch.cat([dense.unsqueeze(1), embedded], dim=1)  # [B, n, d]
         products = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, n, n]
         n = vectors.shape[1]
         rows, cols = torch.tril_indices(n, n, offset=0 if self.itself else -1, device=dense.device)

@@ -57,7 +57,7 @@ def test_dot_interaction_equals_explicit_pairs():
     dense = model.dense_arch(b["dense"])
     emb = model.sparse_arch(b["sparse"])
     out = model.interaction(dense, emb)
-    vectors = [dense, *emb]
+    vectors = [dense, *emb.unbind(1)]
     pairs = [(vectors[i] * vectors[j]).sum(1) for i in range(len(vectors)) for j in range(i)]
     expected = torch.cat([dense, torch.stack(pairs, 1)], 1)
     torch.testing.assert_close(out, expected)
@@ -79,7 +79,7 @@ def test_sparse_gradients_for_embeddings():
     model = small_dlrm(sparse=True)
     b = batch()
     model.loss(model(b), b["label"]).backward()
-    assert model.sparse_arch.tables[0].weight.grad.is_sparse
+    assert model.sparse_arch.embedding.weight.grad.is_sparse
     assert not model.over_arch[0].weight.grad.is_sparse
 
 
@@ -106,3 +106,18 @@ def test_mf_prediction_is_biased_dot_product():
 def test_mf_predict_clips_to_rating_range():
     model = MatrixFactorization(MFConfig(), num_users=2, num_items=2, rating_range=(1.0, 5.0))
     torch.testing.assert_close(model.predict(torch.tensor([0.0, 7.0, 3.0])), torch.tensor([1.0, 5.0, 3.0]))
+
+
+def test_fused_tables_keep_their_rows_and_refuse_indices_outside_them():
+    model = small_dlrm()
+    b = batch()
+    emb = model.sparse_arch(b["sparse"])
+    for t in range(3):  # feature t reads its own table's rows of the fused weight
+        torch.testing.assert_close(emb[:, t], model.sparse_arch.table(t)[b["sparse"][:, t]])
+    bad = b["sparse"].clone()
+    bad[2, 1] = 7  # table 1 has rows 0..6: row 7 would be table 2's row 0
+    with pytest.raises(IndexError, match="sparse feature 1 = 7 in example 2: expected 0 to 6"):
+        model(dict(b, sparse=bad))
+    bad[2, 1] = -1
+    with pytest.raises(IndexError, match="sparse feature 1 = -1"):
+        model(dict(b, sparse=bad))
