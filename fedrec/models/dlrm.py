@@ -79,6 +79,9 @@ class SparseArch(nn.Module):
     With one index per example and table, sum pooling is the lookup itself.
     """
 
+    row_offsets: torch.Tensor
+    row_limits: torch.Tensor
+
     def __init__(
         self, table_sizes: list[int], dim: int, generator: torch.Generator | None = None, sparse: bool = False
     ):
