@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.config, implied + flag_overrides(args))
     if config.fl is None:
         raise ConfigError(f"{args.config}: no 'fl' section (see configs/syft_fl.yml and configs/flags.md)")
+    from fedrec.deploy.coordinator import refuse_user_dp
+
+    refuse_user_dp(config)  # before any datasite starts
     if config.syft is None:
         from fedrec.config.schema import SyftConfig
 

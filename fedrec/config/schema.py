@@ -142,6 +142,38 @@ class FLEncryptionConfig:
 
 
 @dataclass
+class UserDPConfig:
+    """``fl.user_dp``: user-level DP-FedAvg (McMahan et al. 2018) on top of the federated round.
+
+    Clients are sampled by Poisson sampling at rate ``q = fl.client_num_per_round / clients``; each
+    sampled client clips its whole update to L2 norm ``clip_norm`` and adds its share of Gaussian
+    noise; the aggregate is divided by the expected number of clients ``q N``. The ledger records
+    every round before its clients train (docs/federated.md, docs/ledger.md).
+    """
+
+    clip_norm: float  # S: L2 bound on one client's whole update (required: it depends on the model)
+    noise_multiplier: float | None = None  # sigma; exactly one of noise_multiplier / target_epsilon
+    target_epsilon: float | None = None  # sigma is then computed for fl.rounds rounds at rate q
+    delta: float | None = None  # user level: must be < 1/number of clients; null = 0.1 / number of clients
+    accountant: Literal["rdp", "prv"] = "rdp"  # the ledger's accountant (gdp may under-estimate)
+    epsilon_budget: float | None = None  # refuse a plan above it; stop at the last round within it
+    secure_mode: bool = False  # noise shares from the OS CSPRNG (runs are then not reproducible)
+
+    def validate(self, path: str) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ConfigError(
+                f"config keys '{path}.noise_multiplier' = {self.noise_multiplier!r} and '{path}.target_epsilon' "
+                f"= {self.target_epsilon!r}: expected exactly one of them to be set (the other null)"
+            )
+        for key in ("clip_norm", "noise_multiplier", "target_epsilon", "epsilon_budget"):
+            value = getattr(self, key)
+            if value is not None and not (0 < value < float("inf")):
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a finite number > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"config key '{path}.delta' = {self.delta!r}: expected a number in (0, 1)")
+
+
+@dataclass
 class FLConfig:
     """``fl:``: the federated simulation run by scripts/train_fl.py (keys in configs/flags.md)."""
 
@@ -164,6 +196,7 @@ class FLConfig:
     fixed_point_bits: int = 24  # plain mode: updates are summed as exact integers in units of 2^-bits
     encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)
     faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+    user_dp: UserDPConfig | None = None  # user-level DP-FedAvg; null = off
 
     def validate(self, path: str) -> None:
         positive = ("client_num_per_round", "rounds", "local_epochs", "eval_every")
@@ -203,6 +236,27 @@ class FLConfig:
             raise ConfigError(
                 f"config key '{path}.client_num_per_round' = {self.client_num_per_round!r}: above the "
                 f"number of clients ({path}.num_workers = {self.num_workers})"
+            )
+        if self.user_dp is not None:
+            self._validate_user_dp(f"{path}.user_dp")
+
+    def _validate_user_dp(self, path: str) -> None:
+        user_dp = self.user_dp
+        assert user_dp is not None
+        # The number of clients is known here unless it is one per user (checked again at start).
+        if (
+            user_dp.delta is not None
+            and self.num_workers is not None
+            and user_dp.delta >= 1.0 / self.num_workers
+        ):
+            raise ConfigError(
+                f"config key '{path}.delta' = {user_dp.delta!r}: expected below 1/number of clients = "
+                f"{1.0 / self.num_workers:.3g} (fl.num_workers = {self.num_workers})"
+            )
+        if self.secure and self.encryption.clip < user_dp.clip_norm:
+            raise ConfigError(
+                f"config key '{path}.clip_norm' = {user_dp.clip_norm!r}: above fl.encryption.clip = "
+                f"{self.encryption.clip!r}; a clipped update and its noise share must fit the encryption grid"
             )
 
 

@@ -248,6 +248,15 @@ class DatasiteClient:
         return value
 
 
+def refuse_user_dp(config: ExperimentConfig) -> None:
+    """fl.user_dp is not honoured on datasites (owners do not clip and noise whole updates): refuse it."""
+    if config.fl is not None and config.fl.user_dp is not None:
+        raise ConfigError(
+            "config key 'fl.user_dp': user-level DP-FedAvg is not supported in deployment yet (datasites "
+            "do not clip and noise whole updates); set fl.user_dp=null or use scripts/train_fl.py"
+        )
+
+
 def _split_url(url: str) -> tuple[str, int]:
     from urllib.parse import urlsplit
 
@@ -510,6 +519,7 @@ class Coordinator:
             raise ConfigError(
                 "config key 'fl.secure' must be true for a deployment (encrypted updates, DP-SGD, ledger)"
             )
+        refuse_user_dp(config)
         if config.privacy is None or config.privacy.noise_multiplier is None:
             raise ConfigError(
                 "config key 'privacy.noise_multiplier' is required for a deployment (each owner's DP-SGD)"

@@ -32,6 +32,7 @@ from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.private_store import PrivateRowStore, attempt_tag
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
 from fedrec.federated.run import RunSpec, read_global_model, write_global_model
+from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
 from fedrec.federated.worker import (
     FederatedWorker,
     GlobalModel,
@@ -101,6 +102,7 @@ class TaskResult:
     seconds: float
     rank: int
     peak_rss_mb: float
+    clipped: bool | None = None  # fl.user_dp: whether the whole update was clipped to S (a diagnostic)
 
 
 class RankContext:
@@ -139,10 +141,11 @@ class RankContext:
         )
         self.ledger: Any = None
         if self.fl.secure:
-            from privacy.ledger import PrivacyLedger, ledger_path
-
             self.client_privacy = client_privacy_config(config, self.partition)
             self.dp_trainer_cls = _local_dp_trainer_class()
+        if self.fl.secure or self.fl.user_dp is not None:
+            from privacy.ledger import PrivacyLedger, ledger_path
+
             self.ledger = PrivacyLedger.attach(ledger_path(spec.logdir))
         self._codec: Any = None
         self._global: GlobalModel | None = None
@@ -213,6 +216,23 @@ class RankContext:
         worker.make_trainer = self.make_trainer
         return worker
 
+    def check_round_recorded(self, noise: RoundNoise) -> None:
+        """fl.user_dp: send nothing unless the ledger holds this round with the noise this client adds."""
+        for record in self.ledger.rounds():
+            if (
+                record.round == noise.round_idx
+                and record.min_survivors == noise.min_survivors
+                and record.noise_multiplier == noise.noise_multiplier
+                and record.clip_norm == noise.clip_norm
+                and record.client_sampling_rate == noise.client_sampling_rate
+            ):
+                return
+        raise FedrecError(
+            f"round {noise.round_idx}: the privacy ledger has no record of this round with noise_multiplier "
+            f"{noise.noise_multiplier}, clip_norm {noise.clip_norm}, min_survivors {noise.min_survivors}; "
+            "the update is not sent"
+        )
+
     def save_private_rows(self, worker: FederatedWorker, round_idx: int, attempt: int) -> None:
         if not self.private_names:
             return
@@ -257,6 +277,21 @@ def client_privacy_config(config: ExperimentConfig, partition: Partition) -> Any
         )
     largest = int(partition.sizes().max())
     delta = privacy.delta if privacy.delta is not None else 0.1 / largest
+    fl = config.fl
+    if fl is not None and fl.user_dp is not None:
+        # One ledger accounts both levels, at one delta and with one accountant.
+        shared, _ = user_delta(fl, partition.num_clients)
+        if privacy.delta is not None and privacy.delta != shared:
+            raise ConfigError(
+                f"config key 'privacy.delta' = {privacy.delta!r}: with fl.user_dp the run's ledger accounts "
+                f"example and user level at one delta; set it to fl.user_dp.delta ({shared!r}) or null"
+            )
+        if privacy.accountant != fl.user_dp.accountant:
+            raise ConfigError(
+                f"config key 'privacy.accountant' = {privacy.accountant!r}: with fl.user_dp the run's ledger "
+                f"accounts both levels with fl.user_dp.accountant = {fl.user_dp.accountant!r}; set them equal"
+            )
+        delta = shared
     if not 0 < delta < 1.0 / largest:
         raise ConfigError(
             f"config key 'privacy.delta' = {delta!r}: expected below 1/N = {1.0 / largest:.3g} for the largest "
@@ -298,17 +333,43 @@ def _peak_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def client_task(spec: RunSpec, round_idx: int, attempt: int, client_id: int, digest: str) -> TaskResult:
-    """One client's round: take the global model, train locally, encode (encrypt) the update."""
+def client_task(
+    spec: RunSpec,
+    round_idx: int,
+    attempt: int,
+    client_id: int,
+    digest: str,
+    noise: RoundNoise | None = None,
+) -> TaskResult:
+    """One client's round: take the global model, train locally, encode (encrypt) the update.
+
+    With ``noise`` (fl.user_dp) the client checks the ledger holds the round, clips its whole update
+    to S and adds its noise share before anything is recorded, encoded or encrypted; it weighs 1.
+    """
     started = time.perf_counter()
     inject_faults(spec, round_idx, client_id)
     context = rank_context(spec)
+    if noise is not None:
+        context.check_round_recorded(noise)
     worker = context.trainer_worker(client_id, round_idx, attempt, digest)
     asyncio.run(worker.run())
     update = worker.update
     assert update is not None
     context.save_private_rows(worker, round_idx, attempt)
-    if context.ledger is not None:
+    clipped = None
+    if noise is not None:
+        noised, clipped = privatize(update.delta, noise, seed=spec.config.seed, client_id=client_id)
+        if context.fl.secure:
+            bound = context.codec.clip()
+            largest = float(np.max(np.abs(noised))) if noised.size else 0.0
+            if largest > bound:
+                # Clamping a coordinate would change the Gaussian mechanism the ledger accounts.
+                raise FedrecError(
+                    f"client {client_id}: a noised update value {largest:.3g} exceeds fl.encryption.clip = "
+                    f"{bound:g}; the update is not sent (raise fl.encryption.clip)"
+                )
+        update = dataclasses.replace(update, delta=noised.astype(np.float32), weight=1.0)
+    if context.fl.secure:
         # Durable before the update leaves this client (BudgetExceededError: it never leaves).
         context.ledger.record_client_spend(
             client=client_id,
@@ -331,21 +392,44 @@ def client_task(spec: RunSpec, round_idx: int, attempt: int, client_id: int, dig
         seconds=time.perf_counter() - started,
         rank=world_rank(),
         peak_rss_mb=_peak_rss_mb(),
+        clipped=clipped,
     )
 
 
 def apply_task(
-    spec: RunSpec, round_idx: int, attempt: int, aggregate: Any, digest: str, splits: list[str]
+    spec: RunSpec,
+    round_idx: int,
+    attempt: int,
+    aggregate: Any,
+    digest: str,
+    splits: list[str],
+    noise: RoundNoise | None = None,
 ) -> dict[str, Any]:
     """A key-holding client: decode the round's aggregate, apply the server rule, write and evaluate.
 
     Writes the global model of round ``round_idx + 1`` to client storage; returns its digest and the
-    evaluation metrics (numbers only: the model itself never goes to the aggregator).
+    evaluation metrics (numbers only: the model itself never goes to the aggregator). With ``noise``
+    (fl.user_dp) an aggregate of fewer than ``k`` survivors is refused and the noised sum is divided
+    by the expected number of clients ``q N``.
     """
+    from privacy.errors import PrivacyError
+
     started = time.perf_counter()
     context = rank_context(spec)
     current = context.global_model(round_idx, digest)
     decoded = context.codec.decode_mean(aggregate, tag=attempt_tag(round_idx, attempt))
+    mean = decoded.mean
+    if noise is not None:
+        if not decoded.uniform:
+            raise FedrecError(
+                f"round {round_idx}: a client delivered only part of its update; under fl.user_dp the "
+                "aggregate is not released"
+            )
+        try:
+            check_release(noise, survivors=decoded.num_clients)
+        except PrivacyError as err:
+            raise FedrecError(f"round {round_idx}: {err}") from None
+        mean = released_mean(decoded.mean, decoded.total_weight, noise)
     worker = context.algorithm_cls(
         "apply",
         ("trainer",),
@@ -353,7 +437,7 @@ def apply_task(
         persistent_storage=spec.paths.clients,
         params=context.algorithm_params,
     )
-    new_params = np.asarray(worker.apply_aggregate(current.params, decoded.mean), dtype=np.float32)
+    new_params = np.asarray(worker.apply_aggregate(current.params, mean), dtype=np.float32)
     if not np.all(np.isfinite(new_params)):
         raise FedrecError(
             f"round {round_idx}: the new global model has NaN or infinite values (lower train.lr?)"

@@ -28,6 +28,7 @@ class DecodedAggregate:
     total_weight: float
     num_clients: int
     error_bound: float  # per-value bound on |mean - plaintext FedAvg| (0 for plain fixed point, ~quantum)
+    uniform: bool = True  # every value summed over the same clients (False: a client delivered some chunks)
 
 
 class PlainCodec:
@@ -143,4 +144,5 @@ class SecureCodec:
             float(result.total_weight),
             int(result.num_clients),
             float(result.error_bound),
+            uniform=len(set(result.chunk_clients)) == 1 and len(set(result.chunk_weights)) == 1,
         )

@@ -92,6 +92,16 @@ from fedrec.federated.run import (  # params_digest: also used by fedrec.deploy
     read_global_model,
     write_global_model,
 )
+from fedrec.federated.user_dp import (
+    RoundNoise,
+    UserDPPlan,
+    check_plan_within_budget,
+    check_release,
+    max_poisson_sample,
+    poisson_sample,
+    required_encryption_clip,
+    resolve_plan,
+)
 from fedrec.federated.worker import (
     ClientDirectory,
     ClientFailure,
@@ -112,6 +122,10 @@ class SimulationError(FedrecError):
     """The simulation cannot go on (every worker stuck, the pool broken, a round that never completes)."""
 
 
+class UserBudgetExhausted(Exception):
+    """fl.user_dp: one more round would take the user-level epsilon past its budget; the run stops."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Aggregator side
 # --------------------------------------------------------------------------------------------------
@@ -123,6 +137,8 @@ class AggregatorTransport:
     def __init__(self, sim: Simulation):
         self.sim = sim
         self.stuck: set[cf.Future] = set()
+        self.noise: RoundNoise | None = None  # fl.user_dp: the latest attempt's round parameters
+        self.clipped: list[bool] = []  # fl.user_dp: per returned client of that attempt
 
     def _reap_stuck(self) -> None:
         self.stuck = {f for f in self.stuck if not f.done()}
@@ -144,6 +160,8 @@ class AggregatorTransport:
         sim, fl = self.sim, self.sim.fl
         round_idx, attempt = worker.round_idx, worker.attempt
         tag = attempt_tag(round_idx, attempt)
+        noise = sim.open_user_dp_round(round_idx, attempt, neighbour_ids) if sim.user_dp else None
+        self.noise, self.clipped = noise, []
         running = sim.codec.new_sum(tag)
         queue = deque(int(c) for c in neighbour_ids)
         inflight: dict[asyncio.Future, tuple[int, float, cf.Future]] = {}
@@ -154,7 +172,7 @@ class AggregatorTransport:
             free = sim.pool.num_workers - len(inflight) - len(self.stuck)
             while queue and free > 0:
                 client = queue.popleft()
-                future = sim.pool.submit(client_task, sim.spec, round_idx, attempt, client, sim.digest)
+                future = sim.pool.submit(client_task, sim.spec, round_idx, attempt, client, sim.digest, noise)
                 inflight[asyncio.wrap_future(future)] = (client, time.monotonic(), future)
                 free -= 1
             if not inflight:
@@ -222,6 +240,8 @@ class AggregatorTransport:
             failures.append(ClientFailure(client, "rejected", one_line(err), elapsed))
             return
         sim.note_rank_memory(result.rank, result.peak_rss_mb)
+        if result.clipped is not None:
+            self.clipped.append(result.clipped)
         results.append(
             ClientResult(
                 client_id=client,
@@ -237,11 +257,13 @@ class AggregatorTransport:
         )
 
     async def publish(
-        self, aggregate: Any, round_idx: int, attempt: int, splits: list[str]
+        self, aggregate: Any, round_idx: int, attempt: int, splits: list[str], noise: RoundNoise | None = None
     ) -> dict[str, Any]:
         """Hand the aggregate to a key-holding client (the apply task); returns its digest and metrics."""
         sim = self.sim
-        future = sim.pool.submit(apply_task, sim.spec, round_idx, attempt, aggregate, sim.digest, splits)
+        future = sim.pool.submit(
+            apply_task, sim.spec, round_idx, attempt, aggregate, sim.digest, splits, noise
+        )
         timeout = sim.fl.client_timeout + APPLY_TIMEOUT_FLOOR
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout)
@@ -284,6 +306,8 @@ class Simulation:
         self.partition_stats: dict[str, Any] = {}
         self.writer: Any = None
         self.ledger: Any = None
+        self.user_dp: UserDPPlan | None = None
+        self.stopped_at_budget = False
 
     # ------------------------------------------------------------------ setup (every check before round 0)
     def prepare(self) -> None:
@@ -344,6 +368,8 @@ class Simulation:
         sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
         model = build_model(config, data.meta, sparse=sparse)
         self.layout = ParamLayout.from_model(model)
+        if fl.user_dp is not None:
+            self.user_dp = self._user_dp_plan(algorithm_cls, partition.num_clients)
         if fl.secure:
             self.client_privacy = client_privacy_config(config, partition)
             _public_initialisation(model, data.meta)
@@ -359,6 +385,7 @@ class Simulation:
             )
             read_global_model(paths.global_model(state.round_idx), state.round_idx, state.global_digest)
             restore_rng(state.rng)
+            self._check_resumed_user_dp(state)
         else:
             partition.save(paths.partition)
             digest = write_global_model(paths.global_model(0), self.layout.flatten(model))
@@ -373,6 +400,11 @@ class Simulation:
                 layout_digest=self.layout.digest(),
                 rng=capture_rng(),
             )
+            if self.user_dp is not None:
+                state.server_state["user_dp"] = {
+                    "noise_multiplier": self.user_dp.noise_multiplier,
+                    "planned_rounds": self.user_dp.planned_rounds,
+                }
         del model
         self.state = state
         self.spec = RunSpec(
@@ -382,7 +414,7 @@ class Simulation:
             device=self.device,
             world_size=world,
         )
-        if fl.secure:
+        if fl.secure or self.user_dp is not None:
             self._open_ledger()
         self.pool = MPIPool(self.spec) if world > 1 else InProcessPool(self.spec)
         if fl.secure:
@@ -402,8 +434,13 @@ class Simulation:
             if digest != self.state.public_context_digest:  # type: ignore[union-attr]
                 raise FedrecError(f"{paths.public_context}: public context does not match the checkpoint")
         else:
+            max_clients = fl.client_num_per_round
             max_weight = fl.encryption.max_weight or int(partition.sizes().max())
-            future = self.pool.submit(_keygen_call, self.spec, fl.client_num_per_round, max_weight)
+            if self.user_dp is not None:
+                # Poisson samples vary in size; every client weighs 1.
+                max_clients = max_poisson_sample(self.user_dp.client_sampling_rate, partition.num_clients)
+                max_weight = fl.encryption.max_weight or 1
+            future = self.pool.submit(_keygen_call, self.spec, max_clients, max_weight)
             public = future.result(timeout=APPLY_TIMEOUT_FLOOR)
             os.makedirs(paths.aggregator, exist_ok=True)
             with open(paths.public_context, "wb") as fh:
@@ -412,21 +449,118 @@ class Simulation:
         self.codec = SecureCodec(self.layout, public_context=public)
 
     def _open_ledger(self) -> None:
-        """The run's privacy ledger (the aggregator owns it; clients attach and record their spends)."""
+        """The run's privacy ledger (the aggregator owns it; clients attach and record their spends).
+
+        With fl.user_dp it holds the user-level delta, accountant and budget, and its round records;
+        in secure mode (checked by ``client_privacy_config``) the example level shares them.
+        """
         from privacy.ledger import PrivacyLedger, ledger_path
 
-        privacy = self.client_privacy
+        if self.user_dp is not None:
+            delta, accountant = self.user_dp.delta, self.user_dp.accountant
+        else:
+            privacy = self.client_privacy
+            delta = privacy.delta
+            accountant = privacy.accountant if privacy.accountant in ("rdp", "prv") else "rdp"
+        client_budget = self.config.privacy.epsilon_budget if self.fl.secure else None  # type: ignore[union-attr]
         self.ledger = PrivacyLedger.open(
             ledger_path(self.logdir),
-            delta=privacy.delta,
-            accountant=privacy.accountant if privacy.accountant in ("rdp", "prv") else "rdp",
-            client_epsilon_budget=self.config.privacy.epsilon_budget,  # type: ignore[union-attr]
+            delta=delta,
+            accountant=accountant,
+            client_epsilon_budget=client_budget,
+            user_epsilon_budget=self.user_dp.epsilon_budget if self.user_dp else None,
             config=config_to_dict(self.config),
         )
         self.max_epsilon = 0.0
         if self.resume:
+            assert self.state is not None
+            if self.state.ledger_position:
+                self.ledger.check_position(self.state.ledger_position)
             epsilons = self.ledger.epsilons()
             self.max_epsilon = max(epsilons.values(), default=0.0)
+
+    def _user_dp_plan(self, algorithm_cls: type[FederatedWorker], num_clients: int) -> UserDPPlan:
+        """fl.user_dp resolved and checked against the algorithm, the budget and the encryption grid."""
+        from privacy.dp.dp_fedavg import min_survivors_for
+
+        fl = self.fl
+        if algorithm_cls.sample_neighbours is not FederatedWorker.sample_neighbours:
+            raise ConfigError(
+                f"config key 'fl.user_dp': algorithm {fl.algorithm!r} chooses its own clients "
+                "(sample_neighbours); user-level accounting needs the built-in Poisson sampling"
+            )
+        assert fl.user_dp is not None
+        if self.resume and fl.user_dp.target_epsilon is not None and os.path.exists(self.paths.checkpoint):
+            saved = load_checkpoint(self.paths.checkpoint).server_state.get("user_dp") or {}
+            if saved.get("planned_rounds") != fl.rounds:
+                raise ConfigError(
+                    f"config key 'fl.rounds' = {fl.rounds}: this run's noise was computed from "
+                    f"fl.user_dp.target_epsilon for {saved.get('planned_rounds')} rounds; it cannot be extended"
+                )
+        plan = resolve_plan(fl, num_clients)
+        if not self.resume:
+            check_plan_within_budget(plan)
+        if fl.secure:
+            expected_k = min_survivors_for(
+                num_sampled=fl.client_num_per_round, min_completion_rate=fl.min_completion_rate
+            )
+            needed = required_encryption_clip(plan, min_survivors=expected_k)
+            if fl.encryption.clip < needed:
+                raise ConfigError(
+                    f"config key 'fl.encryption.clip' = {fl.encryption.clip!r}: below {needed:.3g}, the clip norm "
+                    f"{plan.clip_norm:g} plus 6 std of a noise share (noise_multiplier {plan.noise_multiplier:.3g}, "
+                    f"{expected_k} survivors); noised updates would not fit the encryption grid"
+                )
+        return plan
+
+    def _check_resumed_user_dp(self, state: AggregatorState) -> None:
+        """A resumed run keeps the noise it started with (target_epsilon was resolved for its rounds)."""
+        if self.user_dp is None:
+            return
+        saved = state.server_state.get("user_dp")
+        if not saved or float(saved["noise_multiplier"]) != self.user_dp.noise_multiplier:
+            raise ConfigError(
+                f"{self.paths.checkpoint}: --resume with another fl.user_dp noise multiplier "
+                f"({self.user_dp.noise_multiplier:.6g}, the checkpoint has {saved.get('noise_multiplier') if saved else None})"
+            )
+
+    def open_user_dp_round(self, round_idx: int, attempt: int, sampled: Any) -> RoundNoise:
+        """fl.user_dp, before any client of this attempt trains: check the sample is the Poisson sample,
+        fix the noise shares' ``k`` and record the round in the ledger (the budget may stop the run here)."""
+        from privacy.ledger import BudgetExceededError
+
+        plan, fl = self.user_dp, self.fl
+        assert plan is not None and self.ledger is not None
+        expected = poisson_sample(
+            self.config.seed,
+            round_idx,
+            attempt,
+            num_clients=plan.num_clients,
+            rate=plan.client_sampling_rate,
+        )
+        if sorted(int(c) for c in sampled) != expected:
+            raise SimulationError(
+                f"round {round_idx}: the algorithm's client sample is not the Poisson sample fl.user_dp accounts for"
+            )
+        sigma, q = plan.noise_multiplier, plan.client_sampling_rate
+        if not self.ledger.can_afford_round(noise_multiplier=sigma, client_sampling_rate=q):
+            raise UserBudgetExhausted(round_idx)
+        noise = plan.round_noise(
+            round_idx, attempt, num_sampled=len(expected), min_completion_rate=fl.min_completion_rate
+        )
+        try:
+            self.ledger.record_round(
+                round=round_idx,
+                noise_multiplier=sigma,
+                clip_norm=plan.clip_norm,
+                client_sampling_rate=q,
+                num_sampled=noise.num_sampled,
+                min_survivors=noise.min_survivors,
+                sampling="poisson",
+            )
+        except BudgetExceededError:
+            raise UserBudgetExhausted(round_idx) from None
+        return noise
 
     @property
     def digest(self) -> str:
@@ -480,7 +614,15 @@ class Simulation:
         )
         try:
             while aggregator.round_idx < fl.rounds:
-                record = await self._one_round(aggregator)
+                try:
+                    record = await self._one_round(aggregator)
+                except UserBudgetExhausted as stop:
+                    self.stopped_at_budget = True
+                    self.log(
+                        f"round {stop.args[0]}: one more round would exceed fl.user_dp.epsilon_budget = "
+                        f"{self.fl.user_dp.epsilon_budget:g}; stopping after {state.round_idx} rounds"  # type: ignore[union-attr]
+                    )
+                    break
                 bar.update(1)
                 val = record.get("val") or {}
                 shown = {k: f"{v:.4f}" for k, v in val.items() if k in ("auc", "rmse", "logloss")}
@@ -508,17 +650,27 @@ class Simulation:
             assert aggregator.last_results is not None
             attempts.append(aggregator.last_results)
         results = attempts[-1]
+        noise = self.transport.noise if self.user_dp else None
+        if noise is not None:
+            from privacy.errors import PrivacyError
+
+            try:
+                check_release(noise, survivors=len(results))
+            except PrivacyError as err:  # an algorithm accepted what fl.user_dp must not release
+                raise SimulationError(f"round {round_idx}: not released: {err}") from None
         aggregate_payload, aggregate_bytes = self.codec.close(results.aggregate)
-        last_round = round_idx + 1 == fl.rounds
+        last_round = round_idx + 1 == fl.rounds or not self._can_afford_another_round()
         splits = ["val"] if (round_idx + 1) % fl.eval_every == 0 or last_round else []
         if last_round:
             splits.append("test")
-        applied = await self.transport.publish(aggregate_payload, round_idx, results.attempt, splits)
+        applied = await self.transport.publish(aggregate_payload, round_idx, results.attempt, splits, noise)
         self.note_rank_memory(applied["rank"], applied["peak_rss_mb"])
         epsilon = self._epsilon(attempts)
         record = self._round_record(
             round_idx, attempts, applied, aggregate_bytes, time.perf_counter() - started, epsilon
         )
+        if noise is not None:
+            record.update(self._user_dp_record(noise, survivors=len(results)))
         self.download_bytes = aggregate_bytes if self.codec.secure else self.layout.nbytes
         state.round_idx = round_idx + 1
         state.global_digest = applied["digest"]
@@ -529,6 +681,32 @@ class Simulation:
         self._log_round(record)
         self._write_summary(final=None)
         return record
+
+    def _can_afford_another_round(self) -> bool:
+        """fl.user_dp with a budget: whether the ledger affords one more round after this one."""
+        if self.user_dp is None or self.user_dp.epsilon_budget is None:
+            return True
+        return bool(
+            self.ledger.can_afford_round(
+                noise_multiplier=self.user_dp.noise_multiplier,
+                client_sampling_rate=self.user_dp.client_sampling_rate,
+            )
+        )
+
+    def _user_dp_record(self, noise: RoundNoise, *, survivors: int) -> dict[str, Any]:
+        """The round record's user-level part: epsilon over every recorded round attempt, and its noise."""
+        clipped = self.transport.clipped
+        return {
+            "user_epsilon": self.ledger.user_level_epsilon(),
+            "user_dp": {
+                "noise_multiplier": noise.noise_multiplier,
+                "min_survivors": noise.min_survivors,
+                "survivors": survivors,
+                "noise_std_on_mean": check_release(noise, survivors=survivors) / noise.expected_clients,
+                "clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
+                "rounds_recorded": len(self.ledger.rounds()),
+            },
+        }
 
     def _round_record(
         self,
@@ -582,6 +760,9 @@ class Simulation:
             scalars["train/loss"] = record["train_loss"]
         if record["epsilon"] is not None:
             scalars["privacy/epsilon"] = record["epsilon"]
+        if record.get("user_epsilon") is not None:
+            scalars["privacy/user_level_epsilon"] = record["user_epsilon"]
+            scalars["privacy/user_dp_clipped_fraction"] = record["user_dp"]["clipped_fraction"]
         for split in ("val", "test"):
             for name, value in (record.get(split) or {}).items():
                 scalars[f"{split}/{name}"] = value
@@ -592,7 +773,7 @@ class Simulation:
 
     def _epsilon(self, attempts: list[RoundResults]) -> float | None:
         """Example-level epsilon of the most exposed client so far (every spend the ledger holds)."""
-        if self.ledger is None:
+        if self.ledger is None or not self.fl.secure:
             return None
         clients = sorted({c for attempt in attempts for c in attempt.sampled})
         for client in clients:
@@ -600,29 +781,41 @@ class Simulation:
         return self.max_epsilon
 
     def _privacy_summary(self) -> dict[str, Any] | None:
-        if not self.fl.secure:
+        if not self.fl.secure and self.user_dp is None:
             return None
-        privacy = self.client_privacy
-        return {
-            "level": "example (DP-SGD on each client)",
-            "epsilon_max_over_clients": getattr(self, "max_epsilon", None),
-            "delta": privacy.delta,
-            "noise_multiplier": privacy.noise_multiplier,
-            "max_grad_norm": privacy.max_grad_norm,
-            "accountant": privacy.accountant,
-            "ledger": os.path.join(self.logdir, "privacy_ledger.sqlite"),
-            "aggregator_context": "public (no secret key)",
-            "encryption": {
-                "scheme": self.fl.encryption.scheme,
-                "clip": self.fl.encryption.clip,
-                "precision_bits": self.fl.encryption.precision_bits,
-            },
-        }
+        summary: dict[str, Any] = {"ledger": os.path.join(self.logdir, "privacy_ledger.sqlite")}
+        if self.fl.secure:
+            privacy = self.client_privacy
+            summary.update(
+                {
+                    "level": "example (DP-SGD on each client)",
+                    "epsilon_max_over_clients": getattr(self, "max_epsilon", None),
+                    "delta": privacy.delta,
+                    "noise_multiplier": privacy.noise_multiplier,
+                    "max_grad_norm": privacy.max_grad_norm,
+                    "accountant": privacy.accountant,
+                    "aggregator_context": "public (no secret key)",
+                    "encryption": {
+                        "scheme": self.fl.encryption.scheme,
+                        "clip": self.fl.encryption.clip,
+                        "precision_bits": self.fl.encryption.precision_bits,
+                    },
+                }
+            )
+        if self.user_dp is not None:
+            summary["user_level"] = {
+                "level": "user (DP-FedAvg: a client's whole contribution to every round)",
+                "epsilon": self.ledger.user_level_epsilon() if self.ledger is not None else None,
+                "rounds_recorded": len(self.ledger.rounds()) if self.ledger is not None else 0,
+                "stopped_at_budget": self.stopped_at_budget,
+                **self.user_dp.summary(),
+            }
+        return summary
 
     def _ledger_position(self) -> dict[str, int] | None:
         if self.ledger is None:
             return None
-        return {"client_spends": len(self.ledger.client_spends())}
+        return self.ledger.position()
 
     def _final_summary(self) -> dict[str, Any]:
         state = self.state
@@ -633,6 +826,8 @@ class Simulation:
             "test": last.get("test"),
             "val": last.get("val"),
             "epsilon": last.get("epsilon"),
+            "user_epsilon": self.ledger.user_level_epsilon() if self.user_dp and self.ledger else None,
+            "stopped_at_budget": self.stopped_at_budget,
             "final_model": self.paths.global_model(state.round_idx),
             "final_model_digest": state.global_digest,
         }

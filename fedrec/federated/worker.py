@@ -309,12 +309,21 @@ class FederatedWorker:
     def sample_neighbours(self, round_idx: int, client_num_per_round: int) -> list[int]:
         """The clients of this round: ``client_num_per_round`` distinct in-neighbours, sorted.
 
-        Deterministic in (seed, round, attempt): a retried round draws a fresh sample.
+        Deterministic in (seed, round, attempt): a retried round draws a fresh sample. With
+        ``fl.user_dp`` every client is kept independently with probability ``client_num_per_round / N``
+        (Poisson sampling, which the user-level accountant assumes): the count then varies by round.
         """
         num_neighbours = len(self.in_neighbours)
         if client_num_per_round > num_neighbours:
             raise InvalidStateError(
                 f"fl.client_num_per_round = {client_num_per_round}: above the {num_neighbours} clients"
+            )
+        if self.fl.user_dp is not None:
+            from fedrec.federated.user_dp import client_sampling_rate, poisson_sample
+
+            rate = client_sampling_rate(client_num_per_round, num_neighbours)
+            return poisson_sample(
+                self.config.seed, round_idx, self.attempt, num_clients=num_neighbours, rate=rate
             )
         if num_neighbours == client_num_per_round:
             return list(self.in_neighbours)
