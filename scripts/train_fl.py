@@ -4,6 +4,8 @@ Without ``mpirun`` the same script runs every client in one process. Splits the 
 ``--num_workers`` simulated clients (``fl.partition``), runs ``fl.rounds`` rounds of the configured
 algorithm (``fl.algorithm``, FedAvg by default), checkpoints after every round (``--resume``
 continues), logs to TensorBoard in LOGDIR and writes LOGDIR/summary.json after every round.
+``fl.user_dp`` adds user-level DP-FedAvg (docs/federated.md); the run then stops cleanly at the last
+round within ``fl.user_dp.epsilon_budget``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": final["rounds_completed"],
         "test": final["test"],
         "epsilon": final["epsilon"],
+        "user_epsilon": final["user_epsilon"],
+        "stopped_at_budget": final["stopped_at_budget"],
         "final_model": final["final_model"],
     }
     print(json.dumps(out), flush=True)

@@ -1,0 +1,237 @@
+"""User-level DP-FedAvg in the simulation (fl.user_dp): accounting, mpirun, unreleased rounds, budget, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from fl_helpers import train_fl, write_config
+
+from fedrec import registry
+from fedrec.config.loader import build_experiment
+from fedrec.errors import ConfigError
+from fedrec.federated.algorithms.fed_avg import FedAvgWorker
+from fedrec.federated.simulation import Simulation, SimulationError
+from fedrec.federated.user_dp import RoundNoise, poisson_sample, privatize, released_mean
+from privacy.accounting.user_level import user_level_epsilon
+from privacy.dp.dp_fedavg import min_survivors_for
+from privacy.ledger import PrivacyLedger, ledger_path
+
+USER_DP = {"noise_multiplier": 1.0, "clip_norm": 0.5}
+# The tiny config: 40 clients, 8 per round in expectation (q = 0.2), min completion rate 0.75.
+Q, CLIENTS, DELTA = 0.2, 40, 0.1 / 40
+
+
+def run(config: dict, logdir, **kwargs):
+    simulation = Simulation(build_experiment(config), str(logdir), log=lambda message: None, **kwargs)
+    return simulation, simulation.run()
+
+
+def summary(logdir) -> dict:
+    return json.loads((logdir / "summary.json").read_text())
+
+
+def model_file(logdir, rounds: int):
+    return logdir / "fl" / "clients" / "global" / f"round_{rounds:06d}.npy"
+
+
+def test_privatize_clips_the_whole_update_adds_the_share_and_divides_by_q_n():
+    noise = RoundNoise(
+        round_idx=0,
+        attempt=0,
+        noise_multiplier=2.0,
+        clip_norm=3.0,
+        client_sampling_rate=0.1,
+        num_sampled=9,
+        min_survivors=4,
+        expected_clients=50.0,
+        secure_mode=False,
+    )
+    update = np.full(200_000, 1.0, dtype=np.float32)  # norm 447: clipped to 3
+    noised, clipped = privatize(update, noise, seed=0, client_id=7)
+    assert clipped and update[0] == 1.0  # the input is not modified
+    clipped_value = 3.0 / math.sqrt(update.size)
+    assert np.mean(noised) == pytest.approx(clipped_value, abs=5e-3)
+    assert np.std(noised) == pytest.approx(2.0 * 3.0 / math.sqrt(4), rel=0.01)  # sigma S / sqrt(k)
+    again, _ = privatize(update, noise, seed=0, client_id=7)
+    assert np.array_equal(noised, again)  # reproducible per (seed, round, attempt, client)
+    other, _ = privatize(update, noise, seed=0, client_id=8)
+    assert not np.array_equal(noised, other)
+    _, was_clipped = privatize(np.zeros(10, dtype=np.float32), noise, seed=0, client_id=7)
+    assert not was_clipped
+    # Every client weighs 1: the decoded mean times the total weight is the sum, divided by q N.
+    assert np.allclose(released_mean(np.array([2.0, -4.0]), 5.0, noise), [10.0 / 50, -20.0 / 50])
+    # Poisson sampling at rate q: every client independently, a count that varies by round.
+    counts = [len(poisson_sample(0, r, 0, num_clients=1000, rate=0.1)) for r in range(50)]
+    assert 90 < np.mean(counts) < 110 and len(set(counts)) > 5
+
+
+def test_user_level_epsilon_in_summary_matches_the_accountant(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, final = run(tiny_config(user_dp=USER_DP, rounds=3), tmp_path)
+    rounds = summary(tmp_path)["rounds"]
+    with PrivacyLedger.read(ledger_path(str(tmp_path))) as ledger:
+        records = ledger.rounds()
+        assert ledger.info.delta == pytest.approx(DELTA) and ledger.info.accountant == "rdp"
+        assert ledger.client_spends() == []  # plaintext mode: no example-level DP-SGD
+        position = ledger.position()
+    assert len(records) == sum(r["attempts"] for r in rounds) >= 3
+    for record in records:
+        assert (record.noise_multiplier, record.clip_norm, record.client_sampling_rate) == (1.0, 0.5, Q)
+        assert record.sampling == "poisson"
+        assert record.min_survivors == max(
+            1, min_survivors_for(num_sampled=max(1, record.num_sampled), min_completion_rate=0.75)
+        )
+    # Poisson sampling: the sample sizes are the ledger's, and they vary (8 in expectation).
+    last_record = {rec.round: rec for rec in records}
+    assert [r["sampled"] for r in rounds] == [last_record[r].num_sampled for r in range(3)]
+    assert len({r["sampled"] for r in rounds}) > 1
+    expected = user_level_epsilon([(1.0, Q)] * len(records), delta=DELTA, accountant="rdp")
+    assert final["user_epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert rounds[-1]["user_epsilon"] == pytest.approx(expected, rel=1e-9)
+    privacy = summary(tmp_path)["federated"]["privacy"]["user_level"]
+    assert privacy["epsilon"] == pytest.approx(expected) and privacy["delta"] == pytest.approx(DELTA)
+    assert privacy["expected_clients_per_round"] == pytest.approx(8.0)
+    for record in rounds:
+        user = record["user_dp"]
+        assert user["survivors"] == record["completed"] >= user["min_survivors"]
+        assert 0.0 <= user["clipped_fraction"] <= 1.0
+        assert user["noise_std_on_mean"] == pytest.approx(
+            1.0 * 0.5 * math.sqrt(user["survivors"] / user["min_survivors"]) / 8.0
+        )
+    assert json.loads((tmp_path / "fl" / "checkpoint.json").read_text())["ledger_position"] == position
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("privacy/user_level_epsilon")]
+    assert logged[-1] == pytest.approx(expected, rel=1e-6)
+    assert logged == sorted(logged)
+
+
+def test_secure_user_dp_under_mpirun_gives_the_model_of_one_process(tiny_config, tmp_path):
+    from privacy.report.build import build_run_report
+
+    config = tiny_config(secure=True, rounds=2, user_dp=USER_DP, encryption={"clip": 4.0})
+    path = write_config(tmp_path, config)
+    done = train_fl("--config", str(path), "--logdir", str(tmp_path / "mpi"), ranks=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["mode"] == "secure" and out["rounds"] == 2 and out["stopped_at_budget"] is False
+    run(config, tmp_path / "one")
+    assert np.array_equal(np.load(model_file(tmp_path / "mpi", 2)), np.load(model_file(tmp_path / "one", 2)))
+    privacy = summary(tmp_path / "mpi")["federated"]["privacy"]
+    assert summary(tmp_path / "mpi")["federated"]["executor"] == "mpi"
+    with PrivacyLedger.read(ledger_path(str(tmp_path / "mpi"))) as ledger:
+        # DP-SGD on each client and DP-FedAvg in one ledger, at one delta.
+        assert ledger.client_spends() and len(ledger.rounds()) >= 2
+        assert out["user_epsilon"] == pytest.approx(ledger.user_level_epsilon())
+        assert out["epsilon"] == pytest.approx(max(ledger.epsilons().values()))
+        assert privacy["delta"] == ledger.info.delta == privacy["user_level"]["delta"]
+    report = build_run_report(str(tmp_path / "mpi"))
+    assert report["user_level"]["epsilon"] == pytest.approx(out["user_epsilon"])
+    assert report["headline"]["kind"] == "user-level"
+
+
+@registry.load("fl_algo", "_test_accept_any_round")
+class AcceptAnyRound(FedAvgWorker):
+    """A careless algorithm: releases whatever arrived, however few clients returned."""
+
+    def aggregate(self, round_idx, results, failures):
+        return results.aggregate
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "message"),
+    [("fed_avg", "too few clients returned in 1 attempts"), ("_test_accept_any_round", "not released")],
+)
+def test_a_round_with_too_few_survivors_is_not_released(tiny_config, tmp_path, algorithm, message):
+    config = tiny_config(
+        user_dp=USER_DP, algorithm=algorithm, max_round_retries=0, faults={"raise_clients": list(range(40))}
+    )
+    with pytest.raises(SimulationError, match=message):
+        run(config, tmp_path)
+    assert json.loads((tmp_path / "fl" / "checkpoint.json").read_text())["round_idx"] == 0
+    assert not model_file(tmp_path, 1).exists()  # nothing was decrypted or applied
+    with PrivacyLedger.read(ledger_path(str(tmp_path))) as ledger:
+        assert len(ledger.rounds()) == 1  # recorded before the clients trained: counted, not released
+    assert message in summary(tmp_path)["error"]
+
+
+def test_budget_refuses_a_plan_above_it_and_stops_at_the_last_affordable_round(tiny_config, tmp_path):
+    budget = user_level_epsilon([(1.0, Q)] * 3, delta=DELTA) + 1e-6  # affords exactly 3 rounds
+    user_dp = {**USER_DP, "epsilon_budget": budget}
+    with pytest.raises(ConfigError, match=r"fl\.user_dp\.epsilon_budget.*reaches user-level epsilon"):
+        run(tiny_config(user_dp=user_dp, rounds=4), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "fl" / "checkpoint.json").exists()
+    logdir = tmp_path / "run"
+    run(tiny_config(user_dp=user_dp, rounds=2), logdir)
+    # Extended on --resume: the run stops cleanly after the third round, which evaluated the test split.
+    _, final = run(tiny_config(user_dp=user_dp, rounds=5), logdir, resume=True)
+    assert final["rounds_completed"] == 3 and final["stopped_at_budget"] is True
+    assert final["test"] is not None and final["user_epsilon"] <= budget
+    with PrivacyLedger.read(ledger_path(str(logdir))) as ledger:
+        assert len(ledger.rounds()) == 3 and ledger.info.user_epsilon_budget == budget
+        assert (
+            json.loads((logdir / "fl" / "checkpoint.json").read_text())["ledger_position"]
+            == ledger.position()
+        )
+    assert summary(logdir)["federated"]["privacy"]["user_level"]["stopped_at_budget"] is True
+    # Resuming again spends nothing: no round is affordable.
+    _, again = run(tiny_config(user_dp=user_dp, rounds=5), logdir, resume=True)
+    assert again["rounds_completed"] == 3
+    with PrivacyLedger.read(ledger_path(str(logdir))) as ledger:
+        assert len(ledger.rounds()) == 3
+
+
+@registry.load("fl_algo", "_test_own_sampling")
+class OwnSampling(FedAvgWorker):
+    def sample_neighbours(self, round_idx, client_num_per_round):
+        return list(range(client_num_per_round))
+
+
+@pytest.mark.parametrize(
+    ("fl", "message"),
+    [
+        ({"user_dp": {"clip_norm": 1.0}}, "exactly one of them"),
+        ({"user_dp": {**USER_DP, "target_epsilon": 3.0}}, "exactly one of them"),
+        ({"user_dp": {"noise_multiplier": 1.0}}, "'fl.user_dp.clip_norm' is required"),
+        ({"user_dp": {**USER_DP, "noise": 1.0}}, "unknown config key 'fl.user_dp.noise'"),
+        ({"user_dp": {**USER_DP, "clip_norm": -1.0}}, "'fl.user_dp.clip_norm' = -1.0"),
+        (
+            {"user_dp": {**USER_DP, "delta": 0.05}},
+            "'fl.user_dp.delta' = 0.05: expected below 1/number of clients",
+        ),
+        ({"user_dp": {**USER_DP, "accountant": "gdp"}}, "'fl.user_dp.accountant' = 'gdp'"),
+        ({"user_dp": {**USER_DP, "epsilon_budget": 0.01}}, "below the cost of one round"),
+        ({"user_dp": {**USER_DP, "target_epsilon": 1e-9, "noise_multiplier": None}}, "target_epsilon"),
+        ({"user_dp": USER_DP, "algorithm": "_test_own_sampling"}, "needs the built-in Poisson sampling"),
+        ({"user_dp": USER_DP, "secure": True}, "'fl.encryption.clip' = 1.0: below"),
+        ({"user_dp": {**USER_DP, "clip_norm": 2.0}, "secure": True}, "above fl.encryption.clip"),
+    ],
+)
+def test_bad_user_dp_config_is_a_one_line_error_before_the_first_round(tiny_config, tmp_path, fl, message):
+    with pytest.raises(ConfigError) as err:
+        run(tiny_config(**fl), tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "fl" / "checkpoint.json").exists()
+
+
+def test_deployment_refuses_user_dp(tiny_config, tmp_path):
+    import runpy
+
+    config = tiny_config(secure=True, user_dp=USER_DP)
+    path = write_config(tmp_path, config)
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "deploy_syft.py")
+    main = runpy.run_path(script)["main"]
+    with pytest.raises(
+        ConfigError, match=r"'fl\.user_dp': user-level DP-FedAvg is not supported in deployment"
+    ):
+        main(["--config", str(path), "--logdir", str(tmp_path / "deploy")])
+    assert not (tmp_path / "deploy").exists()  # refused before any datasite or logdir
+    from fedrec.deploy.coordinator import Coordinator
+
+    with pytest.raises(ConfigError, match=r"fl\.user_dp"):
+        Coordinator(build_experiment(config), str(tmp_path / "c"), [], public_context=b"")
