@@ -408,11 +408,22 @@ def plain_language(report: dict[str, Any]) -> str:
             f"was used as when it was not, plus a probability of at most {delta:g}."
         )
     if user is not None:
+        user_eps = _fmt(user["epsilon"], user["epsilon_infinite"])
+        if example is not None:
+            promise = (
+                "the same kind of promise holds for a client's entire data at once (all its interactions together), "
+                f"with epsilon = {user_eps} and delta = {delta:g}"
+            )
+        else:  # no example-level part to refer to: say the promise in full
+            promise = (
+                "anyone who sees the released models learns only a bounded amount about whether a client's entire "
+                f"data (all its interactions together) was used: with epsilon = {user_eps} and delta = {delta:g}, "
+                "any test for 'did this client take part?' says 'yes' at most e^epsilon times as often when it did "
+                f"as when it did not, plus a probability of at most {delta:g}"
+            )
         parts.append(
-            f"User level (DP-FedAvg over {user['rounds']} rounds): the same kind of promise holds for a client's "
-            f"entire data at once (all its interactions together), with epsilon = "
-            f"{_fmt(user['epsilon'], user['epsilon_infinite'])} and delta = {delta:g}, "
-            "provided the aggregate is released only when at least the assumed minimum number of clients reported."
+            f"User level (DP-FedAvg over {user['rounds']} rounds): {promise}, provided the aggregate is released "
+            "only when at least the assumed minimum number of clients reported."
         )
     if run["client_epsilon_budget"] is not None:
         parts.append(

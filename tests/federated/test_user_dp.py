@@ -104,6 +104,11 @@ def test_user_level_epsilon_in_summary_matches_the_accountant(tiny_config, tmp_p
             1.0 * 0.5 * math.sqrt(user["survivors"] / user["min_survivors"]) / 8.0
         )
     assert json.loads((tmp_path / "fl" / "checkpoint.json").read_text())["ledger_position"] == position
+    from privacy.report.build import build_run_report
+
+    report = build_run_report(str(tmp_path))  # scripts/privacy_report.py: user level only, said in full
+    assert report["user_level"]["epsilon"] == pytest.approx(expected) and report["example_level"] is None
+    assert "did this client take part?" in report["statement"]
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     logged = [e.value for e in events.Scalars("privacy/user_level_epsilon")]
