@@ -116,5 +116,50 @@ def write_summary(logdir: str, config: ExperimentConfig, results: dict[str, Any]
     return path
 
 
+def run_central_training(
+    args: Any,
+    config: ExperimentConfig,
+    trainer_cls: Any,
+    *,
+    sparse: bool,
+    record_ignore: tuple[str, ...] = (),
+    **trainer_kwargs: Any,
+) -> tuple[dict[str, Any], str]:
+    """The shared body of scripts/train.py and scripts/train_dp.py.
+
+    Prepares LOGDIR (recording the config; a resume must match it, except the keys in
+    ``record_ignore``), seeds, prepares the data, builds the model, trains with
+    ``trainer_cls(model, data, config, logdir=, device=, writer=, **trainer_kwargs)`` (resuming from its
+    checkpoint with ``--resume``), closes the trainer and writes LOGDIR/summary.json.
+
+    Returns:
+        the trainer's results and the summary's path.
+    """
+    from fedrec.cli import parse_devices, prepare_logdir
+
+    device = parse_devices(args.devices)[0]
+    logdir = prepare_logdir(args.logdir)
+    record_run_config(logdir, config, resume=args.resume, ignore=record_ignore)
+    set_seed(config.seed)
+    set_threads(config.train.num_threads)
+
+    data = prepare_data(config, progress=config.train.progress)
+    model = build_model(config, data.meta, sparse=sparse)
+    writer = open_writer(logdir)
+    trainer = trainer_cls(model, data, config, logdir=logdir, device=device, writer=writer, **trainer_kwargs)
+    try:
+        if args.resume:
+            trainer.load_checkpoint()
+        results = trainer.fit()
+    finally:
+        trainer.close()
+        writer.close()
+    rows = {name: len(split) for name, split in data.splits.items()}
+    path = write_summary(
+        logdir, config, results, rows=rows, device=str(device), data=data.meta.get("summary", {})
+    )
+    return results, path
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)

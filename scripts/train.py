@@ -10,42 +10,18 @@ import json
 import sys
 from collections.abc import Sequence
 
-from fedrec.cli import base_parser, flag_overrides, parse_devices, prepare_logdir, run_main
+from fedrec.cli import base_parser, flag_overrides, run_main
 from fedrec.config import load_config
-from fedrec.experiment import (
-    build_model,
-    open_writer,
-    prepare_data,
-    record_run_config,
-    set_seed,
-    set_threads,
-    write_summary,
-)
+from fedrec.experiment import run_central_training
 from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
     config = load_config(args.config, flag_overrides(args))
-    device = parse_devices(args.devices)[0]
-    logdir = prepare_logdir(args.logdir)
-    record_run_config(logdir, config, resume=args.resume, ignore=("train",))
-    set_seed(config.seed)
-    set_threads(config.train.num_threads)
-
-    data = prepare_data(config, progress=config.train.progress)
     sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
-    model = build_model(config, data.meta, sparse=sparse)
-    writer = open_writer(logdir)
-    trainer = BaseTrainer(model, data, config, logdir=logdir, device=device, writer=writer)
-    if args.resume:
-        trainer.load_checkpoint()
-    results = trainer.fit()
-    writer.close()
-    rows = {name: len(split) for name, split in data.splits.items()}
-    path = write_summary(
-        logdir, config, results, rows=rows, device=str(device), data=data.meta.get("summary", {})
-    )
+    # train.* (epochs, batch size, ...) may change on --resume.
+    results, path = run_central_training(args, config, BaseTrainer, sparse=sparse, record_ignore=("train",))
     print(json.dumps({"summary": path, "test": results["test"], "val": results["val"]}, indent=None))
     return 0
 

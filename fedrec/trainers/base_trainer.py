@@ -315,6 +315,9 @@ class BaseTrainer:
         os.replace(tmp, path)
         return path
 
+    def close(self) -> None:
+        """Release what the trainer holds open (nothing here; DPTrainer closes its privacy ledger)."""
+
     def load_checkpoint(self, path: str | None = None) -> None:
         """Restore from our own checkpoint file (``weights_only=True``: no arbitrary unpickling)."""
         path = path or self.checkpoint_path()
