@@ -256,3 +256,36 @@ def test_large_free_parameters_refused():
 
     with pytest.raises(PrivacyError, match="at most"):
         PerSampleClipper(Big(), max_grad_norm=1.0)
+
+
+def test_fused_dlrm_matches_naive():
+    """The shipped DLRM (26-style tables fused in one embedding, MLPs, dot interaction): exact clipping."""
+    from fedrec.models.dlrm import DLRM, DLRMConfig, interaction_size
+
+    sizes = [5, 7, 3]
+    cfg = DLRMConfig(
+        arch_sparse_feature_size=4,
+        arch_mlp_bot=[13, 8, 4],
+        arch_mlp_top=[interaction_size("dot", 4, 4, False), 8, 1],
+    )
+    model = DLRM(cfg, table_sizes=sizes, seed=0).double()
+    g = torch.Generator().manual_seed(5)
+    n = 6
+    dense = torch.rand(n, 13, generator=g, dtype=torch.float64)
+    sparse = torch.stack([torch.randint(0, s, (n,), generator=g) for s in sizes], dim=1)
+    sparse[1] = sparse[0]  # two samples reading the same rows
+    labels = torch.randint(0, 2, (n,), generator=g).double()
+    batch = list(range(n))
+
+    def loss(m, idx):
+        b = {"dense": dense[idx], "sparse": sparse[idx]}
+        return m.loss(m(b), labels[idx], reduction="none")
+
+    expected, expected_norms = naive_clipped_sum(model, loss, batch, max_grad_norm=0.05)
+    clipper = PerSampleClipper(model, max_grad_norm=0.05)
+    got = clipper.clip(loss(model, batch))
+    assert (got.clip_factors < 1).any()  # the bound bites
+    torch.testing.assert_close(got.norms, expected_norms)
+    for p, want in expected.items():
+        torch.testing.assert_close(got.to_dense(p), want)
+    assert model.sparse_arch.embedding.weight in got.sparse  # rows, not a dense table gradient
