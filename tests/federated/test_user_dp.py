@@ -116,6 +116,7 @@ def test_user_level_epsilon_in_summary_matches_the_accountant(tiny_config, tmp_p
     assert logged == sorted(logged)
 
 
+@pytest.mark.slow
 def test_secure_user_dp_under_mpirun_gives_the_model_of_one_process(tiny_config, tmp_path):
     from privacy.report.build import build_run_report
 
