@@ -219,15 +219,17 @@ class DPSGD:
         std = self.noise_multiplier * self.max_grad_norm
         scale = 1.0 / self.expected_batch_size
         for params in self._dense_groups:
-            # One draw for all dense parameters of a device and dtype: fewer calls, same law.
+            # One draw for all dense parameters of a device and dtype, and list ops over its chunks:
+            # a handful of tensor operations per step instead of several per parameter, same law.
             noise = self.noise.normal(
                 (sum(p.numel() for p in params),), device=params[0].device, dtype=params[0].dtype
             )
-            start = 0
-            for p in params:
-                chunk = noise[start : start + p.numel()].view_as(p)
-                start += p.numel()
-                p.grad = chunk.mul_(std).add_(clipped.dense[p]).mul_(scale)
+            grads = [c.view_as(p) for c, p in zip(noise.split([p.numel() for p in params]), params)]
+            torch._foreach_mul_(grads, std)
+            torch._foreach_add_(grads, [clipped.dense[p] for p in params])
+            torch._foreach_mul_(grads, scale)
+            for p, grad in zip(params, grads):
+                p.grad = grad
         for weight in self._embedding_weights:
             rows, values = clipped.sparse[weight]
             if self.lazy_noise:
