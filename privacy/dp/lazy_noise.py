@@ -65,13 +65,15 @@ class LazyRowNoise:
         if self.step_index == 0 or rows.numel() == 0:
             return
         rows = rows.reshape(-1).long()
-        variance = self._cumvar[self.step_index] - self._cumvar[self.last[rows].long()]
+        variance = self._cumvar[self.step_index] - self._cumvar.index_select(
+            0, self.last.index_select(0, rows)
+        )
         std = variance.clamp_(min=0).sqrt_().to(self.weight.dtype).unsqueeze_(1)
         draw = self.noise.normal(
             (rows.numel(), self.weight.shape[1]), device=self.weight.device, dtype=self.weight.dtype
         )
         self.noise_draws += draw.numel()
-        self.weight.index_put_((rows,), self.weight[rows] + draw.mul_(std))
+        self.weight.index_put_((rows,), torch.addcmul(self.weight.index_select(0, rows), draw, std))
         self.last[rows] = self.step_index
 
     @torch.no_grad()

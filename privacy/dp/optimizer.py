@@ -235,11 +235,11 @@ class DPSGD:
             if self.lazy_noise:
                 lr = float(self._group_of[id(weight)]["lr"])
                 weight.grad = None
-                weight.index_put_((rows,), values.mul(-lr * scale), accumulate=True)
+                weight.index_add_(0, rows, values, alpha=-lr * scale)
                 self.lazy[id(weight)].advance((lr * std * scale) ** 2)
             else:
                 grad = self.noise.normal(weight.shape, device=weight.device, dtype=weight.dtype).mul_(std)
-                grad.index_put_((rows,), values, accumulate=True)
+                grad.index_add_(0, rows, values)
                 weight.grad = grad.mul_(scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -83,7 +83,7 @@ class ClippedGradients:
         if param in self.dense:
             return self.dense[param]
         rows, values = self.sparse[param]
-        return torch.zeros_like(param).index_put_((rows,), values.to(param.dtype), accumulate=True)
+        return torch.zeros_like(param).index_add_(0, rows, values.to(param.dtype))
 
 
 class _Tape:
