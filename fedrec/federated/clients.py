@@ -349,6 +349,12 @@ def client_task(
     started = time.perf_counter()
     inject_faults(spec, round_idx, client_id)
     context = rank_context(spec)
+    if context.fl.user_dp is not None and noise is None:
+        # The client's own config asks for user-level DP: never train and send without it.
+        raise FedrecError(
+            f"client {client_id}: fl.user_dp is set but round {round_idx} came without its noise parameters; "
+            "nothing is sent"
+        )
     if noise is not None:
         context.check_round_recorded(noise)
     worker = context.trainer_worker(client_id, round_idx, attempt, digest)
@@ -417,6 +423,13 @@ def apply_task(
     started = time.perf_counter()
     context = rank_context(spec)
     current = context.global_model(round_idx, digest)
+    if context.fl.user_dp is not None:
+        if noise is None:
+            raise FedrecError(
+                f"round {round_idx}: fl.user_dp is set but the aggregate came without its noise parameters; "
+                "it is not released"
+            )
+        context.check_round_recorded(noise)  # the ledger holds this round with this k
     decoded = context.codec.decode_mean(aggregate, tag=attempt_tag(round_idx, attempt))
     mean = decoded.mean
     if noise is not None:

@@ -307,6 +307,8 @@ class Simulation:
         self.writer: Any = None
         self.ledger: Any = None
         self.user_dp: UserDPPlan | None = None
+        self.user_dp_sample_key: bytes | None = None  # fl.user_dp.secure_mode: the secret sampling key
+        self.run_key = 0
         self.stopped_at_budget = False
 
     # ------------------------------------------------------------------ setup (every check before round 0)
@@ -370,10 +372,14 @@ class Simulation:
         self.layout = ParamLayout.from_model(model)
         if fl.user_dp is not None:
             self.user_dp = self._user_dp_plan(algorithm_cls, partition.num_clients)
+            # Secure mode: the client sample comes from a secret key (fresh each start: a redone
+            # attempt after a crash is then an independent sample, as the ledger accounts it).
+            self.user_dp_sample_key = os.urandom(32) if self.user_dp.secure_mode else None
         if fl.secure:
             self.client_privacy = client_privacy_config(config, partition)
             _public_initialisation(model, data.meta)
         fingerprint = run_fingerprint(config)
+        self.run_key = int(fingerprint[:16], 16)  # keys seeded user-level noise shares to this config
 
         if self.resume:
             state = load_checkpoint(paths.checkpoint)
@@ -537,6 +543,7 @@ class Simulation:
             attempt,
             num_clients=plan.num_clients,
             rate=plan.client_sampling_rate,
+            key=self.user_dp_sample_key,
         )
         if sorted(int(c) for c in sampled) != expected:
             raise SimulationError(
@@ -546,7 +553,11 @@ class Simulation:
         if not self.ledger.can_afford_round(noise_multiplier=sigma, client_sampling_rate=q):
             raise UserBudgetExhausted(round_idx)
         noise = plan.round_noise(
-            round_idx, attempt, num_sampled=len(expected), min_completion_rate=fl.min_completion_rate
+            round_idx,
+            attempt,
+            num_sampled=len(expected),
+            min_completion_rate=fl.min_completion_rate,
+            run_key=self.run_key,
         )
         try:
             self.ledger.record_round(
@@ -604,6 +615,7 @@ class Simulation:
             round_idx=state.round_idx,
             params=algorithm_params(registry.lookup("fl_algo", fl.algorithm), fl.algorithm_params),
         )
+        aggregator.user_dp_sample_key = self.user_dp_sample_key
         bar = progress_bar(
             total=fl.rounds,
             initial=state.round_idx,

@@ -18,6 +18,8 @@ share: the resolved plan, the Poisson sample, a client's privatisation and the r
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,9 @@ class RoundNoise:
     min_survivors: int  # k: each client adds the share for k survivors
     expected_clients: float  # q N: the fixed denominator
     secure_mode: bool  # noise shares from the OS CSPRNG
+    # Seeded shares: 64 bits of the run's config fingerprint, so that two runs that differ in any
+    # setting (noise, clip, learning rate, data, ...) never draw the same shares.
+    run_key: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class UserDPPlan:
         return self.client_sampling_rate * self.num_clients
 
     def round_noise(
-        self, round_idx: int, attempt: int, *, num_sampled: int, min_completion_rate: float
+        self, round_idx: int, attempt: int, *, num_sampled: int, min_completion_rate: float, run_key: int = 0
     ) -> RoundNoise:
         """The round's parameters; an empty sample gets ``min_survivors = 1`` (it can never be released)."""
         k = (
@@ -96,6 +101,7 @@ class UserDPPlan:
             min_survivors=k,
             expected_clients=self.expected_clients,
             secure_mode=self.secure_mode,
+            run_key=run_key,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -170,7 +176,14 @@ def resolve_plan(fl: FLConfig, num_clients: int, *, planned_rounds: int | None =
         except PrivacyError as err:
             raise ConfigError(f"config key 'fl.user_dp.target_epsilon': {err}") from None
         noise_source = "target_epsilon"
-    planned = user_level_epsilon([(sigma, q)] * rounds, delta=delta, accountant=user_dp.accountant)
+    try:
+        planned = user_level_epsilon([(sigma, q)] * rounds, delta=delta, accountant=user_dp.accountant)
+    except (PrivacyError, MemoryError, ValueError, OverflowError) as err:
+        raise ConfigError(
+            f"config key 'fl.user_dp.accountant' = {user_dp.accountant!r}: cannot account {rounds} rounds at "
+            f"noise_multiplier {sigma:.4g}, q {q:.4g} ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            "try accountant rdp or more noise"
+        ) from None
     budget = user_dp.epsilon_budget
     if budget is not None:
         one_round = user_level_epsilon([(sigma, q)], delta=delta, accountant=user_dp.accountant)
@@ -206,8 +219,27 @@ def check_plan_within_budget(plan: UserDPPlan) -> None:
         )
 
 
-def poisson_sample(seed: int, round_idx: int, attempt: int, *, num_clients: int, rate: float) -> list[int]:
-    """Client ids ``0..num_clients-1``, each kept with probability ``rate``; keyed by (seed, round, attempt)."""
+def poisson_sample(
+    seed: int, round_idx: int, attempt: int, *, num_clients: int, rate: float, key: bytes | None = None
+) -> list[int]:
+    """Client ids ``0..num_clients-1``, each kept with probability ``rate``.
+
+    Without ``key``: keyed by (seed, round, attempt), reproducible, and so predictable by anyone who
+    knows the seed. With ``key`` (``fl.user_dp.secure_mode``: 32 bytes from the OS CSPRNG, drawn when
+    the aggregator starts and never written out): client ``c`` is kept when the first 64 bits of
+    HMAC-SHA256(key, "round:attempt:c") fall below ``rate * 2^64``, a pseudorandom function of a secret
+    key, so the sample that the amplification by sampling in the accountant relies on stays secret.
+    """
+    if key is not None:
+        if len(key) < 16:
+            raise ValueError("client-sampling key: expected at least 16 bytes")
+        threshold = rate * 2.0**64
+        kept = []
+        for client in range(num_clients):
+            digest = hmac.new(key, f"{round_idx}:{attempt}:{client}".encode(), hashlib.sha256).digest()
+            if int.from_bytes(digest[:8], "little") < threshold:
+                kept.append(client)
+        return kept
     rng = np.random.default_rng([seed, round_idx, attempt, _SAMPLE_SALT])
     return [int(c) for c in poisson_sample_clients(range(num_clients), rate=rate, rng=rng)]
 
@@ -236,7 +268,9 @@ def privatize(update: np.ndarray, noise: RoundNoise, *, seed: int, client_id: in
     if noise.secure_mode:
         source = GaussianNoise(secure_mode=True)
     else:
-        key = np.random.SeedSequence([seed, noise.round_idx, noise.attempt, client_id, _NOISE_SALT])
+        key = np.random.SeedSequence(
+            [seed, noise.run_key, noise.round_idx, noise.attempt, client_id, _NOISE_SALT]
+        )
         source = GaussianNoise(seed=int(key.generate_state(1, np.uint64)[0] >> np.uint64(2)))
     shares = source.normal(tuple(clipped.shape), dtype=torch.float64) * std
     return (clipped + shares).numpy(), norm > noise.clip_norm

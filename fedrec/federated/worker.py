@@ -279,6 +279,8 @@ class FederatedWorker:
         self.comm = comm
         self.round_idx = int(round_idx)
         self.attempt = 0
+        # fl.user_dp.secure_mode: the aggregator's secret client-sampling key (set by the simulation).
+        self.user_dp_sample_key: bytes | None = None
         self.params: Any = params if params is not None else self.Config()
         # Aggregator state
         self.last_results: RoundResults | None = None
@@ -323,7 +325,12 @@ class FederatedWorker:
 
             rate = client_sampling_rate(client_num_per_round, num_neighbours)
             return poisson_sample(
-                self.config.seed, round_idx, self.attempt, num_clients=num_neighbours, rate=rate
+                self.config.seed,
+                round_idx,
+                self.attempt,
+                num_clients=num_neighbours,
+                rate=rate,
+                key=self.user_dp_sample_key,
             )
         if num_neighbours == client_num_per_round:
             return list(self.in_neighbours)

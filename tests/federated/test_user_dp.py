@@ -12,7 +12,7 @@ from fl_helpers import train_fl, write_config
 
 from fedrec import registry
 from fedrec.config.loader import build_experiment
-from fedrec.errors import ConfigError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.federated.algorithms.fed_avg import FedAvgWorker
 from fedrec.federated.simulation import Simulation, SimulationError
 from fedrec.federated.user_dp import RoundNoise, poisson_sample, privatize, released_mean
@@ -67,6 +67,70 @@ def test_privatize_clips_the_whole_update_adds_the_share_and_divides_by_q_n():
     # Poisson sampling at rate q: every client independently, a count that varies by round.
     counts = [len(poisson_sample(0, r, 0, num_clients=1000, rate=0.1)) for r in range(50)]
     assert 90 < np.mean(counts) < 110 and len(set(counts)) > 5
+
+
+def test_released_model_is_the_sum_of_privatized_updates_over_q_n(tiny_config, tmp_path, monkeypatch):
+    """End to end: the new global model is old + server_lr * (sum of what privatize returned) / (q N).
+
+    Catches an aggregate over unclipped or un-noised updates, clients weighted by their example counts,
+    and a division by the realised number of clients instead of the expected q N.
+    """
+    import fedrec.federated.clients as clients
+
+    sent: dict[tuple[int, int], list[np.ndarray]] = {}
+    real = clients.privatize
+
+    def recording(update, noise, *, seed, client_id):
+        noised, clipped = real(update, noise, seed=seed, client_id=client_id)
+        sent.setdefault((noise.round_idx, noise.attempt), []).append(noised.astype(np.float32))
+        return noised, clipped
+
+    monkeypatch.setattr(clients, "privatize", recording)
+    config = tiny_config(user_dp={"noise_multiplier": 0.5, "clip_norm": 0.05}, rounds=1)
+    run(config, tmp_path)
+    record = summary(tmp_path)["rounds"][0]
+    updates = sent[(0, record["attempts"] - 1)]
+    assert len(updates) == record["completed"] != Q * CLIENTS  # realised count differs from q N here
+    before, after = np.load(model_file(tmp_path, 0)), np.load(model_file(tmp_path, 1))
+    server_lr = build_experiment(config).fl.server_lr  # type: ignore[union-attr]
+    expected = before + server_lr * np.sum(updates, axis=0, dtype=np.float64) / (Q * CLIENTS)
+    np.testing.assert_allclose(after, expected, rtol=0, atol=1e-5)
+    assert np.abs(after - before).max() > 1e-3  # the round moved the model
+
+
+def test_secure_mode_samples_clients_with_a_secret_key_and_shares_are_keyed_to_the_run():
+    """fl.user_dp.secure_mode: the sample cannot be recomputed from the seed; seeded noise shares differ
+    between runs whose configs differ (a sigma sweep must not release noise that cancels)."""
+    seeded = poisson_sample(0, 3, 0, num_clients=2000, rate=0.1)
+    first = poisson_sample(0, 3, 0, num_clients=2000, rate=0.1, key=os.urandom(32))
+    second = poisson_sample(0, 3, 0, num_clients=2000, rate=0.1, key=os.urandom(32))
+    assert first != seeded and first != second and 150 < len(first) < 250
+    key = os.urandom(32)
+    assert poisson_sample(0, 3, 0, num_clients=2000, rate=0.1, key=key) == poisson_sample(
+        0, 3, 0, num_clients=2000, rate=0.1, key=key
+    )
+    counts = [len(poisson_sample(0, r, 0, num_clients=1000, rate=0.1, key=key)) for r in range(40)]
+    assert 90 < np.mean(counts) < 110 and len(set(counts)) > 5
+    common = dict(
+        round_idx=0, attempt=0, clip_norm=1.0, client_sampling_rate=0.1, num_sampled=9, min_survivors=4
+    )
+    common.update(expected_clients=50.0, secure_mode=False)
+    update = np.zeros(1000, dtype=np.float32)
+    a, _ = privatize(update, RoundNoise(noise_multiplier=1.0, run_key=11, **common), seed=0, client_id=1)
+    b, _ = privatize(update, RoundNoise(noise_multiplier=0.5, run_key=12, **common), seed=0, client_id=1)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.15  # independent shares, not one share scaled
+
+
+def test_clients_refuse_a_round_without_noise_when_their_config_asks_for_user_dp(tiny_config, tmp_path):
+    """A client (and the key holder) follows its own fl.user_dp, not the aggregator's word."""
+    from fedrec.federated import clients
+
+    simulation = Simulation(
+        build_experiment(tiny_config(user_dp=USER_DP, rounds=1)), str(tmp_path), log=lambda message: None
+    )
+    simulation.run()
+    with pytest.raises(FedrecError, match="without its noise parameters"):
+        clients.client_task(simulation.spec, 1, 0, 0, "any-digest", noise=None)
 
 
 def test_user_level_epsilon_in_summary_matches_the_accountant(tiny_config, tmp_path):
