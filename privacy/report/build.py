@@ -430,6 +430,13 @@ def plain_language(report: dict[str, Any]) -> str:
             f"Each client's budget is epsilon = {run['client_epsilon_budget']:g}; clients that would have exceeded it "
             f"were left out ({len({e['client'] for e in report['exclusions']})} client(s))."
         )
+    seeded = _seeded_parts(run.get("config") or {}, example is not None, user is not None)
+    if seeded:
+        parts.append(
+            f"This run drew its {' and '.join(seeded)} from seeded generators (secure_mode off): anyone who learns "
+            "the run's seed can recompute them and undo the promise above, so it holds only against parties "
+            "who do not know the seed (for experiments; a release facing an adversary needs secure_mode)."
+        )
     parts.append(
         "What this does not promise: it does not hide facts that many records share (population trends), it does "
         "not protect a person whose data is spread over several clients, and it covers only what this ledger "
@@ -440,6 +447,19 @@ def plain_language(report: dict[str, Any]) -> str:
         "above about 10 promise little in practice."
     )
     return " ".join(parts)
+
+
+def _seeded_parts(config: dict[str, Any], example: bool, user: bool) -> list[str]:
+    """What the run drew from seeded (predictable) generators, from its recorded config."""
+    parts = []
+    privacy = config.get("privacy") if isinstance(config.get("privacy"), dict) else None
+    if example and privacy is not None and not privacy.get("secure_mode", False):
+        parts.append("example-level noise")
+    fl = config.get("fl") if isinstance(config.get("fl"), dict) else {}
+    user_dp = fl.get("user_dp") if isinstance(fl, dict) else None
+    if user and isinstance(user_dp, dict) and not user_dp.get("secure_mode", False):
+        parts.append("user-level noise shares and client sample")
+    return parts
 
 
 def compare_runs(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:

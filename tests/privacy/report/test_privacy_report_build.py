@@ -23,7 +23,16 @@ SPEND = dict(noise_multiplier=1.1, sample_rate=0.05, steps=40)
 
 
 def make_run(
-    logdir, *, delta=1e-5, rounds=8, clients=20, budget=4.0, user_rounds=True, auc=0.7, accountant="rdp"
+    logdir,
+    *,
+    delta=1e-5,
+    rounds=8,
+    clients=20,
+    budget=4.0,
+    user_rounds=True,
+    auc=0.7,
+    accountant="rdp",
+    config=None,
 ):
     """A federated-looking run: Poisson client sampling, budget exclusions, DP-FedAvg round records."""
     os.makedirs(logdir, exist_ok=True)
@@ -33,7 +42,7 @@ def make_run(
         delta=delta,
         client_epsilon_budget=budget,
         accountant=accountant,
-        config={"rounds": rounds},
+        config=config if config is not None else {"rounds": rounds},
     ) as ledger:
         for r in range(rounds):
             sampled = [c for c in range(clients) if rng.random() < 0.4]
@@ -197,3 +206,14 @@ def test_plan_what_ifs():
             run_plan(parse_plan(bad))
     assert math.isfinite(float(run_plan(parse_plan(["noise_multiplier=1", "sample_rate=1", "steps=1", "delta=1e-5",
                                                      "accountant=gdp"])).split()[2]))  # fmt: skip
+
+
+def test_statement_says_when_the_noise_came_from_seeded_generators(tmp_path):
+    seeded = {"privacy": {"secure_mode": False}, "fl": {"user_dp": {"secure_mode": False}}}
+    report = build_run_report(make_run(str(tmp_path / "seeded"), config=seeded))
+    assert (
+        "example-level noise and user-level noise shares and client sample from seeded" in report["statement"]
+    )
+    secure = {"privacy": {"secure_mode": True}, "fl": {"user_dp": {"secure_mode": True}}}
+    report = build_run_report(make_run(str(tmp_path / "secure"), config=secure))
+    assert "seeded generators" not in report["statement"]
