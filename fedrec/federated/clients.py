@@ -370,8 +370,9 @@ def client_task(
             largest = float(np.max(np.abs(noised))) if noised.size else 0.0
             if largest > bound:
                 # Clamping a coordinate would change the Gaussian mechanism the ledger accounts.
+                # The message leaves the client in plaintext: it must not carry the value itself.
                 raise FedrecError(
-                    f"client {client_id}: a noised update value {largest:.3g} exceeds fl.encryption.clip = "
+                    f"client {client_id}: a noised update value exceeds fl.encryption.clip = "
                     f"{bound:g}; the update is not sent (raise fl.encryption.clip)"
                 )
         update = dataclasses.replace(update, delta=noised.astype(np.float32), weight=1.0)

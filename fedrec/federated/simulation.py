@@ -507,15 +507,18 @@ class Simulation:
         if not self.resume:
             check_plan_within_budget(plan)
         if fl.secure:
-            expected_k = min_survivors_for(
-                num_sampled=fl.client_num_per_round, min_completion_rate=fl.min_completion_rate
-            )
-            needed = required_encryption_clip(plan, min_survivors=expected_k)
+            # Size for a small Poisson sample (4 standard deviations below the mean), not the expected
+            # one: fewer survivors mean larger shares, and a client whose noised update does not fit
+            # refuses to send (a dropout that depends on its data).
+            mean = plan.client_sampling_rate * num_clients
+            low = max(1, math.floor(mean - 4.0 * math.sqrt(mean * (1.0 - plan.client_sampling_rate))))
+            low_k = min_survivors_for(num_sampled=low, min_completion_rate=fl.min_completion_rate)
+            needed = required_encryption_clip(plan, min_survivors=low_k)
             if fl.encryption.clip < needed:
                 raise ConfigError(
                     f"config key 'fl.encryption.clip' = {fl.encryption.clip!r}: below {needed:.3g}, the clip norm "
                     f"{plan.clip_norm:g} plus 6 std of a noise share (noise_multiplier {plan.noise_multiplier:.3g}, "
-                    f"{expected_k} survivors); noised updates would not fit the encryption grid"
+                    f"{low_k} survivors of a small sample of {low}); noised updates would not fit the encryption grid"
                 )
         return plan
 
