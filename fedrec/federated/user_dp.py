@@ -57,7 +57,8 @@ class RoundNoise:
     expected_clients: float  # q N: the fixed denominator
     secure_mode: bool  # noise shares from the OS CSPRNG
     # Seeded shares: 64 bits of the run's config fingerprint, so that two runs that differ in any
-    # setting (noise, clip, learning rate, data, ...) never draw the same shares.
+    # config setting (noise, clip, learning rate, data file, ...) never draw the same shares (the same config
+    # on changed data does: docs/federated.md).
     run_key: int = 0
 
 
