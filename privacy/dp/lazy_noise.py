@@ -50,9 +50,10 @@ class LazyRowNoise:
         self._cumvar[self.step_index + 1] = self._cumvar[self.step_index] + variance
         self.step_index += 1
 
-    def pending_variance(self, rows: torch.Tensor) -> torch.Tensor:
-        """Variance each of ``rows`` still owes (float64)."""
-        return self._cumvar[self.step_index] - self._cumvar[self.last[rows].long()]
+    def pending_variance(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Variance each of ``rows`` (default: every row) still owes (float64)."""
+        last = self.last if rows is None else self.last.index_select(0, rows)
+        return self._cumvar[self.step_index] - self._cumvar.index_select(0, last)
 
     @torch.no_grad()
     def flush_rows(self, rows: torch.Tensor) -> None:
@@ -65,10 +66,7 @@ class LazyRowNoise:
         if self.step_index == 0 or rows.numel() == 0:
             return
         rows = rows.reshape(-1).long()
-        variance = self._cumvar[self.step_index] - self._cumvar.index_select(
-            0, self.last.index_select(0, rows)
-        )
-        std = variance.clamp_(min=0).sqrt_().to(self.weight.dtype).unsqueeze_(1)
+        std = self.pending_variance(rows).clamp_(min=0).sqrt_().to(self.weight.dtype).unsqueeze_(1)
         draw = self.noise.normal(
             (rows.numel(), self.weight.shape[1]), device=self.weight.device, dtype=self.weight.dtype
         )
@@ -81,8 +79,7 @@ class LazyRowNoise:
         """Bring every row up to date (before export, checkpoint, evaluation of all rows)."""
         if self.step_index == 0:
             return
-        std = self.pending_variance(torch.arange(self.weight.shape[0], device=self.weight.device))
-        std = std.clamp(min=0).sqrt().to(self.weight.dtype).unsqueeze(1)
+        std = self.pending_variance().clamp_(min=0).sqrt_().to(self.weight.dtype).unsqueeze_(1)
         draw = self.noise.normal(tuple(self.weight.shape), device=self.weight.device, dtype=self.weight.dtype)
         self.noise_draws += draw.numel()
         self.weight.add_(draw * std)
