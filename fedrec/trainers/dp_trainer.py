@@ -27,7 +27,13 @@ from fedrec.config.schema import ExperimentConfig, PrivacyConfig
 from fedrec.data.base import ProcessedData
 from fedrec.errors import ConfigError
 from fedrec.trainers.base_trainer import BaseTrainer
-from privacy.accounting.accountants import Accountant, check_budget, check_delta, noise_multiplier_for
+from privacy.accounting.accountants import (
+    Accountant,
+    check_budget,
+    check_delta,
+    largest_within,
+    noise_multiplier_for,
+)
 from privacy.dp.optimizer import DPSGD, StepStats
 from privacy.dp.sampling import PoissonBatchSampler, check_sampling
 from privacy.errors import PrivacyError
@@ -224,18 +230,7 @@ class DPTrainer(BaseTrainer):
             )
             return eps <= budget
 
-        if upper < 1 or not fits(1):
-            return 0
-        if fits(upper):
-            return upper
-        low, high = 1, upper  # fits(low), not fits(high); epsilon is monotone in steps
-        while high - low > 1:
-            mid = (low + high) // 2
-            if fits(mid):
-                low = mid
-            else:
-                high = mid
-        return low
+        return largest_within(upper, fits)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

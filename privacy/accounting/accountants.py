@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from opacus.accountants import create_accountant
@@ -181,6 +182,21 @@ def noise_multiplier_for(
     return float(sigma)
 
 
+def largest_within(upper: int, within: Callable[[int], bool]) -> int:
+    """Largest ``n`` in [0, upper] with ``within(n)``, for a ``within`` that holds at 0 and, once false,
+    stays false (epsilon never decreases with more steps): a binary search."""
+    if upper <= 0 or within(upper):
+        return max(upper, 0)
+    low, high = 0, upper  # within(low) holds, within(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        if within(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 def max_steps_within(
     *,
     epsilon_budget: float,
@@ -207,16 +223,7 @@ def max_steps_within(
         )
         return eps <= epsilon_budget
 
-    if upper == 0 or within(upper):
-        return upper
-    low, high = 0, upper  # within(low) holds, within(high) does not
-    while high - low > 1:
-        mid = (low + high) // 2
-        if within(mid):
-            low = mid
-        else:
-            high = mid
-    return low
+    return largest_within(upper, within)
 
 
 def check_budget(
