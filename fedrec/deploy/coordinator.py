@@ -628,6 +628,7 @@ class Coordinator:
         from fedrec.federated.checkpoint import (
             AggregatorState,
             capture_rng,
+            check_checkpoint_presence,
             check_resume,
             load_checkpoint,
             restore_rng,
@@ -636,14 +637,9 @@ class Coordinator:
         from privacy.encryption.context import load_context
         from privacy.encryption.schema import UpdateSchema
 
-        have = os.path.exists(self.paths.checkpoint)
-        if self.resume and not have:
-            raise FedrecError(f"{self.paths.checkpoint}: no deployment checkpoint to resume from")
-        if not self.resume and have:
-            raise ConfigError(
-                f"--logdir {self.logdir} already holds a deployment ({self.paths.checkpoint}); pass --resume or "
-                "choose a new --logdir"
-            )
+        check_checkpoint_presence(
+            self.paths.checkpoint, resume=self.resume, logdir=self.logdir, what="deployment"
+        )
         started = time.monotonic()
         self.connect()
         self.log(

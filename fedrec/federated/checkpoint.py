@@ -70,6 +70,19 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.from_numpy(raw))
 
 
+def check_checkpoint_presence(path: str, *, resume: bool, logdir: str, what: str) -> None:
+    """``--resume`` needs the checkpoint at ``path``; a fresh run must not find one (``what``: the kind
+    of run, e.g. 'federated' or 'deployment')."""
+    have = os.path.exists(path)
+    if resume and not have:
+        raise FedrecError(f"{path}: no {what} checkpoint to resume from")
+    if not resume and have:
+        raise ConfigError(
+            f"--logdir {logdir} already holds a {what} run ({path}); "
+            "pass --resume to continue it or choose a new --logdir"
+        )
+
+
 def save_checkpoint(path: str, state: AggregatorState) -> None:
     """Write the checkpoint to a temporary name, fsync, rename over the old one."""
     write_json_atomic(path, asdict(state))

@@ -60,6 +60,7 @@ from fedrec.experiment import build_model, config_fingerprint, open_writer, prep
 from fedrec.federated.checkpoint import (
     AggregatorState,
     capture_rng,
+    check_checkpoint_presence,
     check_resume,
     load_checkpoint,
     restore_rng,
@@ -320,14 +321,7 @@ class Simulation:
         except FedrecError as err:
             raise ConfigError(f"config key 'fl.algorithm': {err}") from None
         algorithm_params(algorithm_cls, fl.algorithm_params)
-        have_checkpoint = os.path.exists(paths.checkpoint)
-        if self.resume and not have_checkpoint:
-            raise FedrecError(f"{paths.checkpoint}: no federated checkpoint to resume from")
-        if not self.resume and have_checkpoint:
-            raise ConfigError(
-                f"--logdir {self.logdir} already holds a federated run ({paths.checkpoint}); "
-                "pass --resume to continue it or choose a new --logdir"
-            )
+        check_checkpoint_presence(paths.checkpoint, resume=self.resume, logdir=self.logdir, what="federated")
         world = mpi_world_size()
         if world == 1 and launcher_ranks() > 1:
             raise ConfigError(
