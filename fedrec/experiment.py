@@ -18,6 +18,7 @@ import yaml
 from torch import nn
 
 from fedrec import registry
+from fedrec.cli import parse_devices, prepare_logdir
 from fedrec.config import ExperimentConfig, config_to_dict
 from fedrec.data.base import ProcessedData, write_json_atomic
 from fedrec.errors import ConfigError
@@ -135,8 +136,6 @@ def run_central_training(
     Returns:
         the trainer's results and the summary's path.
     """
-    from fedrec.cli import parse_devices, prepare_logdir
-
     device = parse_devices(args.devices)[0]
     logdir = prepare_logdir(args.logdir)
     record_run_config(logdir, config, resume=args.resume, ignore=record_ignore)
