@@ -3,10 +3,18 @@
 One SQLite file per run (``LOGDIR/privacy_ledger.sqlite``) in WAL mode with ``synchronous=FULL``:
 ``record_*`` returns only after the transaction is on disk, so a caller that sends its update after
 the call returns can crash at any point and the ledger over-counts at worst, never under-counts.
-Every table refuses UPDATE and DELETE (SQL triggers): spend is never decremented, and a resumed run
-reopens and continues the same file. The file carries an application id and a schema version; a
-file that is not a ledger, a newer schema, a failed ``PRAGMA quick_check`` or a truncated file raise
-``LedgerError`` with one line naming the file.
+Every table refuses UPDATE and DELETE (SQL triggers), and every row is linked into a hash chain
+(``chain`` table): each link's SHA-256 covers the row's table, sequence number and content and the
+previous link, and the first link covers the run metadata (ledger id, run id, delta, accountant,
+budgets, config). Opening a ledger to resume or report walks the whole chain and refuses a row that
+was edited, deleted or inserted outside this API, and any impossible value (noise multiplier <= 0 or
+not finite, sample rate outside (0, 1], steps < 1, delta outside (0, 1), a negative epsilon).
+``position()`` gives the chain's head and length; a checkpoint or summary that stores it is checked
+with ``check_position`` (a ledger rewound to an older copy, or copied from another run, is refused).
+The chain has no secret: someone who rewrites every row and link consistently is caught only by a
+head recorded elsewhere (docs/ledger.md says what holds and what does not). The file carries an
+application id and a schema version; a file that is not a ledger, another schema, a failed
+``PRAGMA quick_check`` or a truncated file raise ``LedgerError`` with one line naming the file.
 
 What is recorded:
 
@@ -27,6 +35,7 @@ must run on the same host as the file (not over NFS); processes on other hosts r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -47,7 +56,7 @@ from privacy.accounting.user_level import (
 )
 from privacy.errors import LedgerError, PrivacyError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: hash chain over rows, noise multiplier > 0
 LEDGER_FILENAME = "privacy_ledger.sqlite"
 # Written into the SQLite header (PRAGMA application_id): "FRLG", a fedrec ledger.
 APPLICATION_ID = 0x46524C47
@@ -64,7 +73,25 @@ _META_KEYS = (
     "config",
     "created_at",
 )
-_TABLES = ("meta", "client_spends", "rounds", "exclusions", "run_events")
+_TABLES = ("meta", "client_spends", "rounds", "exclusions", "run_events", "chain")
+# The columns each chained table's link covers, in order (everything but the sequence number).
+_CHAINED_COLUMNS = {
+    "client_spends": ("client", "round", "noise_multiplier", "sample_rate", "steps", "recorded_at", "writer_pid"),
+    "rounds": (
+        "round",
+        "noise_multiplier",
+        "clip_norm",
+        "client_sampling_rate",
+        "num_sampled",
+        "min_survivors",
+        "sampling",
+        "recorded_at",
+        "writer_pid",
+    ),
+    "exclusions": ("client", "round", "reason", "epsilon", "recorded_at", "writer_pid"),
+    "run_events": ("kind", "detail", "recorded_at", "writer_pid"),
+}
+CHAIN_GENESIS_TAG = b"fedrec-privacy-ledger-chain-v2"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;
@@ -72,7 +99,7 @@ CREATE TABLE client_spends (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     client TEXT NOT NULL CHECK (length(client) > 0),
     round INTEGER NOT NULL CHECK (round >= 0),
-    noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),
+    noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
     sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
     steps INTEGER NOT NULL CHECK (steps >= 1),
     recorded_at REAL NOT NULL,
@@ -82,7 +109,7 @@ CREATE INDEX client_spends_by_client ON client_spends (client, seq);
 CREATE TABLE rounds (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     round INTEGER NOT NULL CHECK (round >= 0),
-    noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),
+    noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
     clip_norm REAL NOT NULL CHECK (clip_norm > 0),
     client_sampling_rate REAL NOT NULL CHECK (client_sampling_rate > 0 AND client_sampling_rate <= 1),
     num_sampled INTEGER NOT NULL CHECK (num_sampled >= 0),
@@ -107,6 +134,12 @@ CREATE TABLE run_events (
     detail TEXT NOT NULL,
     recorded_at REAL NOT NULL,
     writer_pid INTEGER NOT NULL
+);
+CREATE TABLE chain (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    row_seq INTEGER NOT NULL,
+    digest TEXT NOT NULL
 );
 """ + "".join(
     f"""
@@ -292,7 +325,9 @@ class PrivacyLedger:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise LedgerError(f"no privacy ledger at {path}")
-        return cls._connect_checked(path, readonly=False)
+        # A pool worker appends to a ledger its aggregator verified when it opened it: walking the
+        # whole chain per worker and round would cost O(rows) each time.
+        return cls._connect_checked(path, readonly=False, chain=False)
 
     @classmethod
     def read(cls, path: str | os.PathLike, *, full_check: bool = False) -> PrivacyLedger:
@@ -303,11 +338,15 @@ class PrivacyLedger:
         return cls._connect_checked(path, readonly=True, full_check=full_check)
 
     @classmethod
-    def _connect_checked(cls, path: str, *, readonly: bool, full_check: bool = False) -> PrivacyLedger:
+    def _connect_checked(
+        cls, path: str, *, readonly: bool, full_check: bool = False, chain: bool = True
+    ) -> PrivacyLedger:
         con = None
         try:
             con = _connect(path, readonly=readonly)
             info = _verify(con, path, full_check=full_check)
+            if chain:
+                _verify_chain(con, path)
         except sqlite3.Error as err:
             if con is not None:
                 con.close()
@@ -376,21 +415,13 @@ class PrivacyLedger:
             now, pid = time.time(), os.getpid()
             done = []
             for s in pending:
-                cursor = con.execute(
-                    "INSERT INTO client_spends (client, round, noise_multiplier, sample_rate, steps, recorded_at,"
-                    " writer_pid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                seq = _insert_chained(
+                    con,
+                    "client_spends",
                     (s.client, s.round, s.noise_multiplier, s.sample_rate, s.steps, now, pid),
                 )
                 done.append(
-                    ClientSpend(
-                        s.client,
-                        s.round,
-                        s.noise_multiplier,
-                        s.sample_rate,
-                        s.steps,
-                        cursor.lastrowid or 0,
-                        now,
-                    )
+                    ClientSpend(s.client, s.round, s.noise_multiplier, s.sample_rate, s.steps, seq, now)
                 )
             return done
 
@@ -443,21 +474,13 @@ class PrivacyLedger:
                         f"budget {budget:g}; stop the run"
                     )
             now = time.time()
-            cursor = con.execute(
-                "INSERT INTO rounds (round, noise_multiplier, clip_norm, client_sampling_rate, num_sampled,"
-                " min_survivors, sampling, recorded_at, writer_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            seq = _insert_chained(
+                con,
+                "rounds",
                 (index, sigma, float(clip_norm), q, num_sampled, min_survivors, sampling, now, os.getpid()),
             )
             return RoundRecord(
-                index,
-                sigma,
-                float(clip_norm),
-                q,
-                num_sampled,
-                min_survivors,
-                sampling,
-                cursor.lastrowid or 0,
-                now,
+                index, sigma, float(clip_norm), q, num_sampled, min_survivors, sampling, seq, now
             )
 
         return self._write(insert)
@@ -469,14 +492,13 @@ class PrivacyLedger:
         client_id, index = _client_id(client), _round_index(round)
         if not isinstance(reason, str) or not reason.strip():
             raise PrivacyError(f"reason = {reason!r}: expected a non-empty string")
+        if epsilon is not None:
+            epsilon = _epsilon_value(epsilon, "epsilon")
 
         def insert(con: sqlite3.Connection) -> Exclusion:
             now = time.time()
-            cursor = con.execute(
-                "INSERT INTO exclusions (client, round, reason, epsilon, recorded_at, writer_pid) VALUES (?, ?, ?, ?, ?, ?)",
-                (client_id, index, reason, epsilon, now, os.getpid()),
-            )
-            return Exclusion(client_id, index, reason, epsilon, cursor.lastrowid or 0, now)
+            seq = _insert_chained(con, "exclusions", (client_id, index, reason, epsilon, now, os.getpid()))
+            return Exclusion(client_id, index, reason, epsilon, seq, now)
 
         return self._write(insert)
 
@@ -488,11 +510,8 @@ class PrivacyLedger:
 
         def insert(con: sqlite3.Connection) -> RunEvent:
             now = time.time()
-            cursor = con.execute(
-                "INSERT INTO run_events (kind, detail, recorded_at, writer_pid) VALUES (?, ?, ?, ?)",
-                (kind, text, now, os.getpid()),
-            )
-            return RunEvent(kind, detail, cursor.lastrowid or 0, now)
+            seq = _insert_chained(con, "run_events", (kind, text, now, os.getpid()))
+            return RunEvent(kind, detail, seq, now)
 
         return self._write(insert)
 
@@ -524,9 +543,9 @@ class PrivacyLedger:
                 if budget is not None:
                     eps = self._epsilon([*self._history(con, client), planned])
                     if eps > budget:
-                        con.execute(
-                            "INSERT INTO exclusions (client, round, reason, epsilon, recorded_at, writer_pid)"
-                            " VALUES (?, ?, ?, ?, ?, ?)",
+                        _insert_chained(
+                            con,
+                            "exclusions",
                             (
                                 client,
                                 index,
@@ -638,24 +657,85 @@ class PrivacyLedger:
             return None
         return max(0.0, budget - self.client_epsilon(client))
 
-    def position(self) -> dict[str, int]:
-        """Rows per event table now: store it in a checkpoint, check it with ``check_position`` on resume."""
-        return {
-            table: int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])
-            for table in ("client_spends", "rounds", "exclusions")
-        }
+    def position(self) -> dict[str, Any]:
+        """Where the ledger stands now: its id, the hash chain's length and head, and rows per event table.
 
-    def check_position(self, position: dict[str, int]) -> None:
-        """Raise LedgerError if the ledger holds fewer rows than a checkpoint saw (it lost spends)."""
+        Store it in every checkpoint and in the summary; ``check_position`` on resume (and the report)
+        then refuses a ledger that lost rows, was rewound to an older copy, rewritten, or copied in from
+        another run. JSON-able.
+        """
+
+        def read(con: sqlite3.Connection) -> dict[str, Any]:
+            head = con.execute("SELECT COUNT(*), MAX(seq) FROM chain").fetchone()
+            last = con.execute("SELECT digest FROM chain ORDER BY seq DESC LIMIT 1").fetchone()
+            counts = {
+                table: int(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                for table in ("client_spends", "rounds", "exclusions")
+            }
+            return {
+                "ledger_id": self.info.ledger_id,
+                "chain_rows": int(head[0]),
+                "chain_head": str(last[0]) if last else "",
+                **counts,
+            }
+
+        return self._run_read(read)
+
+    def check_position(self, position: dict[str, Any], *, source: str = "the checkpoint") -> None:
+        """Raise LedgerError unless this ledger is the one ``position`` was taken from, at or after it.
+
+        Checks the ledger id (a ledger copied in from another run), the hash-chain link at the recorded
+        length (a ledger rewound, rewritten or with rows deleted since) and the per-table row counts.
+        """
+        if not isinstance(position, dict):
+            raise LedgerError(f"privacy ledger {self.path}: {source} records position {position!r:.80}")
+        recorded_id = position.get("ledger_id")
+        if recorded_id is not None and recorded_id != self.info.ledger_id:
+            raise LedgerError(
+                f"privacy ledger {self.path}: ledger id {self.info.ledger_id} but {source} was written with "
+                f"ledger {recorded_id}; this is another run's ledger (copied in?)"
+            )
         now = self.position()
-        for table, count in position.items():
-            if table not in now:
-                raise LedgerError(f"privacy ledger {self.path}: checkpoint names unknown table {table!r}")
-            if now[table] < int(count):
+        if "chain_rows" in position or "chain_head" in position:
+            rows, head = position.get("chain_rows"), position.get("chain_head")
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or not isinstance(head, str):
                 raise LedgerError(
-                    f"privacy ledger {self.path}: {table} has {now[table]} rows but the checkpoint saw {count}; "
+                    f"privacy ledger {self.path}: {source} records chain_rows={rows!r}, chain_head={head!r}"
+                )
+            if now["chain_rows"] < rows:
+                raise LedgerError(
+                    f"privacy ledger {self.path}: {now['chain_rows']} chained rows but {source} saw {rows}; "
                     "the ledger lost records (restored from an older copy?)"
                 )
+            link = self._query("SELECT digest FROM chain ORDER BY seq LIMIT 1 OFFSET ?", (rows - 1,))
+            if not link or link[0][0] != head:
+                raise LedgerError(
+                    f"privacy ledger {self.path}: hash-chain link {rows} differs from the head {source} recorded; "
+                    "the ledger was rewritten or replaced since"
+                )
+        for table, count in position.items():
+            if table in ("ledger_id", "chain_rows", "chain_head"):
+                continue
+            if table not in now:
+                raise LedgerError(f"privacy ledger {self.path}: {source} names unknown table {table!r}")
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise LedgerError(f"privacy ledger {self.path}: {source} records {table} = {count!r}")
+            if now[table] < count:
+                raise LedgerError(
+                    f"privacy ledger {self.path}: {table} has {now[table]} rows but {source} saw {count}; "
+                    "the ledger lost records (restored from an older copy?)"
+                )
+
+    def verify_chain(self) -> tuple[int, str]:
+        """Walk the whole hash chain and check every row's values; returns (links, head).
+
+        Raises:
+            LedgerError: a row edited, deleted or inserted outside this API, or an impossible value.
+        """
+        try:
+            return _verify_chain(self._con, self.path)
+        except sqlite3.Error as err:
+            raise LedgerError(f"privacy ledger {self.path}: read failed ({err})") from None
 
     def check_integrity(self) -> None:
         """Run the full ``PRAGMA integrity_check``; raise LedgerError on any problem."""
@@ -727,6 +807,127 @@ def _json_text(value: Any, path: str) -> str:
         return json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise PrivacyError(f"privacy ledger {path}: config/detail is not JSON-serialisable ({err})") from None
+
+
+def _epsilon_value(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise PrivacyError(f"{name} = {value!r}: expected a number >= 0 (an epsilon is never negative)")
+    return float(value)
+
+
+def _canonical(value: Any) -> str:
+    # Types matter (3 and 3.0 differ): a value rewritten with another SQLite type breaks its link.
+    return json.dumps(value, separators=(",", ":"), default=repr)
+
+
+def _genesis(con: sqlite3.Connection) -> str:
+    """The chain's first 'previous' digest: the run metadata exactly as stored (ids, delta, budgets)."""
+    meta = sorted(con.execute("SELECT key, value FROM meta").fetchall())
+    text = _canonical([[str(k), v] for k, v in meta])
+    return hashlib.sha256(CHAIN_GENESIS_TAG + b"\0" + text.encode()).hexdigest()
+
+
+def _link(previous: str, table: str, row_seq: int, row: Sequence[Any]) -> str:
+    text = _canonical([table, row_seq, list(row)])
+    return hashlib.sha256(previous.encode() + b"\n" + text.encode()).hexdigest()
+
+
+def _insert_chained(con: sqlite3.Connection, table: str, values: Sequence[Any]) -> int:
+    """Insert one row and its hash-chain link (inside the caller's transaction); returns the row's seq.
+
+    The link hashes the row as SQLite stored it (read back), so type affinity cannot break a check.
+    """
+    columns = _CHAINED_COLUMNS[table]
+    cursor = con.execute(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", tuple(values)
+    )
+    seq = int(cursor.lastrowid or 0)
+    row = con.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE seq = ?", (seq,)).fetchone()
+    last = con.execute("SELECT digest FROM chain ORDER BY seq DESC LIMIT 1").fetchone()
+    previous = str(last[0]) if last else _genesis(con)
+    con.execute(
+        "INSERT INTO chain (tbl, row_seq, digest) VALUES (?, ?, ?)", (table, seq, _link(previous, table, seq, row))
+    )
+    return seq
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _impossible(table: str, row: Sequence[Any]) -> str | None:
+    """What is impossible about a stored row (None when it is a value the API could have written)."""
+    values = dict(zip(_CHAINED_COLUMNS[table], row))
+    checks: list[tuple[str, bool]] = [("recorded_at", _finite(values["recorded_at"]))]
+    if "round" in values:
+        checks.append(("round", _is_int(values["round"], 0)))
+    if "noise_multiplier" in values:
+        sigma = values["noise_multiplier"]
+        checks.append(("noise_multiplier", _finite(sigma) and sigma > 0))
+    if table == "client_spends":
+        rate = values["sample_rate"]
+        checks += [
+            ("sample_rate", _finite(rate) and 0 < rate <= 1),
+            ("steps", _is_int(values["steps"], 1)),
+            ("client", isinstance(values["client"], str) and bool(values["client"])),
+        ]
+    elif table == "rounds":
+        q, clip = values["client_sampling_rate"], values["clip_norm"]
+        checks += [
+            ("client_sampling_rate", _finite(q) and 0 < q <= 1),
+            ("clip_norm", _finite(clip) and clip > 0),
+            ("num_sampled", _is_int(values["num_sampled"], 0)),
+            ("min_survivors", _is_int(values["min_survivors"], 1)),
+            ("sampling", values["sampling"] in SAMPLING_SCHEMES),
+        ]
+    elif table == "exclusions":
+        eps = values["epsilon"]
+        checks.append(("epsilon", eps is None or (isinstance(eps, int | float) and eps >= 0)))
+    for name, ok in checks:
+        if not ok:
+            return f"{name} = {values[name]!r}"
+    return None
+
+
+def _verify_chain(con: sqlite3.Connection, path: str) -> tuple[int, str]:
+    """Recompute every link from the metadata on; every row must be linked exactly once."""
+    rows: dict[str, dict[int, tuple]] = {}
+    for table, columns in _CHAINED_COLUMNS.items():
+        found = con.execute(f"SELECT seq, {', '.join(columns)} FROM {table} ORDER BY seq").fetchall()
+        rows[table] = {int(r[0]): tuple(r[1:]) for r in found}
+    previous, links = _genesis(con), 0
+    for link_seq, table, row_seq, digest in con.execute("SELECT seq, tbl, row_seq, digest FROM chain ORDER BY seq"):
+        links += 1
+        row = rows.get(str(table), {}).pop(row_seq, None) if str(table) in rows else None
+        if row is None:
+            raise LedgerError(
+                f"privacy ledger {path}: hash-chain link {link_seq} names {table} row {row_seq}, which is missing "
+                "(deleted or linked twice); the ledger was tampered with"
+            )
+        expected = _link(previous, str(table), int(row_seq), row)
+        if digest != expected:
+            where = "the run metadata or " if links == 1 else ""
+            raise LedgerError(
+                f"privacy ledger {path}: {where}{table} row {row_seq} does not match hash-chain link {link_seq}; "
+                "it was edited outside the ledger API (tampered)"
+            )
+        bad = _impossible(str(table), row)
+        if bad is not None:
+            raise LedgerError(f"privacy ledger {path}: {table} row {row_seq} holds an impossible value ({bad})")
+        previous = expected
+    for table, left in rows.items():
+        if left:
+            raise LedgerError(
+                f"privacy ledger {path}: {table} row {min(left)} is not in the hash chain; it was inserted outside "
+                "the ledger API (tampered)"
+            )
+    if links == 0:
+        raise LedgerError(f"privacy ledger {path}: empty hash chain (not even the start event); tampered")
+    return links, previous
 
 
 def _natural_key(client: str) -> tuple[int, int | str]:
@@ -823,9 +1024,11 @@ def _create(path: str, meta: dict[str, Any]) -> bool:
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
                 [(key, json.dumps(values[key], sort_keys=True, allow_nan=False)) for key in _META_KEYS],
             )
-            con.execute(
-                "INSERT INTO run_events (kind, detail, recorded_at, writer_pid) VALUES ('start', ?, ?, ?)",
+            _insert_chained(
+                con,
+                "run_events",
                 (
+                    "start",
                     json.dumps({"config": meta.get("config", {})}, sort_keys=True),
                     values["created_at"],
                     os.getpid(),

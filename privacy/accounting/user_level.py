@@ -14,7 +14,8 @@ Both privacy notions this project reports reduce to the same mechanism, composed
 
 Epsilon is computed with Opacus's accountants (RDP: Mironov, Talwar, Zhang 2019 with the RDP to
 (epsilon, delta) conversion of Balle et al. 2020; PRV: Gopi, Lee, Wutschitz 2021; GDP: Dong, Roth, Su
-2019, an approximation that can under-estimate and is therefore not allowed for budgets).
+2019, an approximation that can under-estimate, so 'gdp' here always means max(GDP, PRV): it is never
+printed or budgeted below the tight accountant, and the raw approximation is only shown beside it).
 """
 
 from __future__ import annotations
@@ -60,15 +61,15 @@ def validate_accountant(accountant: str, *, allowed: Sequence[str] = ACCOUNTANTS
 
 
 def validate_entry(*, noise_multiplier: float, sample_rate: float, steps: int) -> HistoryEntry:
-    """Check one history entry: noise >= 0 (0 means no privacy), rate in (0, 1], steps >= 1."""
+    """Check one history entry: finite noise > 0 (zero noise is not DP), rate in (0, 1], steps >= 1."""
     try:
         sigma, rate = float(noise_multiplier), float(sample_rate)
     except (TypeError, ValueError):
         raise PrivacyError(
             f"noise_multiplier = {noise_multiplier!r}, sample_rate = {sample_rate!r}: expected numbers"
         ) from None
-    if not math.isfinite(sigma) or sigma < 0:
-        raise PrivacyError(f"noise_multiplier = {noise_multiplier!r}: expected a finite number >= 0")
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise PrivacyError(f"noise_multiplier = {noise_multiplier!r}: expected a finite number > 0")
     if not math.isfinite(rate) or not 0.0 < rate <= 1.0:
         raise PrivacyError(f"sample_rate = {sample_rate!r}: expected a number in (0, 1]")
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
@@ -127,18 +128,18 @@ def epsilon_from_history(
 ) -> float:
     """Epsilon of composing every ``(noise_multiplier, sample_rate, steps)`` entry, at ``delta``.
 
-    An empty history spends nothing (0.0); any entry with noise multiplier 0 gives ``math.inf``.
+    An empty history spends nothing (0.0). A history so weak that the accountant overflows gives
+    ``math.inf``. For ``gdp`` the result is never below the tight PRV value (see ``_epsilon_cached``).
 
     Raises:
-        PrivacyError: bad delta, accountant or entry; an accountant that cannot compute this history.
+        PrivacyError: bad delta, accountant or entry (noise multiplier <= 0 included); an accountant
+            that cannot compute this history, or that gives a negative epsilon.
     """
     delta = validate_delta(delta)
     validate_accountant(accountant)
     merged = merge_history(history)
     if not merged:
         return 0.0
-    if any(sigma == 0.0 for sigma, _, _ in merged):
-        return math.inf
     return _epsilon_cached(merged, delta, accountant)
 
 
@@ -147,13 +148,59 @@ def epsilon_from_merged(merged: tuple[HistoryEntry, ...], *, delta: float, accou
     that compose many clients incrementally)."""
     if not merged:
         return 0.0
-    if any(sigma == 0.0 for sigma, _, _ in merged):
-        return math.inf
-    return _epsilon_cached(tuple(sorted(merged)), float(delta), accountant)
+    return _epsilon_cached(tuple(sorted(merged)), validate_delta(delta), validate_accountant(accountant))
 
 
 @functools.lru_cache(maxsize=8192)
 def _epsilon_cached(merged: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    for sigma, rate, steps in merged:
+        validate_entry(noise_multiplier=sigma, sample_rate=rate, steps=steps)
+    if accountant == "gdp":
+        # GDP (a central-limit approximation) can under-estimate: it is reported, and budgeted, as
+        # the larger of itself and the tight PRV value (Gopi et al. 2021), never below it.
+        return max(_checked(_gdp_epsilon(merged, delta), "gdp", delta), tight_epsilon_of_merged(merged, delta))
+    return _checked(_raw_epsilon(merged, delta, accountant), accountant, delta)
+
+
+def _checked(eps: float, accountant: str, delta: float) -> float:
+    if math.isnan(eps) or eps < 0:
+        raise PrivacyError(
+            f"accountant {accountant!r} gave epsilon {eps:.4g} at delta {delta:g}: impossible (epsilon is never "
+            "negative); the history or delta is wrong"
+        )
+    return float(eps)
+
+
+def tight_epsilon_of_merged(merged: tuple[HistoryEntry, ...], delta: float) -> float:
+    """The tight (PRV) epsilon of a merged history; RDP (a looser upper bound) where PRV cannot compute."""
+    try:
+        return _checked(_raw_epsilon(merged, delta, "prv"), "prv", delta)
+    except PrivacyError:
+        return _checked(_raw_epsilon(merged, delta, "rdp"), "rdp", delta)
+
+
+def gdp_approximation(history: Iterable[Sequence[float]], *, delta: float) -> float:
+    """Opacus's raw GDP approximation (may be BELOW the true epsilon): shown beside, never used alone."""
+    merged = merge_history(history)
+    if not merged:
+        return 0.0
+    return _checked(_gdp_epsilon(merged, validate_delta(delta)), "gdp", delta)
+
+
+def _gdp_epsilon(merged: tuple[HistoryEntry, ...], delta: float) -> float:
+    if len(merged) != 1:
+        raise PrivacyError(
+            f"accountant 'gdp' needs one constant (noise_multiplier, sample_rate); history has {len(merged)}"
+        )
+    from opacus.accountants.analysis import gdp as gdp_analysis
+
+    sigma, rate, steps = merged[0]
+    return float(
+        gdp_analysis.compute_eps_poisson(steps=steps, noise_multiplier=sigma, sample_rate=rate, delta=delta)
+    )
+
+
+def _raw_epsilon(merged: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
     if accountant == "rdp":
         return epsilon_from_rdp(rdp_of_history(merged), delta=delta)
     if accountant == "prv":
@@ -169,16 +216,7 @@ def _epsilon_cached(merged: tuple[HistoryEntry, ...], delta: float, accountant: 
             raise PrivacyError(
                 f"PRV accountant cannot compute history {list(merged)!r} at delta {delta}: {err}"
             ) from None
-    if len(merged) != 1:
-        raise PrivacyError(
-            f"accountant 'gdp' needs one constant (noise_multiplier, sample_rate); history has {len(merged)}"
-        )
-    from opacus.accountants.analysis import gdp as gdp_analysis
-
-    sigma, rate, steps = merged[0]
-    return float(
-        gdp_analysis.compute_eps_poisson(steps=steps, noise_multiplier=sigma, sample_rate=rate, delta=delta)
-    )
+    raise PrivacyError(f"accountant = {accountant!r}: expected one of {', '.join(ACCOUNTANTS)}")
 
 
 def epsilon(

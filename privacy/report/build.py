@@ -58,7 +58,14 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
     path = os.path.join(logdir, LEDGER_FILENAME)
     if not os.path.isfile(path):
         raise LedgerError(f"--logdir {logdir}: no privacy ledger ({LEDGER_FILENAME}); was the run private?")
+    recorded = recorded_positions(logdir)
+    # Opening walks the hash chain (an edited, deleted or inserted row is refused); the positions the
+    # run recorded in summary.json / its federated checkpoint catch a ledger rewound or copied in.
     with PrivacyLedger.read(path, full_check=True) as ledger:
+        for source, position in recorded:
+            ledger.check_position(position, source=source)
+        now = ledger.position()
+        chain_rows, chain_head = now["chain_rows"], now["chain_head"]
         info = ledger.info
         spends = ledger.client_spends()
         rounds = ledger.rounds()
@@ -146,6 +153,9 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
             "ledger_schema_version": info.schema_version,
             "spend_records": len(spends),
             "round_records": len(rounds),
+            "chain_rows": chain_rows,
+            "chain_head": chain_head,
+            "positions_checked": [source for source, _ in recorded],
         },
         "example_level": example,
         "user_level": user,
@@ -165,6 +175,38 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
     report["caveats"] = _caveats(report)
     report["statement"] = plain_language(report)
     return report
+
+
+# Files of a run that may record where its ledger stood (JSON only: nothing here is unpickled).
+POSITION_FILES = (SUMMARY_FILENAME, os.path.join("fl", "checkpoint.json"))
+
+
+def recorded_positions(logdir: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every ledger position (``PrivacyLedger.position()``) a run recorded in its JSON files.
+
+    A position is a mapping with ``ledger_id``, ``chain_rows`` and ``chain_head`` at any depth of
+    ``summary.json`` or ``fl/checkpoint.json``. A file that exists but is not JSON is an error.
+    """
+    found: list[tuple[str, dict[str, Any]]] = []
+    for name in POSITION_FILES:
+        path = os.path.join(logdir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise PrivacyError(f"{path}: not readable JSON ({err})") from None
+        stack: list[Any] = [data]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if {"ledger_id", "chain_rows", "chain_head"} <= set(node):
+                    found.append((path, node))
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+    return found
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from privacy.accounting.user_level import ACCOUNTANTS, epsilon, noise_multiplier_for
+from privacy.accounting.user_level import ACCOUNTANTS, epsilon, gdp_approximation, noise_multiplier_for
 from privacy.errors import PrivacyError
 
 PLAN_KEYS = ("noise_multiplier", "target_epsilon", "sample_rate", "steps", "epochs", "delta", "accountant")
@@ -85,7 +85,15 @@ def run_plan(plan: dict[str, Any]) -> str:
     if "noise_multiplier" in plan:
         eps = epsilon(noise_multiplier=plan["noise_multiplier"], **common)
         shown = "infinite" if math.isinf(eps) else f"{eps:.4f}"
-        return f"epsilon = {shown} {where}, noise_multiplier {plan['noise_multiplier']:g})"
+        line = f"epsilon = {shown} {where}, noise_multiplier {plan['noise_multiplier']:g})"
+        if plan["accountant"] == "gdp":
+            entry = [(plan["noise_multiplier"], plan["sample_rate"], plan["steps"])]
+            approx = gdp_approximation(entry, delta=plan["delta"])
+            line += (
+                f"; gdp is never reported below the tight PRV accountant (raw GDP approximation {approx:.4f}"
+                f"{', an under-estimate' if approx < eps else ''})"
+            )
+        return line
     sigma = noise_multiplier_for(target_epsilon=plan["target_epsilon"], **common)
     reached = epsilon(noise_multiplier=sigma, **common)
     return f"noise_multiplier = {sigma:.4f} {where}; gives epsilon {reached:.4f} <= target {plan['target_epsilon']:g})"

@@ -163,7 +163,8 @@ def test_noise_multiplier_search_reaches_the_target():
 
 def test_edge_cases_and_bad_input():
     assert epsilon_from_history([], delta=1e-5) == 0.0
-    assert epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=1e-5) == math.inf
+    with pytest.raises(PrivacyError, match="noise_multiplier"):
+        epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=1e-5)  # zero noise is not DP
     with pytest.raises(PrivacyError, match="gdp"):
         epsilon_from_history([(1.0, 0.1, 10), (2.0, 0.1, 10)], delta=1e-5, accountant="gdp")
     for bad in (

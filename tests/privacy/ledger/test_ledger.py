@@ -249,10 +249,12 @@ def test_newer_schema_is_refused(path):
         PrivacyLedger.read(path)
 
 
-def test_noise_free_spend_is_infinite_epsilon(path):
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("inf"), float("nan")])
+def test_impossible_noise_multiplier_is_refused_on_write(path, sigma):
     with PrivacyLedger.open(path, delta=1e-5) as ledger:
-        ledger.record_client_spend(client=1, round=0, noise_multiplier=0.0, sample_rate=0.1, steps=1)
-        assert ledger.client_epsilon(1) == float("inf")
+        with pytest.raises(PrivacyError, match="noise_multiplier"):
+            ledger.record_client_spend(client=1, round=0, noise_multiplier=sigma, sample_rate=0.1, steps=1)
+        assert ledger.client_spends() == []
 
 
 def test_prv_ledger_matches_prv_accountant(path):
@@ -277,7 +279,12 @@ def test_checkpoint_position_detects_a_ledger_that_lost_rows(path, tmp_path):
             dst.write(src.read())
         ledger.record_client_spend(client=1, round=1, **SPEND)
         later = ledger.position()
-        assert later == {"client_spends": 2, "rounds": 0, "exclusions": 0}
+        assert {k: later[k] for k in ("client_spends", "rounds", "exclusions")} == {
+            "client_spends": 2,
+            "rounds": 0,
+            "exclusions": 0,
+        }
+        assert later["ledger_id"] == ledger.info.ledger_id and later["chain_rows"] == 3  # start + 2 spends
         ledger.check_position(early)
         ledger.check_position(later)
     with PrivacyLedger.read(backup) as old, pytest.raises(LedgerError, match="lost records"):

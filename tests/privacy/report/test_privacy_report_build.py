@@ -123,20 +123,15 @@ def test_files_are_written_and_html_is_self_contained(tmp_path):
     assert not [name for name in os.listdir(logdir) if ".tmp-" in name]
 
 
-def test_infinite_epsilon_is_marked_not_hidden(tmp_path):
+def test_zero_noise_spend_never_reaches_a_report(tmp_path):
     logdir = str(tmp_path / "nonoise")
     os.makedirs(logdir)
     with PrivacyLedger.open(ledger_path(logdir), delta=1e-5) as ledger:
-        ledger.record_client_spend(client=1, round=0, noise_multiplier=0.0, sample_rate=0.1, steps=10)
+        with pytest.raises(PrivacyError, match="noise_multiplier"):
+            ledger.record_client_spend(client=1, round=0, noise_multiplier=0.0, sample_rate=0.1, steps=10)
         ledger.record_client_spend(client=2, round=0, **SPEND)
     report = build_run_report(logdir)
-    assert report["example_level"]["clients_infinite"] == 1
-    assert report["example_level"]["epsilon"]["max"] is None
-    assert any("infinite" in note for note in report["caveats"])
-    assert "epsilon = infinite" in report["statement"]
-    written = write_run_report(report, logdir)
-    assert "infinite" in Path(written["md"]).read_text()
-    json.loads(Path(written["json"]).read_text())  # valid JSON: no Infinity literal
+    assert report["example_level"]["clients"] == 1 and report["example_level"]["clients_infinite"] == 0
 
 
 def test_missing_and_damaged_ledgers_are_errors(tmp_path):
