@@ -16,6 +16,7 @@ a budget that affords the plan), the layers (supported by per-sample clipping) a
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ from privacy.accounting.accountants import (
     largest_within,
     noise_multiplier_for,
 )
+from privacy.accounting.user_level import gdp_approximation
 from privacy.dp.optimizer import DPSGD, StepStats
 from privacy.dp.sampling import PoissonBatchSampler, check_sampling
 from privacy.errors import PrivacyError
@@ -129,7 +131,7 @@ class DPTrainer(BaseTrainer):
         self.ledger: PrivacyLedger | None = None
         self._recorded_steps = 0  # DP steps of this process already in the ledger
         if ledger and logdir:
-            self._open_ledger(logdir, config)
+            self._open_ledger(logdir, config, resume=resume)
         secure = self.privacy_cfg.secure_mode
         self.dp = DPSGD(
             self.model,
@@ -172,16 +174,23 @@ class DPTrainer(BaseTrainer):
                 bias.fill_(midpoint)
             self.reset_global_bias = midpoint
 
-    def _open_ledger(self, logdir: str, config: ExperimentConfig) -> None:
+    def _open_ledger(self, logdir: str, config: ExperimentConfig, *, resume: bool) -> None:
         from fedrec.config import config_to_dict
 
         accountant = self.params["accountant"]
-        # The ledger accounts with rdp or prv; GDP runs are recorded under RDP (an upper bound) and
-        # their budget is enforced by this trainer alone.
-        ledger_accountant = accountant if accountant in ("rdp", "prv") else "rdp"
-        budget = self.privacy_cfg.epsilon_budget if ledger_accountant == accountant else None
+        # The ledger accounts with rdp or prv. A gdp run is recorded under PRV, the tight accountant
+        # its reported epsilon is never below (privacy.accounting), and its budget is enforced by the
+        # ledger like every other: the trainer's own max(GDP, PRV) stops it no later than the ledger.
+        ledger_accountant = accountant if accountant in ("rdp", "prv") else "prv"
+        budget = self.privacy_cfg.epsilon_budget
+        path = ledger_path(logdir)
+        if resume and not os.path.exists(path) and os.path.isfile(self.checkpoint_path()):
+            raise PrivacyError(
+                f"--resume: {self.checkpoint_path()} exists but the privacy ledger {path} does not; a resume "
+                "without the run's ledger would forget the steps already spent (restore the ledger)"
+            )
         self.ledger = PrivacyLedger.open(
-            ledger_path(logdir),
+            path,
             delta=self.params["delta"],
             accountant=ledger_accountant,
             client_epsilon_budget=budget,
@@ -237,14 +246,44 @@ class DPTrainer(BaseTrainer):
         dp_state = state.get("dp")
         if not isinstance(dp_state, dict):
             raise PrivacyError("checkpoint has no DP-SGD state: it was not written by train_dp.py")
+        self._check_checkpoint_ledger(dp_state)
         self.dp.load_state_dict(dp_state)
         self._recorded_steps = self.dp.steps  # recorded before that checkpoint was written
         if self.ledger is None:
             self.accountant.load_state_dict(dp_state["accountant"])
-        # else: the accountant already holds the ledger's history, which covers every recorded step.
+        # else: the accountant already holds the ledger's history, which covers every recorded step;
+        # the checkpoint's accountant never replaces it.
         self._allowed_steps = None
         self._resume = True
         self._check_plan()
+
+    def _check_checkpoint_ledger(self, dp_state: dict[str, Any]) -> None:
+        """Refuse a checkpoint the ledger does not cover: wrong or missing ledger, fewer steps recorded.
+
+        Raises:
+            PrivacyError: the checkpoint was written with a ledger this run lacks, names another ledger
+                (copied in, replaced), one rewound since (fewer rows, another chain head), or holds
+                more DP steps than the ledger recorded for this run.
+        """
+        recorded = dp_state.get("ledger_position")
+        saved = Accountant(mechanism=self.params["accountant"])
+        saved.load_state_dict(dp_state["accountant"])
+        if self.ledger is None:
+            if recorded is not None:
+                raise PrivacyError(
+                    f"checkpoint was written with privacy ledger {recorded.get('ledger_id')} but this run has no "
+                    "ledger; resume with the run's logdir and its privacy_ledger.sqlite"
+                )
+            return
+        if recorded is not None:
+            self.ledger.check_position(recorded)
+        covered = self.accountant.steps
+        if covered < saved.steps:
+            raise PrivacyError(
+                f"privacy ledger {self.ledger.path}: records {covered} DP-SGD steps for {LEDGER_CLIENT!r} but the "
+                f"checkpoint has taken {saved.steps}; the ledger does not cover the checkpoint (replaced or lost "
+                "records?), refusing to resume"
+            )
 
     # ---------------------------------------------------------------------------------- batches
     def steps_per_epoch(self) -> int:
@@ -292,6 +331,12 @@ class DPTrainer(BaseTrainer):
     def epsilon(self) -> float:
         return self.accountant.epsilon(delta=self.params["delta"])
 
+    def _gdp_approximation(self) -> float | None:
+        """For accountant gdp: the raw GDP value, shown beside the reported max(GDP, PRV) epsilon."""
+        if self.params["accountant"] != "gdp" or not self.accountant.history:
+            return None
+        return gdp_approximation(self.accountant.history, delta=self.params["delta"])
+
     def log_scalars(self, prefix: str, values: dict[str, float]) -> None:
         if prefix == "train":
             self.record_spend()
@@ -324,7 +369,12 @@ class DPTrainer(BaseTrainer):
     def state_dict(self) -> dict[str, Any]:
         self.record_spend()
         state = super().state_dict()  # model.state_dict() flushes pending row noise first
-        state["dp"] = {**self.dp.state_dict(), "accountant": self.accountant.state_dict()}
+        state["dp"] = {
+            **self.dp.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            # Bound into the checkpoint: a resume refuses a ledger rewound or replaced since.
+            "ledger_position": self.ledger.position() if self.ledger is not None else None,
+        }
         return state
 
     def final_summary(self) -> dict[str, Any]:
@@ -348,6 +398,7 @@ class DPTrainer(BaseTrainer):
                 "steps": self.accountant.steps,
                 "steps_this_run": self.dp.steps,
                 "accountant": p["accountant"],
+                "gdp_approximation": self._gdp_approximation(),
                 "max_grad_norm": p["max_grad_norm"],
                 "epsilon_budget": self.privacy_cfg.epsilon_budget,
                 "stopped_at_budget": self.stopped_at_budget,
@@ -355,6 +406,8 @@ class DPTrainer(BaseTrainer):
                 "lazy_noise": self.privacy_cfg.lazy_noise,
                 "sampling": "poisson",
                 "ledger": self.ledger.path if self.ledger is not None else None,
+                # The report checks the ledger against this (id, chain length and head).
+                "ledger_position": self.ledger.position() if self.ledger is not None else None,
                 "global_bias_reset_to": self.reset_global_bias,
             }
         }
