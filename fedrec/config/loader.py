@@ -15,6 +15,47 @@ from fedrec.config.typed import build, coerce, unknown_key_error
 from fedrec.errors import ConfigError, RegistryError
 
 
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML keeps the last silently) and aliases.
+
+    An alias (``*name``) re-uses an anchored node; nested aliases expand exponentially (the "billion
+    laughs" alias bomb: a few hundred bytes that take all memory). No config of this project needs them.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"YAML alias *{event.anchor} is not allowed in a config (write the value out)", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader raises its own error below
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (YAML would keep only the last)", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_strict(stream: Any) -> Any:
+    """``yaml.safe_load`` without duplicate keys or aliases (see StrictLoader)."""
+    loader = StrictLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping with one-line errors naming the file."""
     path = os.fspath(path)
@@ -24,7 +65,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: is a directory, expected a YAML config file")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = safe_load_strict(fh)
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
@@ -48,7 +89,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load_strict(raw) if raw.strip() else ""
+    except yaml.constructor.ConstructorError as err:  # a duplicate key or an alias: never a plain string
+        raise ConfigError(f"override {text!r}: {err.problem}") from None
     except yaml.YAMLError:
         value = raw
     return parts, value

@@ -8,6 +8,15 @@ from typing import Any, Literal
 from fedrec.errors import ConfigError
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and many tools take 32-bit seeds
+
+
+def check_seed(seed: int, key: str) -> None:
+    """A seed numpy, torch and Python all accept: an integer in [0, 2**32 - 1]."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"config key '{key}' = {seed!r}: expected an integer in [0, {SEED_MAX}]")
+
+
 @dataclass
 class SyntheticConfig:
     """Built-in synthetic data written in the real raw format, with a planted signal."""
@@ -24,6 +33,7 @@ class SyntheticConfig:
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
+        check_seed(self.seed, f"{path}.seed")
 
 
 @dataclass
@@ -390,3 +400,6 @@ class ExperimentConfig:
     communications: CommunicationsConfig | None = None  # MPI ranks to hosts and GPUs
     privacy: PrivacyConfig | None = None  # example-level DP-SGD (scripts/train_dp.py)
     syft: SyftConfig | None = None  # deployment to PySyft datasites (scripts/deploy_syft.py)
+
+    def validate(self, path: str) -> None:
+        check_seed(self.seed, f"{path}.seed" if path else "seed")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -16,9 +17,14 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from fedrec.errors import ConfigError
 
 T = TypeVar("T")
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what torch, numpy and SQLite can hold
 
 # Exponent floats without a dot ("1e-7", "5E3"), which YAML 1.1 resolvers leave as strings.
 _YAML11_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class _RangeError(ConfigError):
+    """A number of the right type out of any usable range (infinite, NaN, beyond 64 bits)."""
 
 
 def unknown_key_error(path: str, key: str, known: typing.Iterable[str]) -> ConfigError:
@@ -73,6 +79,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         for arg, section_error in zip(get_args(tp), errors):
             if isinstance(value, dict) and dataclasses.is_dataclass(arg):
                 raise section_error
+            if arg in (int, float) and isinstance(section_error, _RangeError):
+                raise section_error  # "expected a finite number" says more than "float or null"
         raise _fail(path, value, tp)
     if tp is type(None):
         if value is None:
@@ -102,16 +110,27 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         raise _fail(path, value, tp)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_MIN <= value <= INT_MAX:
+                raise _RangeError(f"config key '{path}' = {value!r}: expected an integer that fits in 64 bits")
             return value
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)
         raise _fail(path, value, tp)
     if tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _YAML11_EXPONENT.match(value):
-            return float(value)  # PyYAML (YAML 1.1) reads 1e-7 as a string; it is a float here
-        raise _fail(path, value, tp)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
+        elif isinstance(value, str) and _YAML11_EXPONENT.match(value):
+            number = float(value)  # PyYAML (YAML 1.1) reads 1e-7 as a string; it is a float here
+        if number is None:
+            raise _fail(path, value, tp)
+        if not math.isfinite(number):
+            # 1e309 parses as inf: no setting of this project means infinity or NaN.
+            raise _RangeError(f"config key '{path}' = {value!r}: expected a finite number (got {number})")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -32,6 +32,7 @@ from privacy.accounting.accountants import (
     Accountant,
     check_budget,
     check_delta,
+    epsilon_for,
     largest_within,
     noise_multiplier_for,
 )
@@ -73,6 +74,16 @@ def resolve_privacy(
             sample_rate=sample_rate,
             steps=max(1, planned_steps),
             accountant=privacy.accountant,
+        )
+    # A noise so small that one step is not accountable (1e-300) is refused here, before the ledger
+    # or a checkpoint is written.
+    one_step = epsilon_for(
+        noise_multiplier=noise, sample_rate=sample_rate, steps=1, delta=delta, accountant=privacy.accountant
+    )
+    if not math.isfinite(one_step):
+        raise PrivacyError(
+            f"privacy.noise_multiplier = {noise!r}: one step already gives epsilon {one_step}; expected a noise "
+            "multiplier with a finite epsilon"
         )
     if privacy.epsilon_budget is not None:
         check_budget(

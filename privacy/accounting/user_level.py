@@ -91,12 +91,18 @@ def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one sampled Gaussian step at every order of ``RDP_ORDERS`` (cached: it is additive)."""
     from opacus.accountants.analysis import rdp as rdp_analysis
 
-    rdp = np.asarray(
-        rdp_analysis.compute_rdp(
-            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
-        ),
-        dtype=float,
-    )
+    try:
+        with np.errstate(over="ignore"):
+            rdp = np.asarray(
+                rdp_analysis.compute_rdp(
+                    q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+                ),
+                dtype=float,
+            )
+    except (ZeroDivisionError, OverflowError) as err:
+        raise PrivacyError(
+            f"noise_multiplier = {noise_multiplier!r}: too small to account for (RDP: {err}); no meaningful DP"
+        ) from None
     rdp.setflags(write=False)
     return rdp
 
@@ -212,7 +218,7 @@ def _raw_epsilon(merged: tuple[HistoryEntry, ...], delta: float, accountant: str
             with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 return float(prv.get_epsilon(delta=delta))
-        except (ValueError, RuntimeError, OverflowError, FloatingPointError) as err:
+        except (ValueError, RuntimeError, OverflowError, FloatingPointError, ZeroDivisionError) as err:
             raise PrivacyError(
                 f"PRV accountant cannot compute history {list(merged)!r} at delta {delta}: {err}"
             ) from None
