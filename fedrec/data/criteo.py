@@ -198,6 +198,12 @@ def _run(
         bar.close()
     days = day_bounds(num_lines, num_days)
     ranges = split_bounds(days)
+    for split, (lo, hi) in ranges.items():
+        if hi <= lo:  # checked before anything is written: a model evaluated on nothing reports nothing
+            raise DataError(
+                f"{datafile}: {num_lines} lines leave split {split!r} empty with num_days={num_days} "
+                f"(expected at least {2 * num_days} lines)"
+            )
     indexer = CategoryIndexer(
         CAT_FEATURE_COUNT, max_ind_range=settings["max_ind_range"], min_count=settings["min_count"] or 1
     )
@@ -274,6 +280,12 @@ def _run(
             first = bad_examples[0]
             raise DataError(
                 f"{datafile}: no usable line among {num_lines} (line {first['line']}{_phrase(first['reason'])})"
+            )
+        empty = [split for split in SPLITS if rows[split] == 0]
+        if empty:  # every line of that split was malformed and skipped
+            raise DataError(
+                f"{datafile}: split {empty[0]!r} has no usable line (lines {ranges[empty[0]][0] + 1}-"
+                f"{ranges[empty[0]][1]} were all malformed and skipped)"
             )
         if not indexer.hashing:
             values, offsets = indexer.categories()

@@ -47,6 +47,8 @@ WHAT = "MovieLens ratings (u.data, ratings.dat or ratings.csv)"
 CSV_HEADER = b"userId,movieId,rating,timestamp"
 MAX_REPORTED_BAD_LINES = 10
 BLOCK_BYTES = 4 << 20
+# Every MovieLens format rates in [0.5, 5] (ml-100k/ml-1m: whole stars 1-5; ml-latest: half stars).
+RATING_MIN, RATING_MAX = 0.5, 5.0
 
 # format name -> (field separator, has a header line)
 FORMATS = {
@@ -101,6 +103,8 @@ def parse_line(line: bytes, sep: bytes) -> tuple[int, int, float, int] | str:
                 value = float(text)
                 if not np.isfinite(value):
                     raise ValueError
+                if not RATING_MIN <= value <= RATING_MAX:
+                    return f"rating {value:g} is outside the format's range [{RATING_MIN:g}, {RATING_MAX:g}]"
             else:
                 if not text.isdigit():
                     raise ValueError
@@ -170,6 +174,8 @@ def _parse_block(block: bytes, sep: bytes) -> tuple[np.ndarray, np.ndarray] | No
         return None
     if ids[:, :2].max(initial=0) >= 2**31:
         return None
+    if ((rating < RATING_MIN) | (rating > RATING_MAX)).any():
+        return None  # the exact parser names the line and the out-of-range rating
     return ids, rating
 
 

@@ -112,12 +112,31 @@ def locked(processed_dir: str) -> Iterator[None]:
     processes preparing the same data (for example MPI ranks) do the work once."""
     parent, name = os.path.split(os.path.abspath(processed_dir))
     os.makedirs(parent, exist_ok=True)
-    with open(os.path.join(parent, f".{name}.lock"), "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    path = os.path.join(parent, f".{name}.lock")
+    while True:
+        fh = open(path, "a+b")
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            fh.close()
+            raise
+        if same:
+            break
+        # The holder before us removed the file when it finished: lock the current one instead.
+        fh.close()
+    try:
+        yield
+    finally:
+        # Removed while still held, success or failure, so no lock file is left behind; a waiter
+        # holding the removed file notices (above) and retries on a fresh one.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
 
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
