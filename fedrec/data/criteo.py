@@ -198,12 +198,6 @@ def _run(
         bar.close()
     days = day_bounds(num_lines, num_days)
     ranges = split_bounds(days)
-    for split, (lo, hi) in ranges.items():
-        if hi <= lo:  # checked before anything is written: a model evaluated on nothing reports nothing
-            raise DataError(
-                f"{datafile}: {num_lines} lines leave split {split!r} empty with num_days={num_days} "
-                f"(expected at least {2 * num_days} lines)"
-            )
     indexer = CategoryIndexer(
         CAT_FEATURE_COUNT, max_ind_range=settings["max_ind_range"], min_count=settings["min_count"] or 1
     )
@@ -281,12 +275,18 @@ def _run(
             raise DataError(
                 f"{datafile}: no usable line among {num_lines} (line {first['line']}{_phrase(first['reason'])})"
             )
-        empty = [split for split in SPLITS if rows[split] == 0]
-        if empty:  # every line of that split was malformed and skipped
-            raise DataError(
-                f"{datafile}: split {empty[0]!r} has no usable line (lines {ranges[empty[0]][0] + 1}-"
-                f"{ranges[empty[0]][1]} were all malformed and skipped)"
-            )
+        # Refused before the output is committed: a model evaluated on nothing reports nothing.
+        for split in SPLITS:
+            lo, hi = ranges[split]
+            if hi <= lo:
+                raise DataError(
+                    f"{datafile}: {num_lines} lines leave split {split!r} empty with num_days={num_days} "
+                    f"(expected at least {2 * num_days} lines)"
+                )
+            if rows[split] == 0:
+                raise DataError(
+                    f"{datafile}: split {split!r} has no usable line (lines {lo + 1}-{hi} were all malformed)"
+                )
         if not indexer.hashing:
             values, offsets = indexer.categories()
             np.save(out.file("categories.npy"), values, allow_pickle=False)
