@@ -12,6 +12,7 @@ spec JSON | u64 context length | TenSEAL context bytes`` (TenSEAL's protobuf, ne
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +197,75 @@ def load_context(data: bytes, *, role: str, n_threads: int = 1) -> LoadedContext
     if spec.params.scheme == "ckks":
         context.global_scale = 2.0**spec.params.scale_bits
     return LoadedContext(spec=spec, context=context, role=expected)
+
+
+# Larger than any context this project makes (N=32768 secret contexts are a few MiB).
+MAX_CONTEXT_FILE_BYTES = 256 << 20
+
+
+def read_context_file(path: str | os.PathLike, *, role: str, n_threads: int = 1) -> LoadedContext:
+    """Read and load a context file (``public.ctx``, ``secret.ctx``), with one-line errors naming it.
+
+    Raises:
+        EncryptionError: the file is missing, not a regular file, unreadable, too large, or its
+            content is refused by :func:`load_context` (wrong role, malformed, other parameters).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise EncryptionError(
+            f"{path}: {role} context file not found (the key authority writes it; regenerate or restore it)"
+        )
+    if not os.path.isfile(path):
+        raise EncryptionError(f"{path}: not a regular file, expected the {role} context")
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CONTEXT_FILE_BYTES:
+            raise EncryptionError(f"{path}: {size} bytes, larger than any {role} context")
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise EncryptionError(f"{path}: cannot read the {role} context ({err.strerror})") from None
+    try:
+        return load_context(data, role=role, n_threads=n_threads)
+    except EncryptionError as err:
+        raise EncryptionError(f"{path}: {err}") from None
+
+
+def check_key_pair(secret: LoadedContext, public: LoadedContext) -> None:
+    """Refuse a secret and a public context from different key generations, at load, before any spend.
+
+    Compares the specs (key id and parameters) and then proves the pair: a known vector encrypted
+    under the public key must decrypt to itself under the secret key (a swapped secret.ctx whose
+    envelope was copied from the right one still fails here).
+
+    Raises:
+        EncryptionError: the contexts' roles, specs or keys do not belong together.
+    """
+    import tenseal as ts
+
+    if not secret.is_secret or public.is_secret:
+        raise EncryptionError("check_key_pair: expected a secret context and a public context")
+    if secret.spec.param_hash != public.spec.param_hash:
+        raise EncryptionError(
+            f"secret context (key id {secret.spec.key_id[:12]}) and public context (key id "
+            f"{public.spec.key_id[:12]}) come from different key generations; use the pair the key "
+            "authority generated together"
+        )
+    probe = [1, 2, 3, 5, 8, 13, 21, 34]
+    try:
+        if secret.spec.params.scheme == "bfv":
+            ciphertext = ts.bfv_vector(public.context, probe).serialize()
+            decrypted = [int(v) for v in ts.bfv_vector_from(secret.context, ciphertext).decrypt()]
+        else:
+            ciphertext = ts.ckks_vector(public.context, [float(v) for v in probe]).serialize()
+            decrypted = [round(v) for v in ts.ckks_vector_from(secret.context, ciphertext).decrypt()]
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise EncryptionError(f"secret and public contexts do not work together ({err})") from None
+    if decrypted[: len(probe)] != probe:
+        raise EncryptionError(
+            "secret context does not decrypt what the public context encrypts: the secret key belongs to "
+            "another key generation (swapped secret.ctx?)"
+        )
 
 
 def _envelope(role: int, spec: AggregationSpec, context_bytes: bytes) -> bytes:
