@@ -7,6 +7,12 @@
 #   scripts/demo.sh [LOGDIR] [extra key=value overrides...]      (default LOGDIR: runs/demo_fl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --- One machine: MPI stays on loopback (docs/federated.md, "MPI on one machine stays on loopback").
+# Ranks: libfabric TCP bound to lo (UCX, if chosen, likewise). Launcher: MPICH's gforker forks the ranks
+# locally and listens on no socket; hydra's mpirun would listen on 0.0.0.0 whatever the flags.
+export MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp FI_TCP_IFACE=lo UCX_NET_DEVICES=lo HYDRA_IFACE=lo
+: "${MPIRUN:=$(dirname "${PYTHON:-.venv/bin/python}")/mpiexec.gforker}"
+# --- end of the loopback settings
 PY=${PYTHON:-.venv/bin/python}
 MPIRUN=${MPIRUN:-$(dirname "$PY")/mpirun}
 LOGDIR=${1:-runs/demo_fl}
