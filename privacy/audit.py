@@ -9,9 +9,12 @@ to satisfy ``FPR + e^eps * FNR >= 1 - delta`` and ``FNR + e^eps * FPR >= 1 - del
 
     eps >= max( log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR) ).
 
-With Clopper-Pearson upper bounds on FPR and FNR (each at level alpha / 2) the bound holds with
-confidence ``1 - alpha``. The threshold is chosen on one half of the trained models and the bound
-evaluated on the other half, so choosing it does not bias the bound.
+With Clopper-Pearson upper bounds on FPR and FNR (each at level alpha / 2) one statistic's bound
+holds with confidence ``1 - alpha``. The verdict takes the largest bound over k statistics, so each
+is evaluated at ``alpha / k`` (Bonferroni): the verdict holds at the configured confidence (0.95:
+each of the two tests at 0.975), not at the ``1 - k alpha`` a best-of-k would give. The threshold is
+chosen on one half of the trained models and the bound evaluated on the other half, so choosing it
+does not bias the bound.
 
 The model is logistic regression trained with DP-SGD (Poisson sampling at rate q, per-example
 clipping to norm C, Gaussian noise of std sigma * C on the sum, a fixed denominator q * n), many
@@ -25,6 +28,9 @@ gradient is exactly C along that coordinate whenever it is sampled. Two statisti
   federated clients see each round). This is the stronger test, close to tight for the sampled
   Gaussian mechanism.
 
+Engines: ``dpsgd`` (the default) trains with this project's optimizer, ``privacy.dp.optimizer.DPSGD``
+with lazy embedding-row noise, and reads every step's weights after a flush, so both statistics
+apply; ``torch`` is a batched reference re-implementation, ``opacus`` runs Opacus one model at a time.
 A correct implementation must give a lower bound below the accountant's epsilon; ``broken='no_noise'``
 (noise multiplier 0 while epsilon is still claimed for sigma) or ``'no_clip'`` must be flagged.
 """
@@ -61,13 +67,16 @@ class AuditConfig:
     lr: float = 0.002  # small, so the canary's logit stays where its gradient is always clipped
     canary_scale: float = 1000.0
     trials: int = 4000  # models trained per world (with and without the canary)
-    confidence: float = 0.95
+    confidence: float = 0.95  # of the verdict; each of the k statistics is evaluated at 1 - (1 - c) / k
     seed: int = 0
     accountant: str = "rdp"
     broken: Broken | None = None  # a deliberately broken mechanism (the claim still uses sigma)
-    # torch: batched reference DP-SGD; opacus: Opacus, one model at a time; dpsgd: this project's
-    # privacy.dp.optimizer.DPSGD (lazy embedding-row noise), all models at once as one embedding table.
-    engine: Literal["torch", "opacus", "dpsgd"] = "torch"
+    # dpsgd: this project's privacy.dp.optimizer.DPSGD (lazy embedding-row noise), all models at once
+    # as one embedding table; torch: batched reference DP-SGD; opacus: Opacus, one model at a time.
+    engine: Literal["torch", "opacus", "dpsgd"] = "dpsgd"
+    # dpsgd: flush and read the weights after every step (both statistics); False reads them only at
+    # the end (only 'final', but pending row noise then accumulates over many steps before a flush).
+    iterates: bool = True
     chunk: int = 4000  # models trained together (memory: chunk * (n + 1) * (d + 1) floats)
 
     def __post_init__(self) -> None:
@@ -114,6 +123,7 @@ class AuditResult:
     claimed_epsilon: float
     results: list[StatisticResult] = field(default_factory=list)
     seconds: float = 0.0
+    statistic_confidence: float = 0.0  # each statistic's level; the verdict's is config.confidence
 
     @property
     def epsilon_lower_bound(self) -> float:
@@ -133,6 +143,8 @@ class AuditResult:
             "verdict": "VIOLATION: empirical epsilon exceeds the claim"
             if self.violated
             else "consistent with the claim",
+            "confidence": self.config.confidence,
+            "statistic_confidence": self.statistic_confidence,
             "statistics": [asdict(r) for r in self.results],
             "seconds": self.seconds,
         }
@@ -336,14 +348,16 @@ def train_models_opacus(
 
 def train_models_dpsgd(
     config: AuditConfig, *, with_canary: bool, models: int, seed: int
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same training through ``privacy.dp.optimizer.DPSGD`` with lazy embedding-row noise.
 
     All models are rows of one embedding table: example (model m, record i) looks up row m and
     takes its dot product with record i. Each example touches only its model's row, so per-example
     clipping, Poisson sampling of (m, i) pairs and per-coordinate noise make every row an
     independent DP-SGD run. Rows a step does not touch get their noise lazily (the path under
-    audit); weights are read only after the final flush, so only the ``final`` statistic applies.
+    audit). With ``config.iterates`` the table is flushed after every step (a flush is how a
+    trainer reads parameters) and the canary coordinate's update is returned in gradient-sum units,
+    as ``train_models`` does; otherwise only the final weights (after one final flush).
     """
     from privacy.dp.optimizer import DPSGD
 
@@ -369,8 +383,12 @@ def train_models_dpsgd(
         seed=seed,
     )
     sampler = torch.Generator().manual_seed(seed)
+    # What one step adds to a weight is -lr / (q n) times the noisy gradient sum.
+    to_gradient_units = config.sample_rate * config.num_examples / config.lr
+    updates = torch.zeros(models, config.steps, dtype=torch.float64) if config.iterates else None
     try:
-        for _ in range(config.steps):
+        for step in range(config.steps):
+            before = table.weight.detach()[:, -1].to(torch.float64).clone() if updates is not None else None
             chosen = torch.rand(models, n, generator=sampler) < config.sample_rate
             model_ids, record_ids = chosen.nonzero(as_tuple=True)
             logits = (model(model_ids) * features[record_ids]).sum(dim=1)
@@ -378,11 +396,15 @@ def train_models_dpsgd(
                 logits, labels[record_ids], reduction="none"
             )
             dp.step(loss)
+            if updates is not None and before is not None:
+                dp.flush()
+                after = table.weight.detach()[:, -1].to(torch.float64)
+                updates[:, step] = (after - before) * to_gradient_units
         dp.flush()
         weights = table.weight.detach().to(torch.float64).clone()
     finally:
         dp.close()
-    return weights, None
+    return weights, updates
 
 
 def _scores(
@@ -437,15 +459,17 @@ def run_audit(config: AuditConfig) -> AuditResult:
                 collected[with_canary].setdefault(name, []).append(values)
             remaining -= count
     result = AuditResult(config=config, claimed_epsilon=claimed)
-    for name in STATISTICS:
-        if name not in collected[True]:
-            continue
+    names = [name for name in STATISTICS if name in collected[True]]
+    # Bonferroni: the verdict is the best of len(names) bounds, so each gets its share of alpha.
+    per_statistic = 1 - (1 - config.confidence) / len(names)
+    result.statistic_confidence = per_statistic
+    for name in names:
         scores_in = np.concatenate(collected[True][name])
         scores_out = np.concatenate(collected[False][name])
         if np.isnan(scores_in).any() or np.isnan(scores_out).any():
             raise PrivacyError(f"audit statistic {name!r} produced NaN scores; check lr and canary_scale")
         result.results.append(
-            evaluate_statistic(name, scores_in, scores_out, delta=config.delta, confidence=config.confidence)
+            evaluate_statistic(name, scores_in, scores_out, delta=config.delta, confidence=per_statistic)
         )
     result.seconds = time.perf_counter() - start
     return result
