@@ -76,7 +76,15 @@ _META_KEYS = (
 _TABLES = ("meta", "client_spends", "rounds", "exclusions", "run_events", "chain")
 # The columns each chained table's link covers, in order (everything but the sequence number).
 _CHAINED_COLUMNS = {
-    "client_spends": ("client", "round", "noise_multiplier", "sample_rate", "steps", "recorded_at", "writer_pid"),
+    "client_spends": (
+        "client",
+        "round",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "recorded_at",
+        "writer_pid",
+    ),
     "rounds": (
         "round",
         "noise_multiplier",
@@ -846,7 +854,8 @@ def _insert_chained(con: sqlite3.Connection, table: str, values: Sequence[Any]) 
     last = con.execute("SELECT digest FROM chain ORDER BY seq DESC LIMIT 1").fetchone()
     previous = str(last[0]) if last else _genesis(con)
     con.execute(
-        "INSERT INTO chain (tbl, row_seq, digest) VALUES (?, ?, ?)", (table, seq, _link(previous, table, seq, row))
+        "INSERT INTO chain (tbl, row_seq, digest) VALUES (?, ?, ?)",
+        (table, seq, _link(previous, table, seq, row)),
     )
     return seq
 
@@ -900,7 +909,9 @@ def _verify_chain(con: sqlite3.Connection, path: str) -> tuple[int, str]:
         found = con.execute(f"SELECT seq, {', '.join(columns)} FROM {table} ORDER BY seq").fetchall()
         rows[table] = {int(r[0]): tuple(r[1:]) for r in found}
     previous, links = _genesis(con), 0
-    for link_seq, table, row_seq, digest in con.execute("SELECT seq, tbl, row_seq, digest FROM chain ORDER BY seq"):
+    for link_seq, table, row_seq, digest in con.execute(
+        "SELECT seq, tbl, row_seq, digest FROM chain ORDER BY seq"
+    ):
         links += 1
         row = rows.get(str(table), {}).pop(row_seq, None) if str(table) in rows else None
         if row is None:
@@ -917,7 +928,9 @@ def _verify_chain(con: sqlite3.Connection, path: str) -> tuple[int, str]:
             )
         bad = _impossible(str(table), row)
         if bad is not None:
-            raise LedgerError(f"privacy ledger {path}: {table} row {row_seq} holds an impossible value ({bad})")
+            raise LedgerError(
+                f"privacy ledger {path}: {table} row {row_seq} holds an impossible value ({bad})"
+            )
         previous = expected
     for table, left in rows.items():
         if left:

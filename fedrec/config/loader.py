@@ -26,7 +26,10 @@ class StrictLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.constructor.ConstructorError(
-                None, None, f"YAML alias *{event.anchor} is not allowed in a config (write the value out)", event.start_mark
+                None,
+                None,
+                f"YAML alias *{event.anchor} is not allowed in a config (write the value out)",
+                event.start_mark,
             )
         return super().compose_node(parent, index)
 
@@ -41,7 +44,10 @@ class StrictLoader(yaml.SafeLoader):
                     continue  # an unhashable key: SafeLoader raises its own error below
                 if duplicate:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (YAML would keep only the last)", key_node.start_mark
+                        None,
+                        None,
+                        f"duplicate key {key!r} (YAML would keep only the last)",
+                        key_node.start_mark,
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)

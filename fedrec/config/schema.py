@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from fedrec.errors import ConfigError
 
-
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and many tools take 32-bit seeds
 
 

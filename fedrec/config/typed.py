@@ -111,7 +111,9 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if not INT_MIN <= value <= INT_MAX:
-                raise _RangeError(f"config key '{path}' = {value!r}: expected an integer that fits in 64 bits")
+                raise _RangeError(
+                    f"config key '{path}' = {value!r}: expected an integer that fits in 64 bits"
+                )
             return value
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)

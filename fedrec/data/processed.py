@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -113,8 +113,21 @@ def locked(processed_dir: str) -> Iterator[None]:
     parent, name = os.path.split(os.path.abspath(processed_dir))
     os.makedirs(parent, exist_ok=True)
     path = os.path.join(parent, f".{name}.lock")
+    with _lock_current(path) as fh:
+        try:
+            yield
+        finally:
+            # Removed while still held, success or failure, so no lock file is left behind; a waiter
+            # holding the removed file notices (_lock_current) and retries on a fresh one.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _lock_current(path: str) -> BinaryIO:
+    """Open ``path`` and lock it exclusively, retrying until the locked file is the one at ``path``."""
     while True:
-        fh = open(path, "a+b")
+        fh = open(path, "a+b")  # noqa: SIM115 - handed to the caller's with-block once locked
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
@@ -125,18 +138,8 @@ def locked(processed_dir: str) -> Iterator[None]:
             fh.close()
             raise
         if same:
-            break
-        # The holder before us removed the file when it finished: lock the current one instead.
-        fh.close()
-    try:
-        yield
-    finally:
-        # Removed while still held, success or failure, so no lock file is left behind; a waiter
-        # holding the removed file notices (above) and retries on a fresh one.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()
+            return fh
+        fh.close()  # the holder before us removed the file when it finished: lock the current one
 
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")

@@ -164,7 +164,9 @@ def _epsilon_cached(merged: tuple[HistoryEntry, ...], delta: float, accountant: 
     if accountant == "gdp":
         # GDP (a central-limit approximation) can under-estimate: it is reported, and budgeted, as
         # the larger of itself and the tight PRV value (Gopi et al. 2021), never below it.
-        return max(_checked(_gdp_epsilon(merged, delta), "gdp", delta), tight_epsilon_of_merged(merged, delta))
+        return max(
+            _checked(_gdp_epsilon(merged, delta), "gdp", delta), tight_epsilon_of_merged(merged, delta)
+        )
     return _checked(_raw_epsilon(merged, delta, accountant), accountant, delta)
 
 

@@ -56,20 +56,22 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
 
 @pytest.mark.parametrize("value", [2**70, -1, 2**32])
 def test_seed_out_of_range_is_an_error(tmp_path, value):
-    with pytest.raises(ConfigError, match=rf"config key 'seed' = {value}: expected an integer (in \[0, |that fits)"):
+    with pytest.raises(
+        ConfigError, match=rf"config key 'seed' = {value}: expected an integer (in \[0, |that fits)"
+    ):
         load_config(write(tmp_path, DLRM), [f"seed={value}"])
-    with pytest.raises(ConfigError, match="model.preproc.synthetic.seed"):
+    with pytest.raises(ConfigError, match=r"model\.preproc\.synthetic\.seed"):
         load_config(write(tmp_path, DLRM), [f"model.preproc.synthetic.seed={value}"])
 
 
 def test_huge_integers_are_errors(tmp_path):
-    with pytest.raises(ConfigError, match="'train.batch_size' = .*64 bits"):
+    with pytest.raises(ConfigError, match=r"'train\.batch_size' = .*64 bits"):
         load_config(write(tmp_path, DLRM), [f"train.batch_size={2**80}"])
 
 
 @pytest.mark.parametrize("text", ["1e309", "-1e309", ".inf", ".nan", "1.0e400"])
 def test_non_finite_float_is_an_error(tmp_path, text):
-    with pytest.raises(ConfigError, match="config key 'train.lr' = .*expected a finite number"):
+    with pytest.raises(ConfigError, match=r"config key 'train\.lr' = .*expected a finite number"):
         load_config(write(tmp_path, DLRM), [f"train.lr={text}"])
 
 

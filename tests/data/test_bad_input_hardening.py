@@ -24,7 +24,9 @@ def quiet(_message: str) -> None:
     pass
 
 
-GOOD = "".join(f"{u}\t{i}\t{(u + i) % 5 + 1}\t{1000 + 10 * u + i}\n" for u in range(1, 6) for i in range(1, 6))
+GOOD = "".join(
+    f"{u}\t{i}\t{(u + i) % 5 + 1}\t{1000 + 10 * u + i}\n" for u in range(1, 6) for i in range(1, 6)
+)
 
 
 @pytest.mark.parametrize("rating", ["99", "-1e300", "1e308", "0", "5.5"])
@@ -35,7 +37,10 @@ def test_movielens_rating_outside_the_format_is_refused(tmp_path, rating):
     with pytest.raises(DataError) as err:
         movielens.preprocess(str(path), strict=True, log=quiet, processed_dir=str(tmp_path / "strict"))
     message = str(err.value)
-    assert message.startswith(f"{path}: line {line}: rating ") and "outside the format's range [0.5, 5]" in message
+    assert (
+        message.startswith(f"{path}: line {line}: rating ")
+        and "outside the format's range [0.5, 5]" in message
+    )
     assert "\n" not in message
     data = movielens.preprocess(str(path), log=quiet)  # default: skipped and counted
     assert data.meta["skipped_lines"] == 1 and data.meta["skipped_examples"][0]["line"] == line
@@ -46,7 +51,9 @@ def test_movielens_rating_outside_the_format_is_refused(tmp_path, rating):
 def test_movielens_file_of_only_impossible_ratings_is_one_error(tmp_path):
     path = tmp_path / "u.data"
     path.write_text("1\t2\t99\t4\n1\t3\t1e308\t5\n")
-    with pytest.raises(DataError, match=r"u\.data: .*line 1: rating 99 is outside the format's range \[0\.5, 5\]$"):
+    with pytest.raises(
+        DataError, match=r"u\.data: .*line 1: rating 99 is outside the format's range \[0\.5, 5\]$"
+    ):
         movielens.preprocess(str(path), log=quiet)
 
 

@@ -19,7 +19,7 @@ from privacy.accounting.accountants import epsilon_for
 from privacy.accounting.user_level import gdp_approximation
 from privacy.errors import LedgerError, PrivacyError
 from privacy.ledger import PrivacyLedger, ledger_path
-from tests.trainers.test_dp_trainer import DATA, N, config, make
+from tests.trainers.test_dp_trainer import N, config, make
 
 RATE = 100 / N
 
@@ -53,7 +53,7 @@ def test_resume_counts_every_step_and_binds_the_checkpoint(tmp_path):
 def test_resume_without_the_ledger_is_refused(tmp_path):
     run(tmp_path, max_steps=20)
     os.remove(ledger_path(tmp_path))
-    with pytest.raises(PrivacyError, match="privacy ledger .* does not"):
+    with pytest.raises(PrivacyError, match=r"privacy ledger .* does not"):
         run(tmp_path, max_steps=34, resume=True)
     assert not os.path.exists(ledger_path(tmp_path))  # refused before a new, empty ledger was written
 
@@ -73,7 +73,7 @@ def test_resume_with_a_rewound_ledger_is_refused(tmp_path):
     shutil.copyfile(ledger_path(tmp_path), backup)  # closed: the WAL is checkpointed into the file
     run(tmp_path, max_steps=20, resume=True)
     shutil.copyfile(backup, ledger_path(tmp_path))  # restore the older copy: 10 steps forgotten
-    with pytest.raises(Exception, match="lost records|rewritten"):
+    with pytest.raises(Exception, match=r"lost records|rewritten"):
         run(tmp_path, max_steps=34, resume=True)
 
 
@@ -107,7 +107,9 @@ def test_gdp_is_never_below_prv_and_its_budget_is_enforced_by_the_ledger(tmp_pat
     summary = run(tmp_path / "stops", max_steps=40, resume=True, load=False, privacy=privacy)
     p = summary["privacy"]
     assert p["stopped_at_budget"] and p["steps"] <= 15
-    tight = epsilon_for(noise_multiplier=0.7, sample_rate=RATE, steps=p["steps"], delta=1e-5, accountant="prv")
+    tight = epsilon_for(
+        noise_multiplier=0.7, sample_rate=RATE, steps=p["steps"], delta=1e-5, accountant="prv"
+    )
     assert p["epsilon"] >= tight and p["epsilon"] <= prv_at_15 + 1e-9
     assert p["gdp_approximation"] == pytest.approx(
         gdp_approximation([(0.7, RATE, p["steps"])], delta=1e-5), rel=1e-12

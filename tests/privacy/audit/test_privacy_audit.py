@@ -71,7 +71,9 @@ def test_gaussian_mechanism_audit_is_valid_and_not_vacuous():
     assert 1.5 < result.epsilon_lower_bound < tight
 
 
-@pytest.mark.parametrize("broken, engine", [("no_noise", "dpsgd"), ("no_noise", "torch"), ("no_clip", "torch")])
+@pytest.mark.parametrize(
+    "broken, engine", [("no_noise", "dpsgd"), ("no_noise", "torch"), ("no_clip", "torch")]
+)
 def test_broken_dp_sgd_is_flagged(broken, engine):
     result = run_audit(AuditConfig(trials=4000, broken=broken, engine=engine))
     assert result.violated
@@ -89,7 +91,7 @@ def test_verdict_confidence_is_bonferroni_corrected():
     assert result.to_dict()["confidence"] == 0.95
     for r in result.results:  # every bound uses alpha / 2 per rate at the per-statistic level
         alpha = 1 - result.statistic_confidence
-        fpr_n = fnr_n = r.evaluation_trials // 2
+        fpr_n = r.evaluation_trials // 2
         fp = round(r.fpr * fpr_n)
         assert r.fpr_upper == pytest.approx(clopper_pearson_upper(fp, fpr_n, alpha / 2), rel=1e-9)
 

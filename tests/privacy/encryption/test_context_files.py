@@ -38,7 +38,9 @@ def test_context_files_load_and_a_matching_pair_passes(tmp_path, bfv_keys):
 
 def test_roles_swapped_between_files_name_the_file(tmp_path, bfv_keys):
     path = write(tmp_path / "public.ctx", bfv_keys.secret_context)
-    with pytest.raises(EncryptionError, match=r"public\.ctx: context role 'secret': expected a public context"):
+    with pytest.raises(
+        EncryptionError, match=r"public\.ctx: context role 'secret': expected a public context"
+    ):
         read_context_file(path, role="public")
 
 
@@ -54,7 +56,7 @@ def test_swapped_secret_key_inside_a_copied_envelope_is_refused(bfv_keys, other_
     prefix = struct.Struct("<4sHBI")
 
     def parts(envelope: bytes) -> tuple[bytes, bytes, bytes]:
-        magic, version, role, spec_length = prefix.unpack_from(envelope, 0)
+        *_, spec_length = prefix.unpack_from(envelope, 0)
         start = prefix.size
         return envelope[:start], envelope[start : start + spec_length], envelope[start + spec_length :]
 
@@ -64,5 +66,5 @@ def test_swapped_secret_key_inside_a_copied_envelope_is_refused(bfv_keys, other_
     public = load_context(bfv_keys.public_context, role="public")
     secret = load_context(forged, role="secret")
     assert secret.spec.param_hash == public.spec.param_hash
-    with pytest.raises(EncryptionError, match="swapped secret.ctx"):
+    with pytest.raises(EncryptionError, match=r"swapped secret\.ctx"):
         check_key_pair(secret, public)

@@ -62,10 +62,12 @@ def assert_refused(logdir: str, match: str, *, position: dict | None = None) -> 
     """The report, a resume and the report script all refuse; nothing prints a (lower) epsilon."""
     with pytest.raises(LedgerError, match=match):
         build_run_report(logdir)
-    with pytest.raises(LedgerError, match=match):
-        with PrivacyLedger.open(ledger_path(logdir), delta=DELTA) as ledger:
-            if position is not None:
-                ledger.check_position(position)
+    with (
+        pytest.raises(LedgerError, match=match),
+        PrivacyLedger.open(ledger_path(logdir), delta=DELTA) as ledger,
+    ):
+        if position is not None:
+            ledger.check_position(position)
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "privacy_report.py"), "--logdir", logdir],
         capture_output=True,
@@ -100,7 +102,8 @@ def test_binary_edit_of_steps_is_refused(tmp_path):
     logdir = str(tmp_path / "run")
     position = make_run(logdir, spends=1)
     path = ledger_path(logdir)
-    data = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        data = fh.read()
     needle = STEPS.to_bytes(3, "big")
     assert data.count(needle) == 1
     with open(path, "wb") as fh:
@@ -208,7 +211,7 @@ def test_impossible_values_are_refused_on_read(tmp_path, column, value):
     con.commit()
     con.close()
     sql(logdir, f"UPDATE client_spends SET {column} = {value}")
-    with pytest.raises(LedgerError, match="tampered|impossible"):
+    with pytest.raises(LedgerError, match=r"tampered|impossible"):
         build_run_report(logdir)
 
 
