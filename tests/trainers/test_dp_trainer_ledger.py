@@ -122,3 +122,13 @@ def test_gdp_is_never_below_prv_and_its_budget_is_enforced_by_the_ledger(tmp_pat
                 client="central", round=99, noise_multiplier=0.7, sample_rate=RATE, steps=100
             )
     json.dumps(p)
+
+
+@pytest.mark.parametrize("sigma", [1e-300, 1e-320])
+def test_unaccountable_noise_is_refused_before_the_ledger_is_written(tmp_path, sigma):
+    """privacy.noise_multiplier=1e-300 gave a ZeroDivisionError traceback after the ledger and checkpoint."""
+    cfg = config({"noise_multiplier": sigma}, max_steps=5)
+    with pytest.raises(PrivacyError, match="noise_multiplier"):
+        make(cfg, logdir=str(tmp_path))
+    assert not os.path.exists(ledger_path(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
