@@ -28,8 +28,15 @@ from fedrec.data.base import ArraySplit, ProcessedData
 from fedrec.data.partition import Partition
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model, prepare_data
+from fedrec.federated.client_round import (
+    apply_mean_update,
+    attempt_tag,
+    client_seed,
+    local_dp_trainer_class,
+    quantisation_rng,
+)
 from fedrec.federated.codec import PlainCodec, SecureCodec
-from fedrec.federated.private_store import PrivateRowStore, attempt_tag
+from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
 from fedrec.federated.run import RunSpec, read_global_model, write_global_model
 from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
@@ -45,36 +52,6 @@ from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
 # --------------------------------------------------------------------------------------------------
 # Rank side: per-process context and the tasks
 # --------------------------------------------------------------------------------------------------
-
-
-def client_seed(seed: int, round_idx: int, client_id: int) -> int:
-    """The seed of one client's local round: its batches and (non-secure-mode) DP noise."""
-    return int(
-        np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, np.uint64)[0] >> np.uint64(2)
-    )
-
-
-def _local_dp_trainer_class() -> type:
-    from fedrec.trainers.dp_trainer import DPTrainer
-
-    class LocalDPTrainer(DPTrainer):
-        """DPTrainer for one client's local epochs; its spend goes to the ledger from the client task."""
-
-        def flush_noise(self) -> None:
-            self.dp.flush()
-
-        def finish(self) -> None:
-            self.dp.close()  # flush pending row noise, remove the hooks from the (reused) model
-
-        def update_extra(self) -> dict[str, Any]:
-            return {
-                "noise_multiplier": float(self.params["noise_multiplier"]),
-                "sample_rate": float(self.params["sample_rate"]),
-                "dp_steps": int(self.dp.steps),
-                "clipped_fraction": float(self.last_stats.clipped_fraction) if self.last_stats else 0.0,
-            }
-
-    return LocalDPTrainer
 
 
 class ClientChannel:
@@ -142,7 +119,7 @@ class RankContext:
         self.ledger: Any = None
         if self.fl.secure:
             self.client_privacy = client_privacy_config(config, self.partition)
-            self.dp_trainer_cls = _local_dp_trainer_class()
+            self.dp_trainer_cls = local_dp_trainer_class()
         if self.fl.secure or self.fl.user_dp is not None:
             from privacy.ledger import PrivacyLedger, ledger_path
 
@@ -386,7 +363,7 @@ def client_task(
             steps=update.extra["dp_steps"],
         )
     tag = attempt_tag(round_idx, attempt)
-    rng = np.random.default_rng([spec.config.seed, round_idx, client_id, 0xE1])
+    rng = quantisation_rng(spec.config.seed, round_idx, client_id)
     payload, nbytes = context.codec.encode(update, tag=tag, rng=rng)
     return TaskResult(
         client_id=client_id,
@@ -451,11 +428,7 @@ def apply_task(
         persistent_storage=spec.paths.clients,
         params=context.algorithm_params,
     )
-    new_params = np.asarray(worker.apply_aggregate(current.params, mean), dtype=np.float32)
-    if not np.all(np.isfinite(new_params)):
-        raise FedrecError(
-            f"round {round_idx}: the new global model has NaN or infinite values (lower train.lr?)"
-        )
+    new_params = apply_mean_update(worker, current.params, mean, round_idx=round_idx)
     new_digest = write_global_model(spec.paths.global_model(round_idx + 1), new_params)
     context._global = GlobalModel(round_idx + 1, new_params, new_digest)
     metrics = context.evaluate(new_params, splits, tag=attempt_tag(round_idx + 1, 0))

@@ -181,11 +181,12 @@ class ClientResult:
     bytes_sent: int
     bytes_received: int
     rank: int
+    clipped: bool | None = None  # fl.user_dp: whether the whole update was clipped to S (a diagnostic)
 
 
 @dataclass(frozen=True)
 class ClientFailure:
-    """A sampled client that did not contribute: ``reason`` is 'error', 'timeout' or 'rejected'."""
+    """A sampled client that did not contribute: ``reason`` is 'error', 'timeout', 'rejected' or 'refused'."""
 
     client_id: int
     reason: str
@@ -216,7 +217,7 @@ class RoundResults(Sequence[ClientResult]):
 
 
 class Transport(Protocol):
-    """How a worker's requests are carried out (the simulation over MPI implements this)."""
+    """How a worker's requests are carried out (the aggregator's: fedrec.federated.engine.RoundEngine)."""
 
     async def request_models(self, worker: FederatedWorker, neighbour_ids: Sequence[Any]) -> Any: ...
 
