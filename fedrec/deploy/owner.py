@@ -487,8 +487,8 @@ def preload_training_modules() -> None:
 
     import fedrec.deploy.training
     import fedrec.federated.algorithms.fed_avg
+    import fedrec.federated.client_round
     import fedrec.federated.clients
-    import fedrec.federated.simulation
     import fedrec.models.dlrm
     import fedrec.trainers.dp_trainer  # noqa: F401
     import privacy.encryption.client

@@ -39,7 +39,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrec import registry
+from fedrec.config import config_to_dict
+from fedrec.config.loader import build_experiment
+from fedrec.data.base import ArraySplit, ProcessedData
 from fedrec.deploy.errors import DeployError
+from fedrec.deploy.sealed import open_global_model, seal_global_model
+from fedrec.errors import FedrecError
+from fedrec.experiment import build_model
+from fedrec.federated.client_round import (
+    apply_mean_update,
+    attempt_tag,
+    client_seed,
+    local_dp_trainer_class,
+    public_initialisation,
+    quantisation_rng,
+)
+from fedrec.federated.codec import SecureCodec
+from fedrec.federated.run import params_digest
+from fedrec.federated.worker import GlobalModel, Neighbour, ParamLayout, algorithm_params
+from fedrec.trainers.base_trainer import optimizer_supports_sparse
+from privacy.ledger import PrivacyLedger
 
 PROTOCOL = 1
 # Dataset facts a model is sized from: public schema, not statistics of anyone's rows.
@@ -54,7 +74,6 @@ MODEL_META_KEYS = (
     "rating_min",
     "rating_max",
 )
-QUANTISATION_SALT = 0xE1  # the simulation's client_task draws its rounding from [seed, round, client, 0xE1]
 
 
 def model_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,7 +161,6 @@ class RoundRequest:
     aggregate: bytes | None = None  # the apply step: the round's encrypted aggregate
 
     def to_wire(self) -> dict[str, Any]:
-        from fedrec.config import config_to_dict
 
         return {
             "protocol": PROTOCOL,
@@ -159,7 +177,6 @@ class RoundRequest:
 
     @classmethod
     def from_wire(cls, data: Any) -> RoundRequest:
-        from fedrec.config.loader import build_experiment
 
         if not isinstance(data, Mapping):
             raise DeployError(f"round request of type {type(data).__name__}: expected a mapping")
@@ -210,13 +227,6 @@ def _arrays(data: Any) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
-def params_digest(params: np.ndarray) -> str:
-    """sha256 of the float32 values (the simulation's global-model digest)."""
-    from fedrec.federated.run import params_digest as digest
-
-    return digest(params)
-
-
 @dataclass
 class ModelPlan:
     """The model a config builds on given data metadata, its shared-parameter layout and algorithm."""
@@ -228,10 +238,6 @@ class ModelPlan:
 
     @classmethod
     def build(cls, config: Any, meta: Mapping[str, Any]) -> ModelPlan:
-        from fedrec import registry
-        from fedrec.experiment import build_model
-        from fedrec.federated.worker import ParamLayout, algorithm_params
-        from fedrec.trainers.base_trainer import optimizer_supports_sparse
 
         model_cls = registry.lookup("model", config.model.name)
         if getattr(model_cls, "PRIVATE_PARAMETERS", ()):
@@ -252,16 +258,13 @@ class ModelPlan:
 
 def initial_global_model(config: Any, meta: Mapping[str, Any]) -> np.ndarray:
     """Round 0's global model: the config's seeded initialisation (as ``Simulation.prepare`` writes it)."""
-    from fedrec.federated.simulation import _public_initialisation
-
     plan = ModelPlan.build(config, meta)
-    _public_initialisation(plan.model, dict(meta))
+    public_initialisation(plan.model, dict(meta))
     return plan.layout.flatten(plan.model)
 
 
 def current_global_model(request: RoundRequest, secrets: OwnerSecrets, size: int) -> np.ndarray:
     """The global model the request's round starts from (checked against the digest it names)."""
-    from fedrec.deploy.sealed import open_global_model
 
     if request.global_model is None:
         if request.round_idx != 0:
@@ -300,7 +303,6 @@ class _GlobalModelChannel:
 
 def check_faults(config: Any, round_idx: int, client_id: int) -> None:
     """``fl.faults`` as the simulation applies them (raise, hang); used to test dropped datasites."""
-    from fedrec.errors import FedrecError
 
     faults = config.fl.faults
     if faults.rounds is not None and round_idx not in faults.rounds:
@@ -329,9 +331,6 @@ def local_update(
     local DP trainer seeded by ``client_seed(seed, round, client)``, ``config.privacy`` as resolved
     for clients (the coordinator resolves delta exactly as ``client_privacy_config`` does).
     """
-    from fedrec.data.base import ArraySplit, ProcessedData
-    from fedrec.federated.clients import _local_dp_trainer_class, client_seed
-    from fedrec.federated.worker import GlobalModel, Neighbour
 
     torch.set_num_threads(config.train.num_threads or 1)  # as every simulation rank: same results
     plan = plan if plan is not None else ModelPlan.build(config, meta)
@@ -348,7 +347,7 @@ def local_update(
         round_idx=round_idx,
         params=plan.algorithm_params,
     )
-    dp_trainer_cls = _local_dp_trainer_class()
+    dp_trainer_cls = local_dp_trainer_class()
 
     def make_trainer(trainer_worker: Any) -> Any:
         data = ProcessedData({"train": trainer_worker.data}, dict(meta))
@@ -372,9 +371,8 @@ def local_update(
 
 def encrypt_update(config: Any, layout: Any, update: Any, secret_context: bytes, *, tag: int) -> list[bytes]:
     """The simulation's SecureCodec.encode with its quantisation generator: wire-format payloads."""
-    from fedrec.federated.codec import SecureCodec
 
-    rng = np.random.default_rng([config.seed, update.round_idx, update.client_id, QUANTISATION_SALT])
+    rng = quantisation_rng(config.seed, update.round_idx, update.client_id)
     payloads, _ = SecureCodec(layout, secret_context=secret_context).encode(update, tag=tag, rng=rng)
     return [bytes(p) for p in payloads]
 
@@ -408,8 +406,6 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     """Local DP-SGD + ledger record + encryption on the owner's datasite; see the module docstring."""
     if is_mock_run(owner):
         return dict(MOCK_RUN_OUTPUT)
-    from fedrec.federated.private_store import attempt_tag
-    from privacy.ledger import PrivacyLedger
 
     secrets = OwnerSecrets.from_asset(plain(owner))
     req = RoundRequest.from_wire(plain(request))
@@ -460,9 +456,6 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
     """Decrypt the aggregate, apply the server rule, seal the next global model (on a datasite)."""
     if is_mock_run(owner):
         return dict(MOCK_RUN_OUTPUT)
-    from fedrec.deploy.sealed import seal_global_model
-    from fedrec.federated.codec import SecureCodec
-    from fedrec.federated.private_store import attempt_tag
 
     secrets = OwnerSecrets.from_asset(plain(owner))
     req = RoundRequest.from_wire(plain(request))
@@ -480,11 +473,7 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
     worker = plan.algorithm_cls(
         "apply", ("trainer",), config=req.config, persistent_storage=None, params=plan.algorithm_params
     )
-    new_params = np.asarray(worker.apply_aggregate(current, decoded.mean), dtype=np.float32)
-    if not np.all(np.isfinite(new_params)):
-        raise DeployError(
-            f"round {req.round_idx}: the new global model has NaN or infinite values (lower train.lr?)"
-        )
+    new_params = apply_mean_update(worker, current, decoded.mean, round_idx=req.round_idx)
     sealed = seal_global_model(
         new_params, key=secrets.model_key, run_id=req.run_id, round_idx=req.round_idx + 1
     )

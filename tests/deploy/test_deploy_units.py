@@ -294,7 +294,7 @@ def test_mock_run_computes_nothing(inprocess):
 
 def test_outputs_are_checked_before_anything_is_added(inprocess):
     """Every malformed output is RejectedOutput and leaves the running sum empty; the real one is added."""
-    from fedrec.deploy.coordinator import expected_spend, validate_train_output
+    from fedrec.deploy.outputs import expected_spend, validate_train_output
     from fedrec.deploy.training import RoundRequest, initial_global_model, params_digest, train_round
     from fedrec.federated.private_store import attempt_tag
     from privacy.encryption.aggregator import StreamingAggregator
