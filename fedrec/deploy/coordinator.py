@@ -53,12 +53,9 @@ from fedrec.deploy.training import ModelPlan, RoundRequest, initial_global_model
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import config_fingerprint
 from fedrec.federated.checkpoint import (
-    AggregatorState,
-    capture_rng,
     check_checkpoint_presence,
-    check_resume,
-    load_checkpoint,
-    restore_rng,
+    initial_state,
+    resume_checkpoint,
     save_checkpoint,
 )
 from fedrec.federated.clients import client_privacy_config
@@ -313,27 +310,20 @@ class Coordinator:
         fingerprint = config_fingerprint(self.config, ignore=("syft",))
         context_digest = hashlib.sha256(self.public_context).hexdigest()
         if self.resume:
-            state = load_checkpoint(self.paths.checkpoint)
-            check_resume(
-                state,
-                config_fingerprint=fingerprint,
-                layout_digest=self.layout.digest(),
-                path=self.paths.checkpoint,
+            state = resume_checkpoint(
+                self.paths.checkpoint, config_fingerprint=fingerprint, layout_digest=self.layout.digest()
             )
             if state.public_context_digest != context_digest:
                 raise FedrecError(f"{self.paths.checkpoint}: the public context differs from the run's")
             if state.round_idx > 0:
                 self.sealed_global = self._read_sealed(state.round_idx, state.server_state["sealed_sha256"])
                 self.download_bytes = len(self.sealed_global)
-            restore_rng(state.rng)
         else:
             initial = initial_global_model(self.client_config, self.meta)
-            state = AggregatorState(
-                round_idx=0,
+            state = initial_state(
                 global_digest=params_digest(initial),
                 config_fingerprint=fingerprint,
                 layout_digest=self.layout.digest(),
-                rng=capture_rng(),
                 public_context_digest=context_digest,
                 server_state={"run_id": f"{fingerprint}-{uuid.uuid4().hex[:8]}"},
             )

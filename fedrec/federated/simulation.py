@@ -56,11 +56,10 @@ from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model, config_fingerprint, prepare_data
 from fedrec.federated.checkpoint import (
     AggregatorState,
-    capture_rng,
     check_checkpoint_presence,
-    check_resume,
+    initial_state,
     load_checkpoint,
-    restore_rng,
+    resume_checkpoint,
     save_checkpoint,
 )
 from fedrec.federated.client_round import public_initialisation
@@ -286,15 +285,10 @@ class Simulation:
         self.run_key = int(fingerprint[:16], 16)  # keys seeded user-level noise shares to this config
 
         if self.resume:
-            state = load_checkpoint(paths.checkpoint)
-            check_resume(
-                state,
-                config_fingerprint=fingerprint,
-                layout_digest=self.layout.digest(),
-                path=paths.checkpoint,
+            state = resume_checkpoint(
+                paths.checkpoint, config_fingerprint=fingerprint, layout_digest=self.layout.digest()
             )
             read_global_model(paths.global_model(state.round_idx), state.round_idx, state.global_digest)
-            restore_rng(state.rng)
             if self.user_dp is not None:
                 check_resumed_plan(self.user_dp, state.server_state.get("user_dp"), paths.checkpoint)
         else:
@@ -304,12 +298,8 @@ class Simulation:
                 PrivateRowStore.create(
                     paths.private_rows, {name: model.state_dict()[name] for name in private}
                 )
-            state = AggregatorState(
-                round_idx=0,
-                global_digest=digest,
-                config_fingerprint=fingerprint,
-                layout_digest=self.layout.digest(),
-                rng=capture_rng(),
+            state = initial_state(
+                global_digest=digest, config_fingerprint=fingerprint, layout_digest=self.layout.digest()
             )
             if self.user_dp is not None:
                 state.server_state["user_dp"] = {
