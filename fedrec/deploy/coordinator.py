@@ -61,6 +61,7 @@ from fedrec.federated.checkpoint import (
 from fedrec.federated.clients import client_privacy_config
 from fedrec.federated.codec import SecureCodec
 from fedrec.federated.engine import ClientFailed, ClosedRound, Published, RoundEngine, open_ledger
+from fedrec.federated.ranks import import_modules
 from fedrec.federated.run import one_line, params_digest
 from fedrec.federated.worker import ClientResult, algorithm_params
 from privacy.encryption.context import load_context
@@ -267,6 +268,7 @@ class Coordinator:
         self.datasites = {
             spec.client_id: DatasiteClient(spec, max_executions=self.max_executions) for spec in datasites
         }
+        import_modules(fl.import_modules)  # the coordinator's own copy of a custom algorithm
         self.algorithm_cls = registry.lookup("fl_algo", fl.algorithm)
         self.algorithm_params = algorithm_params(self.algorithm_cls, fl.algorithm_params)
         self.state: Any = None

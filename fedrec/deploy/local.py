@@ -137,6 +137,8 @@ class LocalFederation:
             delta=delta,
             max_executions=owner_max_executions,
             min_aggregate_clients=min_aggregate_clients,
+            # The owners of this local federation run the config's own modules (one person plays them all).
+            allowed_modules=list(fl.import_modules),
         )
         for owner in federation.owners:
             rows = train.subset(partition.client_rows(owner.client_id)).arrays

@@ -351,6 +351,7 @@ class Owner:
                 "model_key": self.keys.model_key,
                 "ledger": ledger,
                 "min_aggregate_clients": self.policy.min_aggregate_clients,
+                "allowed_modules": list(self.policy.allowed_modules),
             },
         )
         secrets_asset.no_mock()

@@ -56,6 +56,7 @@ from fedrec.federated.client_round import (
     quantisation_rng,
 )
 from fedrec.federated.codec import SecureCodec
+from fedrec.federated.ranks import import_modules
 from fedrec.federated.run import params_digest
 from fedrec.federated.worker import GlobalModel, Neighbour, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
@@ -119,6 +120,7 @@ class OwnerSecrets:
     model_key: bytes
     ledger: str
     min_aggregate_clients: int
+    allowed_modules: tuple[str, ...] = ()  # the owner policy's allowed_modules (absent: none)
 
     @classmethod
     def from_asset(cls, owner: Any) -> OwnerSecrets:
@@ -131,6 +133,7 @@ class OwnerSecrets:
                 model_key=bytes(owner["model_key"]),
                 ledger=str(owner["ledger"]),
                 min_aggregate_clients=int(owner["min_aggregate_clients"]),
+                allowed_modules=tuple(str(m) for m in owner.get("allowed_modules") or ()),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DeployError(
@@ -207,6 +210,26 @@ class RoundRequest:
             global_digest=data.get("global_digest"),
             aggregate=data.get("aggregate"),
         )
+
+
+def import_requested_modules(request: Any, secrets: OwnerSecrets) -> None:
+    """Import the request config's ``fl.import_modules``, each only if the owner's policy allows it.
+
+    Runs before the request's config is built (a custom model or algorithm registers itself on
+    import). A module the owner did not list in ``allowed_modules`` is refused and nothing is imported.
+    """
+    config = request.get("config") if isinstance(request, Mapping) else None
+    fl = config.get("fl") if isinstance(config, Mapping) else None
+    modules = (fl.get("import_modules") if isinstance(fl, Mapping) else None) or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise DeployError("round request config key 'fl.import_modules': expected a list of module names")
+    refused = [m for m in modules if m not in secrets.allowed_modules]
+    if refused:
+        raise DeployError(
+            f"round request config key 'fl.import_modules': {refused} not in this owner's policy "
+            f"allowed_modules {list(secrets.allowed_modules)}; nothing was imported"
+        )
+    import_modules(modules)
 
 
 def _arrays(data: Any) -> dict[str, np.ndarray]:
@@ -408,6 +431,7 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
         return dict(MOCK_RUN_OUTPUT)
 
     secrets = OwnerSecrets.from_asset(plain(owner))
+    import_requested_modules(plain(request), secrets)
     req = RoundRequest.from_wire(plain(request))
     if req.client_id != secrets.client_id:
         raise DeployError(
@@ -458,6 +482,7 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
         return dict(MOCK_RUN_OUTPUT)
 
     secrets = OwnerSecrets.from_asset(plain(owner))
+    import_requested_modules(plain(request), secrets)
     req = RoundRequest.from_wire(plain(request))
     if req.aggregate is None:
         raise DeployError(f"round {req.round_idx}: the apply request carries no aggregate")

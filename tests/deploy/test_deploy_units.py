@@ -383,3 +383,28 @@ def test_owner_reads_pysyft_requests_as_the_policy_sees_them():
     assert describe_request(code(good, output_type=object), assets).max_executions is None
     request = describe_request(code(good), assets)
     assert ask_on_terminal(None, request, "unlisted") is False  # no terminal under pytest: the answer is no
+
+
+def test_datasites_import_only_the_modules_their_owner_allows(inprocess):
+    """fl.import_modules reaches datasites; a module the owner's policy does not list is refused, unimported."""
+    import sys
+
+    from fedrec.deploy.training import RoundRequest, initial_global_model, params_digest, train_round
+
+    env = inprocess
+    fl = dataclasses.replace(
+        env["config"].fl, algorithm="_deploy_test_avg", import_modules=["deploy_custom_algo"]
+    )
+    config = dataclasses.replace(env["config"], fl=fl)
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    request = RoundRequest("run", config, env["meta"], 0, 0, 2, None, digest).to_wire()
+    with pytest.raises(DeployError, match="not in this owner's policy allowed_modules"):
+        train_round(env["rows"][2], env["owners"][2], request)
+    assert "deploy_custom_algo" not in sys.modules
+    other = {**env["owners"][2], "allowed_modules": ["some_other_module"]}
+    with pytest.raises(DeployError, match="allowed_modules"):
+        train_round(env["rows"][2], other, request)
+    allowed = {**env["owners"][2], "allowed_modules": ["deploy_custom_algo"]}
+    output = train_round(env["rows"][2], allowed, request)
+    assert set(output) == {"protocol", "update", "spend"} and output["spend"]["steps"] > 0
+    assert len(sys.modules["deploy_custom_algo"].LOCAL_STEPS) == output["spend"]["steps"]
