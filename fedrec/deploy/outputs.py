@@ -35,6 +35,8 @@ def expected_spend(config: ExperimentConfig, rows: int) -> dict[str, Any]:
     steps = config.fl.local_epochs * max(1, math.ceil(1.0 / rate))
     if config.fl.local_steps is not None:
         steps = min(steps, config.fl.local_steps)
+    if config.fl.reconstruction is not None and config.fl.reconstruction.method == "steps":
+        steps += config.fl.reconstruction.steps  # the DP-SGD steps that rebuild the user rows
     return {
         "noise_multiplier": float(privacy.noise_multiplier),
         "sample_rate": float(rate),

@@ -52,8 +52,10 @@ from fedrec.federated.client_round import (
     attempt_tag,
     client_seed,
     local_dp_trainer_class,
+    local_users,
     public_initialisation,
     quantisation_rng,
+    reconstruct,
 )
 from fedrec.federated.codec import SecureCodec
 from fedrec.federated.ranks import import_modules
@@ -263,10 +265,10 @@ class ModelPlan:
     def build(cls, config: Any, meta: Mapping[str, Any]) -> ModelPlan:
 
         model_cls = registry.lookup("model", config.model.name)
-        if getattr(model_cls, "PRIVATE_PARAMETERS", ()):
+        if getattr(model_cls, "PRIVATE_PARAMETERS", ()) and config.fl.reconstruction is None:
             raise DeployError(
-                f"model {config.model.name!r} keeps per-user parameters on each client between rounds; "
-                "datasite deployment supports models whose parameters are all shared (e.g. dlrm)"
+                f"model {config.model.name!r} has per-user parameters, which datasites do not keep between "
+                "rounds: set fl.reconstruction (Federated Reconstruction rebuilds them every round)"
             )
         sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
         model = build_model(config, dict(meta), sparse=sparse)
@@ -359,6 +361,12 @@ def local_update(
     plan = plan if plan is not None else ModelPlan.build(config, meta)
     layout = plan.layout
     model = plan.model.to(device)
+    reconstruction = config.fl.reconstruction
+    if reconstruction is not None and getattr(model, "PRIVATE_PARAMETERS", None):
+        # Per-user rows live only in this call: this datasite's users, renumbered, rebuilt below.
+        users, arrays = local_users(arrays)
+        sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
+        model = build_model(config, {**meta, "num_users": len(users)}, sparse=sparse).to(device)
     global_model = GlobalModel(round_idx, global_params, params_digest(global_params))
     worker = plan.algorithm_cls(
         client_id,
@@ -372,9 +380,9 @@ def local_update(
     )
     dp_trainer_cls = local_dp_trainer_class()
 
-    def make_trainer(trainer_worker: Any) -> Any:
+    def make_trainer(trainer_worker: Any, *, phase: int = 0) -> Any:
         data = ProcessedData({"train": trainer_worker.data}, dict(meta))
-        seed = client_seed(config.seed, trainer_worker.round_idx, int(trainer_worker.worker_id))
+        seed = client_seed(config.seed, trainer_worker.round_idx, int(trainer_worker.worker_id), phase)
         local = dataclasses.replace(config, seed=seed)
         trainer = dp_trainer_cls(trainer_worker.model, data, local, device=device, ledger=False)
         # DPTrainer resets a data-dependent initialisation; the global model's values are the ones to use.
@@ -386,6 +394,8 @@ def local_update(
     worker.data = ArraySplit(arrays)
     worker.layout = layout
     worker.make_trainer = make_trainer
+    if reconstruction is not None and getattr(model, "PRIVATE_PARAMETERS", None):
+        worker.reconstruct = functools.partial(reconstruct, config=reconstruction)
     asyncio.run(worker.run())
     if worker.update is None:
         raise DeployError(f"client {client_id}: local training produced no update")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -33,7 +34,10 @@ from fedrec.federated.client_round import (
     attempt_tag,
     client_seed,
     local_dp_trainer_class,
+    local_users,
     quantisation_rng,
+    reconstruct,
+    ridge_user_rows,
 )
 from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.private_store import PrivateRowStore
@@ -111,9 +115,10 @@ class RankContext:
         self.layout = ParamLayout.from_model(self.template)
         self.algorithm_cls = registry.lookup("fl_algo", self.fl.algorithm)
         self.algorithm_params = algorithm_params(self.algorithm_cls, self.fl.algorithm_params)
+        self.reconstruction = self.fl.reconstruction
         self.store = (
             PrivateRowStore.open(self.paths.private_rows, list(self.private_names))
-            if self.private_names
+            if self.private_names and self.reconstruction is None
             else None
         )
         self.ledger: Any = None
@@ -145,10 +150,10 @@ class RankContext:
             self._global = read_global_model(self.paths.global_model(round_idx), round_idx, digest)
         return self._global
 
-    def make_trainer(self, worker: FederatedWorker) -> BaseTrainer:
-        """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client)."""
+    def make_trainer(self, worker: FederatedWorker, *, phase: int = 0) -> BaseTrainer:
+        """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client, phase)."""
         data = ProcessedData({"train": worker.data}, self.meta)
-        seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id))
+        seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id), phase)
         if not self.fl.secure:
             return BaseTrainer(
                 worker.model, data, dataclasses.replace(self.config, seed=seed), device=self.device
@@ -162,7 +167,12 @@ class RankContext:
     def trainer_worker(self, client_id: int, round_idx: int, attempt: int, digest: str) -> FederatedWorker:
         """A short-lived trainer for ``client_id``: its rows, a local model, the global model's digest."""
         split = self.train.subset(self.partition.client_rows(client_id))
-        if self.private_names:
+        if self.private_names and self.reconstruction is not None:
+            users, arrays = local_users(split.arrays)
+            split = ArraySplit(arrays)
+            meta = {**self.meta, "num_users": len(users)}
+            model = build_model(self.config, meta, sparse=self.sparse).to(self.device)
+        elif self.private_names:
             users = self.partition.client_users(client_id)
             arrays = dict(split.arrays)
             arrays["user"] = np.searchsorted(users, arrays["user"]).astype(arrays["user"].dtype)
@@ -191,6 +201,8 @@ class RankContext:
         worker.data = split
         worker.layout = self.layout
         worker.make_trainer = self.make_trainer
+        if self.private_names and self.reconstruction is not None:
+            worker.reconstruct = functools.partial(reconstruct, config=self.reconstruction)
         return worker
 
     def check_round_recorded(self, noise: RoundNoise) -> None:
@@ -211,7 +223,7 @@ class RankContext:
         )
 
     def save_private_rows(self, worker: FederatedWorker, round_idx: int, attempt: int) -> None:
-        if not self.private_names:
+        if self.store is None:  # no private parameters, or rebuilt each round (fl.reconstruction)
             return
         users = self.partition.client_users(int(worker.worker_id))
         state = worker.model.state_dict()
@@ -230,6 +242,9 @@ class RankContext:
             with torch.no_grad():
                 for name in self.private_names:
                     state[name].copy_(torch.from_numpy(rows[name]))
+        elif self.reconstruction is not None:
+            # Federated Reconstruction's evaluation: every user's rows solved from its training ratings.
+            ridge_user_rows(model, self.train.arrays, ridge=self.reconstruction.ridge)
         if self._evaluator is None:
             self._evaluator = BaseTrainer(model, self.data, self.config, device=self.device)
         return {

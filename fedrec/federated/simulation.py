@@ -240,7 +240,12 @@ class Simulation:
         data = prepare_data(config, progress=config.train.progress)
         model_cls = registry.lookup("model", config.model.name)
         private = tuple(getattr(model_cls, "PRIVATE_PARAMETERS", ()))
-        if private and fl.partition != "natural":
+        if fl.reconstruction is not None and not private:
+            raise ConfigError(
+                f"config key 'fl.reconstruction': model {config.model.name!r} has no per-user parameters "
+                "(PRIVATE_PARAMETERS) to rebuild; set it to null"
+            )
+        if private and fl.partition != "natural" and fl.reconstruction is None:
             raise ConfigError(
                 f"config key 'fl.partition' = {fl.partition!r}: model {config.model.name!r} keeps "
                 f"{', '.join(private)} on each client, so each user must belong to one client (use 'natural')"
@@ -294,7 +299,7 @@ class Simulation:
         else:
             partition.save(paths.partition)
             digest = write_global_model(paths.global_model(0), self.layout.flatten(model))
-            if private:
+            if private and fl.reconstruction is None:
                 PrivateRowStore.create(
                     paths.private_rows, {name: model.state_dict()[name] for name in private}
                 )

@@ -290,6 +290,7 @@ class FederatedWorker:
         self.data: Any = None
         self.layout: ParamLayout | None = None
         self.make_trainer: Any = None
+        self.reconstruct: Any = None  # fl.reconstruction: rebuilds the per-user rows; returns DP steps
         self.global_model: GlobalModel | None = None
         self.update: ClientUpdate | None = None
 
@@ -381,6 +382,7 @@ class FederatedWorker:
             raise InvalidStateError(
                 f"trainer {self.worker_id!r}: no model, data or global model to train from"
             )
+        reconstruction_steps = self.reconstruct(self) if self.reconstruct is not None else 0
         trainer = self.make_trainer(self)
         steps, loss_sum, seen = 0, 0.0, 0
         limit = self.fl.local_steps
@@ -403,6 +405,8 @@ class FederatedWorker:
                     loss_sum += loss * size
                     seen += size
             extra = dict(getattr(trainer, "update_extra", dict)())
+            if "dp_steps" in extra:  # the reconstruction's DP-SGD steps are spent on the same data
+                extra["dp_steps"] += reconstruction_steps
         finally:
             finish = getattr(trainer, "finish", None)
             if callable(finish):
