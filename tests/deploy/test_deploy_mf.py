@@ -83,5 +83,7 @@ def test_local_users_renumbers_a_datasites_users_in_id_order():
 def test_the_closed_form_is_refused_where_updates_must_be_differentially_private(tmp_path):
     data = mf_deploy_data(tmp_path)
     data["fl"]["reconstruction"]["method"] = "ridge"
-    with pytest.raises(ConfigError, match=r"fl\.reconstruction\.method' = 'ridge'.*not differentially private"):
+    with pytest.raises(
+        ConfigError, match=r"fl\.reconstruction\.method' = 'ridge'.*not differentially private"
+    ):
         build_experiment(data)
