@@ -154,7 +154,7 @@ class ReconstructionConfig:
     Evaluation rebuilds every user's rows by the ridge solve.
     """
 
-    method: Literal["ridge", "steps"] = "ridge"
+    method: Literal["ridge", "steps"]  # required (a null section stays null, never a default method)
     ridge: float = 1.0  # lambda of the per-user solve (|p_u|^2 + b_u^2)
     steps: int = 20  # local steps of the 'steps' method
 
@@ -380,6 +380,8 @@ class SyftConfig:
     owner_delta: float | None = None  # local mode: each owner's ledger delta; null = min(1e-5, 0.1 / N)
     owner_max_executions: int = 1000  # local mode: largest execution count an owner approves
     min_aggregate_clients: int = 2  # local mode: owners refuse to decrypt smaller aggregates
+    # local mode: owners draw DP noise and batches from the request's seed (replayable; tests only)
+    owner_reproducible_noise: bool = False
 
     def validate(self, path: str) -> None:
         if not self.host:

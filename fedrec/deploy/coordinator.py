@@ -49,7 +49,7 @@ from fedrec.deploy.functions import APPLY_FUNCTION, FUNCTIONS, TRAIN_FUNCTION, f
 from fedrec.deploy.keys import write_private_bytes
 from fedrec.deploy.local import DatasiteSpec
 from fedrec.deploy.outputs import expected_spend, validate_apply_output, validate_train_output
-from fedrec.deploy.training import ModelPlan, RoundRequest, initial_global_model
+from fedrec.deploy.training import NOISE_SOURCES, ModelPlan, RoundRequest, initial_global_model
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import config_fingerprint
 from fedrec.federated.checkpoint import (
@@ -115,6 +115,13 @@ class DatasiteBackend:
             )
         except RejectedOutput as err:
             raise ClientFailed("rejected", one_line(err)) from None
+        source = output["noise_source"]
+        if source != "owner_csprng" and co.noise_sources.get(client) != source:
+            co.log(
+                f"deploy: WARNING: datasite {client} draws its DP noise from {NOISE_SOURCES[source]}; "
+                "its epsilon does not hold against anyone who holds this config"
+            )
+        co.noise_sources[client] = source
         spend = ClientSpend(
             str(client), round_idx, record["noise_multiplier"], record["sample_rate"], record["steps"]
         )
@@ -181,7 +188,10 @@ class DatasiteBackend:
         }
 
     def privacy_fields(self) -> dict[str, Any]:
-        return {"owner_ledgers": "each owner's privacy_ledger.sqlite (authoritative for its budget)"}
+        return {
+            "owner_ledgers": "each owner's privacy_ledger.sqlite (authoritative for its budget)",
+            "noise_source": {str(c): NOISE_SOURCES[s] for c, s in sorted(self.co.noise_sources.items())},
+        }
 
     def final_fields(self) -> dict[str, Any]:
         round_idx = self.co.state.round_idx
@@ -276,6 +286,7 @@ class Coordinator:
         self.codec: SecureCodec | None = None
         self.download_bytes = 0
         self.sealed_global: bytes | None = None
+        self.noise_sources: dict[int, str] = {}  # datasite -> where its DP noise came from (its output)
         self.final: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup

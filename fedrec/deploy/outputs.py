@@ -14,7 +14,7 @@ from typing import Any
 from fedrec.config import ExperimentConfig
 from fedrec.deploy.errors import RejectedOutput
 from fedrec.deploy.sealed import OVERHEAD, sealed_round
-from fedrec.deploy.training import PROTOCOL
+from fedrec.deploy.training import NOISE_SOURCES, PROTOCOL
 from privacy.encryption import wire
 from privacy.encryption.client import max_ciphertext_bytes
 from privacy.errors import EncryptionError
@@ -60,9 +60,15 @@ def validate_train_output(
     for this client. Bodies are parsed once, by the aggregator's ``add`` (SEAL framing and loading),
     which refuses a bad chunk without touching its sum.
     """
-    if not isinstance(output, dict) or set(output) != {"protocol", "update", "spend"}:
+    if not isinstance(output, dict) or set(output) != {"protocol", "update", "spend", "noise_source"}:
         keys = sorted(output) if isinstance(output, dict) else type(output).__name__
-        raise RejectedOutput(f"output {keys}: expected a dict with exactly protocol, update, spend")
+        raise RejectedOutput(
+            f"output {keys}: expected a dict with exactly protocol, update, spend, noise_source"
+        )
+    if output["noise_source"] not in NOISE_SOURCES:
+        raise RejectedOutput(
+            f"output noise_source {output['noise_source']!r}: expected one of {sorted(NOISE_SOURCES)}"
+        )
     if output["protocol"] != PROTOCOL:
         raise RejectedOutput(f"output protocol {output['protocol']!r}: expected {PROTOCOL}")
     payloads = output["update"]

@@ -352,6 +352,7 @@ class Owner:
                 "ledger": ledger,
                 "min_aggregate_clients": self.policy.min_aggregate_clients,
                 "allowed_modules": list(self.policy.allowed_modules),
+                "reproducible_noise": bool(self.policy.reproducible_noise),
             },
         )
         secrets_asset.no_mock()

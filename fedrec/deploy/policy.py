@@ -10,6 +10,7 @@ A data owner writes one YAML file (example: ``configs/syft_owner_policy.yml``)::
     unlisted: deny                # any other code: 'deny', or 'ask' (the owner answers on the terminal)
     min_aggregate_clients: 2      # the apply step refuses aggregates of fewer contributors
     allowed_modules: []           # modules a request's fl.import_modules may load here (default: none)
+    reproducible_noise: false     # true: DP noise from the request's seed (replayable; tests only)
     privacy:                      # enforced by the owner's own ledger on the datasite
       epsilon_budget: 10.0        # example-level epsilon over every run that touches this data
       delta: 1.0e-5
@@ -28,6 +29,12 @@ custom federated algorithm) that a request's ``fl.import_modules`` may import on
 approved code pins its own source, not what it imports, so any other module a request names is
 refused before anything is imported or trained. It is read when the datasite publishes its owner
 asset (restart the datasite after changing it).
+
+DP-SGD noise and Poisson batches on the datasite come from the owner's own CSPRNG whatever the request
+says (noise anyone could regenerate from a config seed protects nothing against a party colluding with
+the coordinator); a request that tries to set ``privacy.secure_mode`` is refused. ``reproducible_noise:
+true`` makes the datasite draw them from the request's seed instead, so a deployment reproduces the
+simulation bit for bit: for tests and demos only, and every output then says so.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ class OwnerPolicy:
     unlisted: Literal["deny", "ask"] = "deny"
     min_aggregate_clients: int = 2
     allowed_modules: list[str] = field(default_factory=list)
+    reproducible_noise: bool = False
     source: str = field(default="<policy>", init=False, compare=False)
 
     def validate(self, path: str) -> None:
@@ -171,6 +179,7 @@ def policy_text(
     min_aggregate_clients: int = 2,
     unlisted: str = "deny",
     allowed_modules: list[str] | tuple[str, ...] = (),
+    reproducible_noise: bool = False,
 ) -> str:
     """A policy file approving ``digests`` (what ``python -m fedrec.deploy.owner digests`` prints)."""
     lines = ["# fedrec owner policy (see fedrec/deploy/policy.py and docs/deployment.md)", "approve:"]
@@ -180,6 +189,7 @@ def policy_text(
         f"unlisted: {unlisted}",
         f"min_aggregate_clients: {int(min_aggregate_clients)}",
         f"allowed_modules: [{', '.join(str(m) for m in allowed_modules)}]",
+        f"reproducible_noise: {'true' if reproducible_noise else 'false'}",
         "privacy:",
         f"  epsilon_budget: {float(epsilon_budget)!r}",
         f"  delta: {float(delta)!r}",

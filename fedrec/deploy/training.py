@@ -123,6 +123,7 @@ class OwnerSecrets:
     ledger: str
     min_aggregate_clients: int
     allowed_modules: tuple[str, ...] = ()  # the owner policy's allowed_modules (absent: none)
+    reproducible_noise: bool = False  # the owner policy's reproducible_noise (absent: own CSPRNG)
 
     @classmethod
     def from_asset(cls, owner: Any) -> OwnerSecrets:
@@ -136,6 +137,7 @@ class OwnerSecrets:
                 ledger=str(owner["ledger"]),
                 min_aggregate_clients=int(owner["min_aggregate_clients"]),
                 allowed_modules=tuple(str(m) for m in owner.get("allowed_modules") or ()),
+                reproducible_noise=owner.get("reproducible_noise", False) is True,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DeployError(
@@ -166,11 +168,14 @@ class RoundRequest:
     aggregate: bytes | None = None  # the apply step: the round's encrypted aggregate
 
     def to_wire(self) -> dict[str, Any]:
-
+        """The request as plain data; the owner-owned ``privacy.secure_mode`` is left out."""
+        config = config_to_dict(self.config)
+        if isinstance(config.get("privacy"), dict):
+            config["privacy"].pop("secure_mode", None)
         return {
             "protocol": PROTOCOL,
             "run_id": self.run_id,
-            "config": config_to_dict(self.config),
+            "config": config,
             "meta": dict(self.meta),
             "round": self.round_idx,
             "attempt": self.attempt,
@@ -198,6 +203,12 @@ class RoundRequest:
                 raise DeployError(f"round request key {key!r}: expected bytes or None")
         if not isinstance(data.get("config"), Mapping) or not isinstance(data.get("meta"), Mapping):
             raise DeployError("round request: 'config' and 'meta' must be mappings")
+        privacy = data["config"].get("privacy")
+        if isinstance(privacy, Mapping) and "secure_mode" in privacy:
+            raise DeployError(
+                "round request config key 'privacy.secure_mode': the datasite owns its noise source (its "
+                "own CSPRNG, or the owner's reproducible_noise policy); a request may not set it"
+            )
         config = build_experiment(dict(data["config"]), "round request config")
         if config.fl is None or config.privacy is None or not config.fl.secure:
             raise DeployError("round request config: needs fl.secure = true and a privacy section")
@@ -232,6 +243,23 @@ def import_requested_modules(request: Any, secrets: OwnerSecrets) -> None:
             f"allowed_modules {list(secrets.allowed_modules)}; nothing was imported"
         )
     import_modules(modules)
+
+
+NOISE_SOURCES = {
+    "owner_csprng": "the owner's CSPRNG (privacy.secure_mode on the datasite)",
+    "request_seed": "the request's seed (owner policy reproducible_noise: true): replayable by whoever holds the config",
+}
+
+
+def noise_source(secrets: OwnerSecrets) -> str:
+    """Where this datasite's DP-SGD noise and Poisson batches come from (a key of NOISE_SOURCES)."""
+    return "request_seed" if secrets.reproducible_noise else "owner_csprng"
+
+
+def owner_noise_config(config: Any, secrets: OwnerSecrets) -> Any:
+    """The request's config with the owner's noise source: ``privacy.secure_mode`` is the owner's choice."""
+    privacy = dataclasses.replace(config.privacy, secure_mode=not secrets.reproducible_noise)
+    return dataclasses.replace(config, privacy=privacy)
 
 
 def _arrays(data: Any) -> dict[str, np.ndarray]:
@@ -451,8 +479,9 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     arrays = _arrays(plain(data))
     plan = ModelPlan.build(req.config, req.meta)
     global_params = current_global_model(req, secrets, plan.layout.size)
+    config = owner_noise_config(req.config, secrets)
     update = local_update(
-        req.config,
+        config,
         req.meta,
         arrays,
         global_params,
@@ -482,7 +511,7 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     payloads = encrypt_update(
         req.config, plan.layout, update, secrets.secret_context, tag=attempt_tag(req.round_idx, req.attempt)
     )
-    return {"protocol": PROTOCOL, "update": payloads, "spend": spend}
+    return {"protocol": PROTOCOL, "update": payloads, "spend": spend, "noise_source": noise_source(secrets)}
 
 
 @_logged

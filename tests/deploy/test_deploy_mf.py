@@ -23,6 +23,7 @@ def mf_deploy_data(cache) -> dict:
     data["model"]["preproc"]["cache_dir"] = str(cache)
     data["fl"]["local_steps"] = 10
     data["fl"]["reconstruction"]["steps"] = 5
+    data["syft"]["owner_reproducible_noise"] = True  # comparable with the simulation, bit for bit
     return data
 
 
