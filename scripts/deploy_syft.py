@@ -136,6 +136,7 @@ def _run(config, logdir: str, *, resume: bool) -> tuple[dict, int]:  # type: ign
         owner_delta=syft.owner_delta,
         owner_max_executions=syft.owner_max_executions,
         min_aggregate_clients=syft.min_aggregate_clients,
+        reproducible_noise=syft.owner_reproducible_noise,
     )
     with federation:
         specs = federation.start()

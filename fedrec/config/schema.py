@@ -151,6 +151,30 @@ class FLEncryptionConfig:
 
 
 @dataclass
+class ReconstructionConfig:
+    """``fl.reconstruction``: Federated Reconstruction (Singhal et al. 2021) of per-user parameters.
+
+    Clients keep no per-user rows between rounds: each round a client rebuilds its users' rows (a
+    model's ``PRIVATE_PARAMETERS``, MF's user embedding and bias) from the current global model and
+    its own ratings, trains, and sends only the shared parameters' update. ``ridge``: the closed-form
+    L2-regularised least-squares solve per user (MF only; not DP, so plain mode only); ``steps``:
+    ``steps`` local optimiser steps (DP-SGD in secure mode, counted in the ledger) from a fresh
+    initialisation, the shared parameters then reset to the global model before training.
+    Evaluation rebuilds every user's rows by the ridge solve.
+    """
+
+    method: Literal["ridge", "steps"]  # required (a null section stays null, never a default method)
+    ridge: float = 1.0  # lambda of the per-user solve (|p_u|^2 + b_u^2)
+    steps: int = 20  # local steps of the 'steps' method
+
+    def validate(self, path: str) -> None:
+        if not 0 < self.ridge < float("inf"):
+            raise ConfigError(f"config key '{path}.ridge' = {self.ridge!r}: expected a finite number > 0")
+        if self.steps < 1:
+            raise ConfigError(f"config key '{path}.steps' = {self.steps!r}: expected a positive integer")
+
+
+@dataclass
 class UserDPConfig:
     """``fl.user_dp``: user-level DP-FedAvg (McMahan et al. 2018) on top of the federated round.
 
@@ -206,6 +230,7 @@ class FLConfig:
     encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)
     faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
     user_dp: UserDPConfig | None = None  # user-level DP-FedAvg; null = off
+    reconstruction: ReconstructionConfig | None = None  # per-user rows rebuilt each round; null = stored
 
     def validate(self, path: str) -> None:
         positive = ("client_num_per_round", "rounds", "local_epochs", "eval_every")
@@ -248,6 +273,11 @@ class FLConfig:
             )
         if self.user_dp is not None:
             self._validate_user_dp(f"{path}.user_dp")
+        if self.reconstruction is not None and self.secure and self.reconstruction.method == "ridge":
+            raise ConfigError(
+                f"config key '{path}.reconstruction.method' = 'ridge': the closed-form solve is not "
+                f"differentially private; with {path}.secure = true (DP-SGD on each client) use 'steps'"
+            )
 
     def _validate_user_dp(self, path: str) -> None:
         user_dp = self.user_dp
@@ -359,6 +389,8 @@ class SyftConfig:
     owner_delta: float | None = None  # local mode: each owner's ledger delta; null = min(1e-5, 0.1 / N)
     owner_max_executions: int = 1000  # local mode: largest execution count an owner approves
     min_aggregate_clients: int = 2  # local mode: owners refuse to decrypt smaller aggregates
+    # local mode: owners draw DP noise and batches from the request's seed (replayable; tests only)
+    owner_reproducible_noise: bool = False
 
     def validate(self, path: str) -> None:
         if not self.host:

@@ -2,7 +2,9 @@
 
 - :mod:`fedrec.deploy.owner`: a data owner's datasite (private asset + mock, guest sign-up off, random
   admin password, code approved by an owner policy pinning source digests; the owner's own ledger);
-- :mod:`fedrec.deploy.coordinator`: the rounds, over data-scientist accounts, holding public keys only;
+- :mod:`fedrec.deploy.coordinator`: the round engine's datasite backend (public keys only);
+- :mod:`fedrec.deploy.datasite`: the coordinator's session with one datasite, calls with deadlines;
+- :mod:`fedrec.deploy.outputs`: the checks of datasite outputs before anything is aggregated;
 - :mod:`fedrec.deploy.training`: what approved code runs on a datasite (the simulation's own steps);
 - :mod:`fedrec.deploy.functions`: the syft functions (two-line wrappers) and their digests;
 - :mod:`fedrec.deploy.policy`, :mod:`fedrec.deploy.keys`, :mod:`fedrec.deploy.sealed`,

@@ -84,6 +84,7 @@ class LocalFederation:
         owner_max_executions: int = 1000,
         min_aggregate_clients: int = 2,
         max_clients: int | None = None,
+        reproducible_noise: bool = False,
         log: Any = None,
     ) -> LocalFederation:
         """Write every owner's directory (rows, metadata, keys, policy, account) and the public context.
@@ -137,6 +138,9 @@ class LocalFederation:
             delta=delta,
             max_executions=owner_max_executions,
             min_aggregate_clients=min_aggregate_clients,
+            # The owners of this local federation run the config's own modules (one person plays them all).
+            allowed_modules=list(fl.import_modules),
+            reproducible_noise=reproducible_noise,
         )
         for owner in federation.owners:
             rows = train.subset(partition.client_rows(owner.client_id)).arrays

@@ -351,6 +351,8 @@ class Owner:
                 "model_key": self.keys.model_key,
                 "ledger": ledger,
                 "min_aggregate_clients": self.policy.min_aggregate_clients,
+                "allowed_modules": list(self.policy.allowed_modules),
+                "reproducible_noise": bool(self.policy.reproducible_noise),
             },
         )
         secrets_asset.no_mock()
@@ -487,8 +489,8 @@ def preload_training_modules() -> None:
 
     import fedrec.deploy.training
     import fedrec.federated.algorithms.fed_avg
+    import fedrec.federated.client_round
     import fedrec.federated.clients
-    import fedrec.federated.simulation
     import fedrec.models.dlrm
     import fedrec.trainers.dp_trainer  # noqa: F401
     import privacy.encryption.client

@@ -9,6 +9,8 @@ A data owner writes one YAML file (example: ``configs/syft_owner_policy.yml``)::
     max_executions: 1000          # largest execution count a request may ask for (PySyft output policy)
     unlisted: deny                # any other code: 'deny', or 'ask' (the owner answers on the terminal)
     min_aggregate_clients: 2      # the apply step refuses aggregates of fewer contributors
+    allowed_modules: []           # modules a request's fl.import_modules may load here (default: none)
+    reproducible_noise: false     # true: DP noise from the request's seed (replayable; tests only)
     privacy:                      # enforced by the owner's own ledger on the datasite
       epsilon_budget: 10.0        # example-level epsilon over every run that touches this data
       delta: 1.0e-5
@@ -21,6 +23,18 @@ an asset into another argument is refused like changed code. The owner's daemon 
 when it changes, so approving new code is an edit of this file. The privacy budget is not a PySyft
 setting: the approved code records every spend in the owner's ledger before it returns an update and
 refuses (returns nothing) past the budget.
+
+``allowed_modules`` lists the Python modules (installed on the owner's side, e.g. one registering a
+custom federated algorithm) that a request's ``fl.import_modules`` may import on this datasite: the
+approved code pins its own source, not what it imports, so any other module a request names is
+refused before anything is imported or trained. It is read when the datasite publishes its owner
+asset (restart the datasite after changing it).
+
+DP-SGD noise and Poisson batches on the datasite come from the owner's own CSPRNG whatever the request
+says (noise anyone could regenerate from a config seed protects nothing against a party colluding with
+the coordinator); a request that tries to set ``privacy.secure_mode`` is refused. ``reproducible_noise:
+true`` makes the datasite draw them from the request's seed instead, so a deployment reproduces the
+simulation bit for bit: for tests and demos only, and every output then says so.
 """
 
 from __future__ import annotations
@@ -81,6 +95,8 @@ class OwnerPolicy:
     max_executions: int = 1000
     unlisted: Literal["deny", "ask"] = "deny"
     min_aggregate_clients: int = 2
+    allowed_modules: list[str] = field(default_factory=list)
+    reproducible_noise: bool = False
     source: str = field(default="<policy>", init=False, compare=False)
 
     def validate(self, path: str) -> None:
@@ -92,6 +108,11 @@ class OwnerPolicy:
             raise ConfigError(
                 f"config key 'min_aggregate_clients' = {self.min_aggregate_clients!r}: expected a positive integer"
             )
+        for module in self.allowed_modules:
+            if not all(part.isidentifier() for part in str(module).split(".")):
+                raise ConfigError(
+                    f"config key 'allowed_modules' entry {module!r}: expected a dotted Python module name"
+                )
         pins = [(code.name, code.sha256) for code in self.approve]
         if len(set(pins)) != len(pins):
             raise ConfigError(f"config key 'approve': an entry is listed twice in {pins}")
@@ -157,6 +178,8 @@ def policy_text(
     max_executions: int = 1000,
     min_aggregate_clients: int = 2,
     unlisted: str = "deny",
+    allowed_modules: list[str] | tuple[str, ...] = (),
+    reproducible_noise: bool = False,
 ) -> str:
     """A policy file approving ``digests`` (what ``python -m fedrec.deploy.owner digests`` prints)."""
     lines = ["# fedrec owner policy (see fedrec/deploy/policy.py and docs/deployment.md)", "approve:"]
@@ -165,6 +188,8 @@ def policy_text(
         f"max_executions: {int(max_executions)}",
         f"unlisted: {unlisted}",
         f"min_aggregate_clients: {int(min_aggregate_clients)}",
+        f"allowed_modules: [{', '.join(str(m) for m in allowed_modules)}]",
+        f"reproducible_noise: {'true' if reproducible_noise else 'false'}",
         "privacy:",
         f"  epsilon_budget: {float(epsilon_budget)!r}",
         f"  delta: {float(delta)!r}",

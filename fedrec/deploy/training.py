@@ -39,7 +39,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrec import registry
+from fedrec.config import config_to_dict
+from fedrec.config.loader import build_experiment
+from fedrec.data.base import ArraySplit, ProcessedData
 from fedrec.deploy.errors import DeployError
+from fedrec.deploy.sealed import open_global_model, seal_global_model
+from fedrec.errors import FedrecError
+from fedrec.experiment import build_model
+from fedrec.federated.client_round import (
+    apply_mean_update,
+    attempt_tag,
+    client_seed,
+    local_dp_trainer_class,
+    local_users,
+    public_initialisation,
+    quantisation_rng,
+    reconstruct,
+)
+from fedrec.federated.codec import SecureCodec
+from fedrec.federated.ranks import import_modules
+from fedrec.federated.run import params_digest
+from fedrec.federated.worker import GlobalModel, Neighbour, ParamLayout, algorithm_params
+from fedrec.trainers.base_trainer import optimizer_supports_sparse
+from privacy.ledger import PrivacyLedger
 
 PROTOCOL = 1
 # Dataset facts a model is sized from: public schema, not statistics of anyone's rows.
@@ -54,7 +77,6 @@ MODEL_META_KEYS = (
     "rating_min",
     "rating_max",
 )
-QUANTISATION_SALT = 0xE1  # the simulation's client_task draws its rounding from [seed, round, client, 0xE1]
 
 
 def model_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,6 +122,8 @@ class OwnerSecrets:
     model_key: bytes
     ledger: str
     min_aggregate_clients: int
+    allowed_modules: tuple[str, ...] = ()  # the owner policy's allowed_modules (absent: none)
+    reproducible_noise: bool = False  # the owner policy's reproducible_noise (absent: own CSPRNG)
 
     @classmethod
     def from_asset(cls, owner: Any) -> OwnerSecrets:
@@ -112,6 +136,8 @@ class OwnerSecrets:
                 model_key=bytes(owner["model_key"]),
                 ledger=str(owner["ledger"]),
                 min_aggregate_clients=int(owner["min_aggregate_clients"]),
+                allowed_modules=tuple(str(m) for m in owner.get("allowed_modules") or ()),
+                reproducible_noise=owner.get("reproducible_noise", False) is True,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DeployError(
@@ -142,12 +168,14 @@ class RoundRequest:
     aggregate: bytes | None = None  # the apply step: the round's encrypted aggregate
 
     def to_wire(self) -> dict[str, Any]:
-        from fedrec.config import config_to_dict
-
+        """The request as plain data; the owner-owned ``privacy.secure_mode`` is left out."""
+        config = config_to_dict(self.config)
+        if isinstance(config.get("privacy"), dict):
+            config["privacy"].pop("secure_mode", None)
         return {
             "protocol": PROTOCOL,
             "run_id": self.run_id,
-            "config": config_to_dict(self.config),
+            "config": config,
             "meta": dict(self.meta),
             "round": self.round_idx,
             "attempt": self.attempt,
@@ -159,7 +187,6 @@ class RoundRequest:
 
     @classmethod
     def from_wire(cls, data: Any) -> RoundRequest:
-        from fedrec.config.loader import build_experiment
 
         if not isinstance(data, Mapping):
             raise DeployError(f"round request of type {type(data).__name__}: expected a mapping")
@@ -176,6 +203,12 @@ class RoundRequest:
                 raise DeployError(f"round request key {key!r}: expected bytes or None")
         if not isinstance(data.get("config"), Mapping) or not isinstance(data.get("meta"), Mapping):
             raise DeployError("round request: 'config' and 'meta' must be mappings")
+        privacy = data["config"].get("privacy")
+        if isinstance(privacy, Mapping) and "secure_mode" in privacy:
+            raise DeployError(
+                "round request config key 'privacy.secure_mode': the datasite owns its noise source (its "
+                "own CSPRNG, or the owner's reproducible_noise policy); a request may not set it"
+            )
         config = build_experiment(dict(data["config"]), "round request config")
         if config.fl is None or config.privacy is None or not config.fl.secure:
             raise DeployError("round request config: needs fl.secure = true and a privacy section")
@@ -190,6 +223,43 @@ class RoundRequest:
             global_digest=data.get("global_digest"),
             aggregate=data.get("aggregate"),
         )
+
+
+def import_requested_modules(request: Any, secrets: OwnerSecrets) -> None:
+    """Import the request config's ``fl.import_modules``, each only if the owner's policy allows it.
+
+    Runs before the request's config is built (a custom model or algorithm registers itself on
+    import). A module the owner did not list in ``allowed_modules`` is refused and nothing is imported.
+    """
+    config = request.get("config") if isinstance(request, Mapping) else None
+    fl = config.get("fl") if isinstance(config, Mapping) else None
+    modules = (fl.get("import_modules") if isinstance(fl, Mapping) else None) or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise DeployError("round request config key 'fl.import_modules': expected a list of module names")
+    refused = [m for m in modules if m not in secrets.allowed_modules]
+    if refused:
+        raise DeployError(
+            f"round request config key 'fl.import_modules': {refused} not in this owner's policy "
+            f"allowed_modules {list(secrets.allowed_modules)}; nothing was imported"
+        )
+    import_modules(modules)
+
+
+NOISE_SOURCES = {
+    "owner_csprng": "the owner's CSPRNG (privacy.secure_mode on the datasite)",
+    "request_seed": "the request's seed (owner policy reproducible_noise: true): replayable by whoever holds the config",
+}
+
+
+def noise_source(secrets: OwnerSecrets) -> str:
+    """Where this datasite's DP-SGD noise and Poisson batches come from (a key of NOISE_SOURCES)."""
+    return "request_seed" if secrets.reproducible_noise else "owner_csprng"
+
+
+def owner_noise_config(config: Any, secrets: OwnerSecrets) -> Any:
+    """The request's config with the owner's noise source: ``privacy.secure_mode`` is the owner's choice."""
+    privacy = dataclasses.replace(config.privacy, secure_mode=not secrets.reproducible_noise)
+    return dataclasses.replace(config, privacy=privacy)
 
 
 def _arrays(data: Any) -> dict[str, np.ndarray]:
@@ -210,13 +280,6 @@ def _arrays(data: Any) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
-def params_digest(params: np.ndarray) -> str:
-    """sha256 of the float32 values (the simulation's global-model digest)."""
-    from fedrec.federated.run import params_digest as digest
-
-    return digest(params)
-
-
 @dataclass
 class ModelPlan:
     """The model a config builds on given data metadata, its shared-parameter layout and algorithm."""
@@ -228,16 +291,12 @@ class ModelPlan:
 
     @classmethod
     def build(cls, config: Any, meta: Mapping[str, Any]) -> ModelPlan:
-        from fedrec import registry
-        from fedrec.experiment import build_model
-        from fedrec.federated.worker import ParamLayout, algorithm_params
-        from fedrec.trainers.base_trainer import optimizer_supports_sparse
 
         model_cls = registry.lookup("model", config.model.name)
-        if getattr(model_cls, "PRIVATE_PARAMETERS", ()):
+        if getattr(model_cls, "PRIVATE_PARAMETERS", ()) and config.fl.reconstruction is None:
             raise DeployError(
-                f"model {config.model.name!r} keeps per-user parameters on each client between rounds; "
-                "datasite deployment supports models whose parameters are all shared (e.g. dlrm)"
+                f"model {config.model.name!r} has per-user parameters, which datasites do not keep between "
+                "rounds: set fl.reconstruction (Federated Reconstruction rebuilds them every round)"
             )
         sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
         model = build_model(config, dict(meta), sparse=sparse)
@@ -252,16 +311,13 @@ class ModelPlan:
 
 def initial_global_model(config: Any, meta: Mapping[str, Any]) -> np.ndarray:
     """Round 0's global model: the config's seeded initialisation (as ``Simulation.prepare`` writes it)."""
-    from fedrec.federated.simulation import _public_initialisation
-
     plan = ModelPlan.build(config, meta)
-    _public_initialisation(plan.model, dict(meta))
+    public_initialisation(plan.model, dict(meta))
     return plan.layout.flatten(plan.model)
 
 
 def current_global_model(request: RoundRequest, secrets: OwnerSecrets, size: int) -> np.ndarray:
     """The global model the request's round starts from (checked against the digest it names)."""
-    from fedrec.deploy.sealed import open_global_model
 
     if request.global_model is None:
         if request.round_idx != 0:
@@ -300,7 +356,6 @@ class _GlobalModelChannel:
 
 def check_faults(config: Any, round_idx: int, client_id: int) -> None:
     """``fl.faults`` as the simulation applies them (raise, hang); used to test dropped datasites."""
-    from fedrec.errors import FedrecError
 
     faults = config.fl.faults
     if faults.rounds is not None and round_idx not in faults.rounds:
@@ -329,14 +384,17 @@ def local_update(
     local DP trainer seeded by ``client_seed(seed, round, client)``, ``config.privacy`` as resolved
     for clients (the coordinator resolves delta exactly as ``client_privacy_config`` does).
     """
-    from fedrec.data.base import ArraySplit, ProcessedData
-    from fedrec.federated.clients import _local_dp_trainer_class, client_seed
-    from fedrec.federated.worker import GlobalModel, Neighbour
 
     torch.set_num_threads(config.train.num_threads or 1)  # as every simulation rank: same results
     plan = plan if plan is not None else ModelPlan.build(config, meta)
     layout = plan.layout
     model = plan.model.to(device)
+    reconstruction = config.fl.reconstruction
+    if reconstruction is not None and getattr(model, "PRIVATE_PARAMETERS", None):
+        # Per-user rows live only in this call: this datasite's users, renumbered, rebuilt below.
+        users, arrays = local_users(arrays)
+        sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
+        model = build_model(config, {**meta, "num_users": len(users)}, sparse=sparse).to(device)
     global_model = GlobalModel(round_idx, global_params, params_digest(global_params))
     worker = plan.algorithm_cls(
         client_id,
@@ -348,11 +406,11 @@ def local_update(
         round_idx=round_idx,
         params=plan.algorithm_params,
     )
-    dp_trainer_cls = _local_dp_trainer_class()
+    dp_trainer_cls = local_dp_trainer_class()
 
-    def make_trainer(trainer_worker: Any) -> Any:
+    def make_trainer(trainer_worker: Any, *, phase: int = 0) -> Any:
         data = ProcessedData({"train": trainer_worker.data}, dict(meta))
-        seed = client_seed(config.seed, trainer_worker.round_idx, int(trainer_worker.worker_id))
+        seed = client_seed(config.seed, trainer_worker.round_idx, int(trainer_worker.worker_id), phase)
         local = dataclasses.replace(config, seed=seed)
         trainer = dp_trainer_cls(trainer_worker.model, data, local, device=device, ledger=False)
         # DPTrainer resets a data-dependent initialisation; the global model's values are the ones to use.
@@ -364,6 +422,8 @@ def local_update(
     worker.data = ArraySplit(arrays)
     worker.layout = layout
     worker.make_trainer = make_trainer
+    if reconstruction is not None and getattr(model, "PRIVATE_PARAMETERS", None):
+        worker.reconstruct = functools.partial(reconstruct, config=reconstruction)
     asyncio.run(worker.run())
     if worker.update is None:
         raise DeployError(f"client {client_id}: local training produced no update")
@@ -372,9 +432,8 @@ def local_update(
 
 def encrypt_update(config: Any, layout: Any, update: Any, secret_context: bytes, *, tag: int) -> list[bytes]:
     """The simulation's SecureCodec.encode with its quantisation generator: wire-format payloads."""
-    from fedrec.federated.codec import SecureCodec
 
-    rng = np.random.default_rng([config.seed, update.round_idx, update.client_id, QUANTISATION_SALT])
+    rng = quantisation_rng(config.seed, update.round_idx, update.client_id)
     payloads, _ = SecureCodec(layout, secret_context=secret_context).encode(update, tag=tag, rng=rng)
     return [bytes(p) for p in payloads]
 
@@ -408,10 +467,9 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     """Local DP-SGD + ledger record + encryption on the owner's datasite; see the module docstring."""
     if is_mock_run(owner):
         return dict(MOCK_RUN_OUTPUT)
-    from fedrec.federated.private_store import attempt_tag
-    from privacy.ledger import PrivacyLedger
 
     secrets = OwnerSecrets.from_asset(plain(owner))
+    import_requested_modules(plain(request), secrets)
     req = RoundRequest.from_wire(plain(request))
     if req.client_id != secrets.client_id:
         raise DeployError(
@@ -421,8 +479,9 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     arrays = _arrays(plain(data))
     plan = ModelPlan.build(req.config, req.meta)
     global_params = current_global_model(req, secrets, plan.layout.size)
+    config = owner_noise_config(req.config, secrets)
     update = local_update(
-        req.config,
+        config,
         req.meta,
         arrays,
         global_params,
@@ -452,7 +511,7 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     payloads = encrypt_update(
         req.config, plan.layout, update, secrets.secret_context, tag=attempt_tag(req.round_idx, req.attempt)
     )
-    return {"protocol": PROTOCOL, "update": payloads, "spend": spend}
+    return {"protocol": PROTOCOL, "update": payloads, "spend": spend, "noise_source": noise_source(secrets)}
 
 
 @_logged
@@ -460,11 +519,9 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
     """Decrypt the aggregate, apply the server rule, seal the next global model (on a datasite)."""
     if is_mock_run(owner):
         return dict(MOCK_RUN_OUTPUT)
-    from fedrec.deploy.sealed import seal_global_model
-    from fedrec.federated.codec import SecureCodec
-    from fedrec.federated.private_store import attempt_tag
 
     secrets = OwnerSecrets.from_asset(plain(owner))
+    import_requested_modules(plain(request), secrets)
     req = RoundRequest.from_wire(plain(request))
     if req.aggregate is None:
         raise DeployError(f"round {req.round_idx}: the apply request carries no aggregate")
@@ -480,11 +537,7 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
     worker = plan.algorithm_cls(
         "apply", ("trainer",), config=req.config, persistent_storage=None, params=plan.algorithm_params
     )
-    new_params = np.asarray(worker.apply_aggregate(current, decoded.mean), dtype=np.float32)
-    if not np.all(np.isfinite(new_params)):
-        raise DeployError(
-            f"round {req.round_idx}: the new global model has NaN or infinite values (lower train.lr?)"
-        )
+    new_params = apply_mean_update(worker, current, decoded.mean, round_idx=req.round_idx)
     sealed = seal_global_model(
         new_params, key=secrets.model_key, run_id=req.run_id, round_idx=req.round_idx + 1
     )

@@ -113,3 +113,25 @@ def check_resume(state: AggregatorState, *, config_fingerprint: str, layout_dige
         )
     if state.layout_digest != layout_digest:
         raise ConfigError(f"{path}: --resume from a checkpoint of another model (parameter layout differs)")
+
+
+def resume_checkpoint(path: str, *, config_fingerprint: str, layout_digest: str) -> AggregatorState:
+    """The checkpoint to resume from, checked against this config and model; restores the generators."""
+    state = load_checkpoint(path)
+    check_resume(state, config_fingerprint=config_fingerprint, layout_digest=layout_digest, path=path)
+    restore_rng(state.rng)
+    return state
+
+
+def initial_state(
+    *, global_digest: str, config_fingerprint: str, layout_digest: str, **extra: Any
+) -> AggregatorState:
+    """Round 0's aggregator state (``extra``: public_context_digest, server_state)."""
+    return AggregatorState(
+        round_idx=0,
+        global_digest=global_digest,
+        config_fingerprint=config_fingerprint,
+        layout_digest=layout_digest,
+        rng=capture_rng(),
+        **extra,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -28,8 +29,18 @@ from fedrec.data.base import ArraySplit, ProcessedData
 from fedrec.data.partition import Partition
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model, prepare_data
+from fedrec.federated.client_round import (
+    apply_mean_update,
+    attempt_tag,
+    client_seed,
+    local_dp_trainer_class,
+    local_users,
+    quantisation_rng,
+    reconstruct,
+    ridge_user_rows,
+)
 from fedrec.federated.codec import PlainCodec, SecureCodec
-from fedrec.federated.private_store import PrivateRowStore, attempt_tag
+from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
 from fedrec.federated.run import RunSpec, read_global_model, write_global_model
 from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
@@ -45,36 +56,6 @@ from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
 # --------------------------------------------------------------------------------------------------
 # Rank side: per-process context and the tasks
 # --------------------------------------------------------------------------------------------------
-
-
-def client_seed(seed: int, round_idx: int, client_id: int) -> int:
-    """The seed of one client's local round: its batches and (non-secure-mode) DP noise."""
-    return int(
-        np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, np.uint64)[0] >> np.uint64(2)
-    )
-
-
-def _local_dp_trainer_class() -> type:
-    from fedrec.trainers.dp_trainer import DPTrainer
-
-    class LocalDPTrainer(DPTrainer):
-        """DPTrainer for one client's local epochs; its spend goes to the ledger from the client task."""
-
-        def flush_noise(self) -> None:
-            self.dp.flush()
-
-        def finish(self) -> None:
-            self.dp.close()  # flush pending row noise, remove the hooks from the (reused) model
-
-        def update_extra(self) -> dict[str, Any]:
-            return {
-                "noise_multiplier": float(self.params["noise_multiplier"]),
-                "sample_rate": float(self.params["sample_rate"]),
-                "dp_steps": int(self.dp.steps),
-                "clipped_fraction": float(self.last_stats.clipped_fraction) if self.last_stats else 0.0,
-            }
-
-    return LocalDPTrainer
 
 
 class ClientChannel:
@@ -134,15 +115,16 @@ class RankContext:
         self.layout = ParamLayout.from_model(self.template)
         self.algorithm_cls = registry.lookup("fl_algo", self.fl.algorithm)
         self.algorithm_params = algorithm_params(self.algorithm_cls, self.fl.algorithm_params)
+        self.reconstruction = self.fl.reconstruction
         self.store = (
             PrivateRowStore.open(self.paths.private_rows, list(self.private_names))
-            if self.private_names
+            if self.private_names and self.reconstruction is None
             else None
         )
         self.ledger: Any = None
         if self.fl.secure:
             self.client_privacy = client_privacy_config(config, self.partition)
-            self.dp_trainer_cls = _local_dp_trainer_class()
+            self.dp_trainer_cls = local_dp_trainer_class()
         if self.fl.secure or self.fl.user_dp is not None:
             from privacy.ledger import PrivacyLedger, ledger_path
 
@@ -168,10 +150,10 @@ class RankContext:
             self._global = read_global_model(self.paths.global_model(round_idx), round_idx, digest)
         return self._global
 
-    def make_trainer(self, worker: FederatedWorker) -> BaseTrainer:
-        """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client)."""
+    def make_trainer(self, worker: FederatedWorker, *, phase: int = 0) -> BaseTrainer:
+        """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client, phase)."""
         data = ProcessedData({"train": worker.data}, self.meta)
-        seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id))
+        seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id), phase)
         if not self.fl.secure:
             return BaseTrainer(
                 worker.model, data, dataclasses.replace(self.config, seed=seed), device=self.device
@@ -185,7 +167,12 @@ class RankContext:
     def trainer_worker(self, client_id: int, round_idx: int, attempt: int, digest: str) -> FederatedWorker:
         """A short-lived trainer for ``client_id``: its rows, a local model, the global model's digest."""
         split = self.train.subset(self.partition.client_rows(client_id))
-        if self.private_names:
+        if self.private_names and self.reconstruction is not None:
+            users, arrays = local_users(split.arrays)
+            split = ArraySplit(arrays)
+            meta = {**self.meta, "num_users": len(users)}
+            model = build_model(self.config, meta, sparse=self.sparse).to(self.device)
+        elif self.private_names:
             users = self.partition.client_users(client_id)
             arrays = dict(split.arrays)
             arrays["user"] = np.searchsorted(users, arrays["user"]).astype(arrays["user"].dtype)
@@ -214,6 +201,8 @@ class RankContext:
         worker.data = split
         worker.layout = self.layout
         worker.make_trainer = self.make_trainer
+        if self.private_names and self.reconstruction is not None:
+            worker.reconstruct = functools.partial(reconstruct, config=self.reconstruction)
         return worker
 
     def check_round_recorded(self, noise: RoundNoise) -> None:
@@ -234,7 +223,7 @@ class RankContext:
         )
 
     def save_private_rows(self, worker: FederatedWorker, round_idx: int, attempt: int) -> None:
-        if not self.private_names:
+        if self.store is None:  # no private parameters, or rebuilt each round (fl.reconstruction)
             return
         users = self.partition.client_users(int(worker.worker_id))
         state = worker.model.state_dict()
@@ -253,6 +242,9 @@ class RankContext:
             with torch.no_grad():
                 for name in self.private_names:
                     state[name].copy_(torch.from_numpy(rows[name]))
+        elif self.reconstruction is not None:
+            # Federated Reconstruction's evaluation: every user's rows solved from its training ratings.
+            ridge_user_rows(model, self.train.arrays, ridge=self.reconstruction.ridge)
         if self._evaluator is None:
             self._evaluator = BaseTrainer(model, self.data, self.config, device=self.device)
         return {
@@ -386,7 +378,7 @@ def client_task(
             steps=update.extra["dp_steps"],
         )
     tag = attempt_tag(round_idx, attempt)
-    rng = np.random.default_rng([spec.config.seed, round_idx, client_id, 0xE1])
+    rng = quantisation_rng(spec.config.seed, round_idx, client_id)
     payload, nbytes = context.codec.encode(update, tag=tag, rng=rng)
     return TaskResult(
         client_id=client_id,
@@ -451,11 +443,7 @@ def apply_task(
         persistent_storage=spec.paths.clients,
         params=context.algorithm_params,
     )
-    new_params = np.asarray(worker.apply_aggregate(current.params, mean), dtype=np.float32)
-    if not np.all(np.isfinite(new_params)):
-        raise FedrecError(
-            f"round {round_idx}: the new global model has NaN or infinite values (lower train.lr?)"
-        )
+    new_params = apply_mean_update(worker, current.params, mean, round_idx=round_idx)
     new_digest = write_global_model(spec.paths.global_model(round_idx + 1), new_params)
     context._global = GlobalModel(round_idx + 1, new_params, new_digest)
     metrics = context.evaluate(new_params, splits, tag=attempt_tag(round_idx + 1, 0))

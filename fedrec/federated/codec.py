@@ -3,7 +3,8 @@
 Both codecs have the same three sides:
 
 - client: ``encode(update, ...)`` -> (payload, bytes on the wire);
-- aggregator: ``new_sum(tag)``, ``add(running, payload)``, ``close(running)`` -> aggregate payload;
+- aggregator: ``new_sum(tag)``, ``add(running, payload)``, ``contributors(running)``, ``close(running)``
+  -> aggregate payload;
   the aggregator side of :class:`SecureCodec` holds only the public context;
 - key holders (clients): ``decode_mean(aggregate, tag)`` -> the weighted mean update.
 
@@ -58,6 +59,9 @@ class PlainCodec:
             )
         weighted = np.float64(weight) * delta.astype(np.float64)
         running.add(to_fixed_point(weighted, bits=self.bits), weight_to_fixed_point(weight, bits=self.bits))
+
+    def contributors(self, running: FixedPointSum) -> int:
+        return int(running.count)
 
     def close(self, running: FixedPointSum) -> tuple[Any, int]:
         payload = (running.total, int(running.weight), int(running.count))
@@ -129,6 +133,10 @@ class SecureCodec:
     def add(self, running: Any, payload: Any) -> None:
         for chunk in payload:
             running.add(chunk)
+
+    def contributors(self, running: Any) -> int:
+        """Clients that delivered every chunk so far."""
+        return len(running.delivered)
 
     def close(self, running: Any) -> tuple[Any, int]:
         closed = running.close()

@@ -23,17 +23,12 @@ import numpy as np
 import torch
 
 from fedrec.errors import FedrecError
+from fedrec.federated.client_round import attempt_tag
+
+__all__ = ["PrivateRowStore", "attempt_tag"]
 
 STATE_FILE = "state.npy"
 NEVER_WRITTEN = -1
-MAX_ATTEMPTS = 1 << 16  # attempts per round encoded in a tag
-
-
-def attempt_tag(round_idx: int, attempt: int) -> int:
-    """A strictly increasing number for (round, attempt)."""
-    if not 0 <= attempt < MAX_ATTEMPTS:
-        raise FedrecError(f"round attempt {attempt} out of range")
-    return int(round_idx) * MAX_ATTEMPTS + int(attempt)
 
 
 class PrivateRowStore:

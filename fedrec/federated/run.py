@@ -115,5 +115,6 @@ def read_global_model(path: str, round_idx: int, digest: str) -> GlobalModel:
 
 
 def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    """An exception as one line for logs and failure records (PySyft's ``public_message`` preferred)."""
+    text = str(getattr(err, "public_message", None) or err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]

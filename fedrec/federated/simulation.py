@@ -23,8 +23,9 @@ atomically replacing ``LOGDIR/fl/checkpoint.json``. In secure mode the aggregato
 loads the secret key (with ``mpirun``; in one process everything shares the process).
 
 Modules: ``run`` (layout under LOGDIR, the spec sent to ranks, global model files), ``ranks`` (MPI
-ranks, hosts, GPUs and pools), ``clients`` (each rank's context and the client/apply tasks), and this
-one (the aggregator: validation, rounds, checkpoints, outputs).
+ranks, hosts, GPUs and pools), ``clients`` (each rank's context and the client/apply tasks),
+``engine`` (the round loop every backend shares: sampling, retries, deadlines, records, checkpoints,
+summary) and this one (setup and validation, and :class:`PoolBackend`, the engine's backend here).
 
 Faults: a task that raises, or returns nothing within ``fl.client_timeout`` seconds, is dropped from
 the round and reported to the algorithm's ``aggregate`` as a failure. At most as many tasks run as
@@ -36,16 +37,12 @@ the whole MPI job down (mpiexec's default); ``--resume`` continues from the last
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
 import dataclasses
 import hashlib
-import math
 import os
 import sys
-import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -53,30 +50,23 @@ import numpy as np
 import torch
 
 from fedrec import registry
-from fedrec.config import ExperimentConfig, config_to_dict
+from fedrec.config import ExperimentConfig
 from fedrec.data.partition import Partition, make_partition, partition_statistics
 from fedrec.errors import ConfigError, FedrecError
-from fedrec.experiment import build_model, config_fingerprint, open_writer, prepare_data, write_summary
+from fedrec.experiment import build_model, config_fingerprint, prepare_data
 from fedrec.federated.checkpoint import (
     AggregatorState,
-    capture_rng,
     check_checkpoint_presence,
-    check_resume,
+    initial_state,
     load_checkpoint,
-    restore_rng,
+    resume_checkpoint,
     save_checkpoint,
 )
-from fedrec.federated.clients import (  # _local_dp_trainer_class, client_seed: also used by fedrec.deploy
-    TaskResult,
-    _local_dp_trainer_class,
-    apply_task,
-    client_privacy_config,
-    client_seed,
-    client_task,
-    keygen_task,
-)
+from fedrec.federated.client_round import public_initialisation
+from fedrec.federated.clients import TaskResult, apply_task, client_privacy_config, client_task, keygen_task
 from fedrec.federated.codec import PlainCodec, SecureCodec
-from fedrec.federated.private_store import PrivateRowStore, attempt_tag
+from fedrec.federated.engine import ClientFailed, ClosedRound, Published, RoundEngine, chained, open_ledger
+from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import (
     InProcessPool,
     MPIPool,
@@ -85,35 +75,16 @@ from fedrec.federated.ranks import (
     launcher_ranks,
     mpi_world_size,
 )
-from fedrec.federated.run import (  # params_digest: also used by fedrec.deploy
-    RunPaths,
-    RunSpec,
-    one_line,
-    params_digest,
-    read_global_model,
-    write_global_model,
-)
+from fedrec.federated.run import RunPaths, RunSpec, one_line, read_global_model, write_global_model
 from fedrec.federated.user_dp import (
     RoundNoise,
     UserDPPlan,
-    check_plan_within_budget,
-    check_release,
+    UserDPRounds,
+    check_resumed_plan,
     max_poisson_sample,
-    poisson_sample,
-    required_encryption_clip,
-    resolve_plan,
+    plan_for_run,
 )
-from fedrec.federated.worker import (
-    ClientDirectory,
-    ClientFailure,
-    ClientResult,
-    FederatedWorker,
-    ParamLayout,
-    RoundResults,
-    algorithm_params,
-    round_outcome,
-)
-from fedrec.progress import progress_bar
+from fedrec.federated.worker import ClientResult, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
@@ -123,158 +94,88 @@ class SimulationError(FedrecError):
     """The simulation cannot go on (every worker stuck, the pool broken, a round that never completes)."""
 
 
-class UserBudgetExhausted(Exception):
-    """fl.user_dp: one more round would take the user-level epsilon past its budget; the run stops."""
+class PoolBackend:
+    """The engine's backend for the simulation: client and apply tasks on the worker pool."""
 
-
-# --------------------------------------------------------------------------------------------------
-# Aggregator side
-# --------------------------------------------------------------------------------------------------
-
-
-class AggregatorTransport:
-    """Runs the sampled clients' tasks on the pool and streams their updates into the running sum."""
+    error = SimulationError
+    summary_key = "federated"
+    log_rounds = False
 
     def __init__(self, sim: Simulation):
         self.sim = sim
-        self.stuck: set[cf.Future] = set()
-        self.noise: RoundNoise | None = None  # fl.user_dp: the latest attempt's round parameters
-        self.clipped: list[bool] = []  # fl.user_dp: per returned client of that attempt
+        self.slots = sim.pool.num_workers
+        self.publish_timeout = sim.fl.client_timeout + APPLY_TIMEOUT_FLOOR
 
-    def _reap_stuck(self) -> None:
-        self.stuck = {f for f in self.stuck if not f.done()}
-
-    async def _wait_for_stuck(self) -> None:
-        """Every worker is busy with a timed-out task: wait a while for one, then give up."""
-        grace = self.sim.fl.client_timeout
-        done, _ = await asyncio.wait(
-            [asyncio.wrap_future(f) for f in self.stuck], timeout=grace, return_when=asyncio.FIRST_COMPLETED
-        )
-        if not done:
-            raise SimulationError(
-                f"all {self.sim.pool.num_workers} pool workers are stuck in client tasks that exceeded "
-                f"fl.client_timeout={self.sim.fl.client_timeout}s; stopping (resume with --resume)"
-            )
-        self._reap_stuck()
-
-    async def request_models(self, worker: FederatedWorker, neighbour_ids: Any) -> RoundResults:
-        sim, fl = self.sim, self.sim.fl
-        round_idx, attempt = worker.round_idx, worker.attempt
-        tag = attempt_tag(round_idx, attempt)
-        noise = sim.open_user_dp_round(round_idx, attempt, neighbour_ids) if sim.user_dp else None
-        self.noise, self.clipped = noise, []
-        running = sim.codec.new_sum(tag)
-        queue = deque(int(c) for c in neighbour_ids)
-        inflight: dict[asyncio.Future, tuple[int, float, cf.Future]] = {}
-        results: list[ClientResult] = []
-        failures: list[ClientFailure] = []
-        while queue or inflight:
-            self._reap_stuck()
-            free = sim.pool.num_workers - len(inflight) - len(self.stuck)
-            while queue and free > 0:
-                client = queue.popleft()
-                future = sim.pool.submit(client_task, sim.spec, round_idx, attempt, client, sim.digest, noise)
-                inflight[asyncio.wrap_future(future)] = (client, time.monotonic(), future)
-                free -= 1
-            if not inflight:
-                await self._wait_for_stuck()
-                continue
-            deadline = min(started for _, started, _ in inflight.values()) + fl.client_timeout
-            done, _ = await asyncio.wait(
-                list(inflight),
-                timeout=max(0.0, deadline - time.monotonic()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            for waiter in done:
-                client, started, _ = inflight.pop(waiter)
-                self._collect(waiter, client, time.monotonic() - started, running, results, failures)
-            now = time.monotonic()
-            for waiter, (client, started, future) in list(inflight.items()):
-                if now - started >= fl.client_timeout:
-                    del inflight[waiter]
-                    failures.append(
-                        ClientFailure(
-                            client,
-                            "timeout",
-                            f"no update within fl.client_timeout={fl.client_timeout}s",
-                            now - started,
-                        )
-                    )
-                    if not future.cancel():
-                        self.stuck.add(future)
-        results.sort(key=lambda r: r.client_id)
-        failures.sort(key=lambda f: f.client_id)
-        return RoundResults(
-            round_idx, attempt, tuple(sorted(int(c) for c in neighbour_ids)), results, failures, running
-        )
-
-    def _collect(
-        self,
-        waiter: asyncio.Future,
-        client: int,
-        elapsed: float,
-        running: Any,
-        results: list[ClientResult],
-        failures: list[ClientFailure],
-    ) -> None:
+    def submit(self, client: int, round_idx: int, attempt: int, noise: RoundNoise | None) -> cf.Future:
         sim = self.sim
+        return sim.pool.submit(client_task, sim.spec, round_idx, attempt, client, sim.digest, noise)
+
+    def accept(
+        self, client: int, output: TaskResult, running: Any, *, round_idx: int, attempt: int, elapsed: float
+    ) -> ClientResult:
+        sim, timeout = self.sim, self.sim.fl.client_timeout
+        if output.seconds > timeout:
+            raise ClientFailed("timeout", f"took {output.seconds:.1f}s > fl.client_timeout={timeout}s")
         try:
-            result: TaskResult = waiter.result()
-        except cf.BrokenExecutor as err:
-            raise SimulationError(f"the worker pool broke: {one_line(err)}") from None
-        except Exception as err:  # a client's failure is data, not an exception unwinding the round
-            failures.append(ClientFailure(client, "error", one_line(err), elapsed))
-            return
-        if result.seconds > sim.fl.client_timeout:
-            failures.append(
-                ClientFailure(
-                    client,
-                    "timeout",
-                    f"took {result.seconds:.1f}s > fl.client_timeout={sim.fl.client_timeout}s",
-                    elapsed,
-                )
-            )
-            return
-        try:
-            sim.codec.add(running, result.payload)
+            sim.codec.add(running, output.payload)
         except Exception as err:
-            failures.append(ClientFailure(client, "rejected", one_line(err), elapsed))
-            return
-        sim.note_rank_memory(result.rank, result.peak_rss_mb)
-        if result.clipped is not None:
-            self.clipped.append(result.clipped)
-        results.append(
-            ClientResult(
-                client_id=client,
-                num_examples=result.num_examples,
-                weight=result.weight,
-                train_loss=result.train_loss,
-                steps=result.steps,
-                seconds=result.seconds,
-                bytes_sent=result.bytes_sent,
-                bytes_received=sim.download_bytes,
-                rank=result.rank,
-            )
+            raise ClientFailed("rejected", one_line(err)) from None
+        sim.note_rank_memory(output.rank, output.peak_rss_mb)
+        return ClientResult(
+            client_id=client,
+            num_examples=output.num_examples,
+            weight=output.weight,
+            train_loss=output.train_loss,
+            steps=output.steps,
+            seconds=output.seconds,
+            bytes_sent=output.bytes_sent,
+            bytes_received=sim.download_bytes,
+            rank=output.rank,
+            clipped=output.clipped,
         )
 
-    async def publish(
-        self, aggregate: Any, round_idx: int, attempt: int, splits: list[str], noise: RoundNoise | None = None
-    ) -> dict[str, Any]:
-        """Hand the aggregate to a key-holding client (the apply task); returns its digest and metrics."""
+    def publish(self, closed: ClosedRound) -> cf.Future:
+        """A key-holding client (the apply task) decodes, applies, writes and evaluates the next model."""
         sim = self.sim
         future = sim.pool.submit(
-            apply_task, sim.spec, round_idx, attempt, aggregate, sim.digest, splits, noise
-        )
-        timeout = sim.fl.client_timeout + APPLY_TIMEOUT_FLOOR
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout)
-        except TimeoutError:
-            self.stuck.add(future)
-            raise SimulationError(
-                f"round {round_idx}: the apply/evaluate task did not return within {timeout:.0f}s"
-            ) from None
-        except cf.BrokenExecutor as err:
-            raise SimulationError(f"the worker pool broke: {one_line(err)}") from None
+            apply_task, sim.spec, closed.round_idx, closed.attempt, closed.payload, sim.digest,
+            list(closed.splits), closed.noise,
+        )  # fmt: skip
+
+        def published(applied: dict[str, Any]) -> Published:
+            sim.note_rank_memory(applied["rank"], applied["peak_rss_mb"])
+            sim.download_bytes = closed.nbytes if sim.codec.secure else sim.layout.nbytes
+            return Published(
+                digest=applied["digest"],
+                seconds=applied["seconds"],
+                error_bound=applied["error_bound"],
+                metrics=applied["metrics"],
+            )
+
+        return chained(future, published)
+
+    def summary_fields(self) -> dict[str, Any]:
+        sim = self.sim
+        return {
+            "mode": "secure" if sim.fl.secure else "plain",
+            "executor": sim.pool.mode if sim.pool else None,
+            "world_size": sim.spec.world_size if sim.spec else None,
+            "pool_workers": sim.pool.num_workers if sim.pool else None,
+            "num_clients": sim.partition.num_clients,
+            "model_parameters_shared": sim.layout.size,
+            "partition": sim.partition_stats,
+            "rank_peak_rss_mb": {str(k): v for k, v in sorted(sim.rank_memory.items())},
+        }
+
+    def privacy_fields(self) -> dict[str, Any]:
+        enc = self.sim.fl.encryption
+        return {
+            "aggregator_context": "public (no secret key)",
+            "encryption": {"scheme": enc.scheme, "clip": enc.clip, "precision_bits": enc.precision_bits},
+        }
+
+    def final_fields(self) -> dict[str, Any]:
+        return {"final_model": self.sim.paths.global_model(self.sim.state.round_idx)}  # type: ignore[union-attr]
 
 
 class Simulation:
@@ -305,12 +206,14 @@ class Simulation:
         self.rank_memory: dict[int, float] = {}
         self.download_bytes = 0
         self.partition_stats: dict[str, Any] = {}
-        self.writer: Any = None
         self.ledger: Any = None
+        self.client_privacy: Any = None
         self.user_dp: UserDPPlan | None = None
+        self.user_dp_rounds: UserDPRounds | None = None
         self.user_dp_sample_key: bytes | None = None  # fl.user_dp.secure_mode: the secret sampling key
         self.run_key = 0
-        self.stopped_at_budget = False
+        self.engine: RoundEngine | None = None
+        self.final: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup (every check before round 0)
     def prepare(self) -> None:
@@ -337,7 +240,12 @@ class Simulation:
         data = prepare_data(config, progress=config.train.progress)
         model_cls = registry.lookup("model", config.model.name)
         private = tuple(getattr(model_cls, "PRIVATE_PARAMETERS", ()))
-        if private and fl.partition != "natural":
+        if fl.reconstruction is not None and not private:
+            raise ConfigError(
+                f"config key 'fl.reconstruction': model {config.model.name!r} has no per-user parameters "
+                "(PRIVATE_PARAMETERS) to rebuild; set it to null"
+            )
+        if private and fl.partition != "natural" and fl.reconstruction is None:
             raise ConfigError(
                 f"config key 'fl.partition' = {fl.partition!r}: model {config.model.name!r} keeps "
                 f"{', '.join(private)} on each client, so each user must belong to one client (use 'natural')"
@@ -360,45 +268,43 @@ class Simulation:
                 f"({partition.num_clients})"
             )
         self.partition = partition
+        self.algorithm_cls = algorithm_cls
         self.partition_stats = partition_statistics(partition, train.arrays["label"])
         sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
         model = build_model(config, data.meta, sparse=sparse)
         self.layout = ParamLayout.from_model(model)
         if fl.user_dp is not None:
-            self.user_dp = self._user_dp_plan(algorithm_cls, partition.num_clients)
+            saved = None
+            if self.resume and os.path.exists(paths.checkpoint):
+                saved = load_checkpoint(paths.checkpoint).server_state.get("user_dp") or {}
+            self.user_dp = plan_for_run(
+                fl, algorithm_cls, partition.num_clients, resume=self.resume, saved=saved
+            )
             # Secure mode: the client sample comes from a secret key (fresh each start: a redone
             # attempt after a crash is then an independent sample, as the ledger accounts it).
             self.user_dp_sample_key = os.urandom(32) if self.user_dp.secure_mode else None
         if fl.secure:
             self.client_privacy = client_privacy_config(config, partition)
-            _public_initialisation(model, data.meta)
+            public_initialisation(model, data.meta)
         fingerprint = run_fingerprint(config)
         self.run_key = int(fingerprint[:16], 16)  # keys seeded user-level noise shares to this config
 
         if self.resume:
-            state = load_checkpoint(paths.checkpoint)
-            check_resume(
-                state,
-                config_fingerprint=fingerprint,
-                layout_digest=self.layout.digest(),
-                path=paths.checkpoint,
+            state = resume_checkpoint(
+                paths.checkpoint, config_fingerprint=fingerprint, layout_digest=self.layout.digest()
             )
             read_global_model(paths.global_model(state.round_idx), state.round_idx, state.global_digest)
-            restore_rng(state.rng)
-            self._check_resumed_user_dp(state)
+            if self.user_dp is not None:
+                check_resumed_plan(self.user_dp, state.server_state.get("user_dp"), paths.checkpoint)
         else:
             partition.save(paths.partition)
             digest = write_global_model(paths.global_model(0), self.layout.flatten(model))
-            if private:
+            if private and fl.reconstruction is None:
                 PrivateRowStore.create(
                     paths.private_rows, {name: model.state_dict()[name] for name in private}
                 )
-            state = AggregatorState(
-                round_idx=0,
-                global_digest=digest,
-                config_fingerprint=fingerprint,
-                layout_digest=self.layout.digest(),
-                rng=capture_rng(),
+            state = initial_state(
+                global_digest=digest, config_fingerprint=fingerprint, layout_digest=self.layout.digest()
             )
             if self.user_dp is not None:
                 state.server_state["user_dp"] = {
@@ -454,121 +360,25 @@ class Simulation:
         With fl.user_dp it holds the user-level delta, accountant and budget, and its round records;
         in secure mode (checked by ``client_privacy_config``) the example level shares them.
         """
-        from privacy.ledger import PrivacyLedger, ledger_path
-
-        if self.user_dp is not None:
-            delta, accountant = self.user_dp.delta, self.user_dp.accountant
-        else:
-            privacy = self.client_privacy
-            delta = privacy.delta
-            accountant = privacy.accountant if privacy.accountant in ("rdp", "prv") else "rdp"
-        client_budget = self.config.privacy.epsilon_budget if self.fl.secure else None  # type: ignore[union-attr]
-        self.ledger = PrivacyLedger.open(
-            ledger_path(self.logdir),
-            delta=delta,
-            accountant=accountant,
-            client_epsilon_budget=client_budget,
-            user_epsilon_budget=self.user_dp.epsilon_budget if self.user_dp else None,
-            config=config_to_dict(self.config),
+        plan, privacy = self.user_dp, self.client_privacy
+        self.ledger = open_ledger(
+            self.logdir,
+            self.config,
+            delta=plan.delta if plan is not None else privacy.delta,
+            accountant=plan.accountant if plan is not None else privacy.accountant,
+            client_budget=self.config.privacy.epsilon_budget if self.fl.secure else None,  # type: ignore[union-attr]
+            user_budget=plan.epsilon_budget if plan is not None else None,
+            position=self.state.ledger_position if self.resume and self.state is not None else None,
         )
-        self.max_epsilon = 0.0
-        if self.resume:
-            assert self.state is not None
-            if self.state.ledger_position:
-                self.ledger.check_position(self.state.ledger_position)
-            epsilons = self.ledger.epsilons()
-            self.max_epsilon = max(epsilons.values(), default=0.0)
-
-    def _user_dp_plan(self, algorithm_cls: type[FederatedWorker], num_clients: int) -> UserDPPlan:
-        """fl.user_dp resolved and checked against the algorithm, the budget and the encryption grid."""
-        from privacy.dp.dp_fedavg import min_survivors_for
-
-        fl = self.fl
-        if algorithm_cls.sample_neighbours is not FederatedWorker.sample_neighbours:
-            raise ConfigError(
-                f"config key 'fl.user_dp': algorithm {fl.algorithm!r} chooses its own clients "
-                "(sample_neighbours); user-level accounting needs the built-in Poisson sampling"
+        if plan is not None:
+            self.user_dp_rounds = UserDPRounds(
+                plan,
+                self.ledger,
+                seed=self.config.seed,
+                min_completion_rate=self.fl.min_completion_rate,
+                sample_key=self.user_dp_sample_key,
+                run_key=self.run_key,
             )
-        assert fl.user_dp is not None
-        if self.resume and fl.user_dp.target_epsilon is not None and os.path.exists(self.paths.checkpoint):
-            saved = load_checkpoint(self.paths.checkpoint).server_state.get("user_dp") or {}
-            if saved.get("planned_rounds") != fl.rounds:
-                raise ConfigError(
-                    f"config key 'fl.rounds' = {fl.rounds}: this run's noise was computed from "
-                    f"fl.user_dp.target_epsilon for {saved.get('planned_rounds')} rounds; it cannot be extended"
-                )
-        plan = resolve_plan(fl, num_clients)
-        if not self.resume:
-            check_plan_within_budget(plan)
-        if fl.secure:
-            # Size for a small Poisson sample (4 standard deviations below the mean), not the expected
-            # one: fewer survivors mean larger shares, and a client whose noised update does not fit
-            # refuses to send (a dropout that depends on its data).
-            mean = plan.client_sampling_rate * num_clients
-            low = max(1, math.floor(mean - 4.0 * math.sqrt(mean * (1.0 - plan.client_sampling_rate))))
-            low_k = min_survivors_for(num_sampled=low, min_completion_rate=fl.min_completion_rate)
-            needed = required_encryption_clip(plan, min_survivors=low_k)
-            if fl.encryption.clip < needed:
-                raise ConfigError(
-                    f"config key 'fl.encryption.clip' = {fl.encryption.clip!r}: below {needed:.3g}, the clip norm "
-                    f"{plan.clip_norm:g} plus 6 std of a noise share (noise_multiplier {plan.noise_multiplier:.3g}, "
-                    f"{low_k} survivors of a small sample of {low}); noised updates would not fit the encryption grid"
-                )
-        return plan
-
-    def _check_resumed_user_dp(self, state: AggregatorState) -> None:
-        """A resumed run keeps the noise it started with (target_epsilon was resolved for its rounds)."""
-        if self.user_dp is None:
-            return
-        saved = state.server_state.get("user_dp")
-        if not saved or float(saved["noise_multiplier"]) != self.user_dp.noise_multiplier:
-            raise ConfigError(
-                f"{self.paths.checkpoint}: --resume with another fl.user_dp noise multiplier "
-                f"({self.user_dp.noise_multiplier:.6g}, the checkpoint has {saved.get('noise_multiplier') if saved else None})"
-            )
-
-    def open_user_dp_round(self, round_idx: int, attempt: int, sampled: Any) -> RoundNoise:
-        """fl.user_dp, before any client of this attempt trains: check the sample is the Poisson sample,
-        fix the noise shares' ``k`` and record the round in the ledger (the budget may stop the run here)."""
-        from privacy.ledger import BudgetExceededError
-
-        plan, fl = self.user_dp, self.fl
-        assert plan is not None and self.ledger is not None
-        expected = poisson_sample(
-            self.config.seed,
-            round_idx,
-            attempt,
-            num_clients=plan.num_clients,
-            rate=plan.client_sampling_rate,
-            key=self.user_dp_sample_key,
-        )
-        if sorted(int(c) for c in sampled) != expected:
-            raise SimulationError(
-                f"round {round_idx}: the algorithm's client sample is not the Poisson sample fl.user_dp accounts for"
-            )
-        sigma, q = plan.noise_multiplier, plan.client_sampling_rate
-        if not self.ledger.can_afford_round(noise_multiplier=sigma, client_sampling_rate=q):
-            raise UserBudgetExhausted(round_idx)
-        noise = plan.round_noise(
-            round_idx,
-            attempt,
-            num_sampled=len(expected),
-            min_completion_rate=fl.min_completion_rate,
-            run_key=self.run_key,
-        )
-        try:
-            self.ledger.record_round(
-                round=round_idx,
-                noise_multiplier=sigma,
-                clip_norm=plan.clip_norm,
-                client_sampling_rate=q,
-                num_sampled=noise.num_sampled,
-                min_survivors=noise.min_survivors,
-                sampling="poisson",
-            )
-        except BudgetExceededError:
-            raise UserBudgetExhausted(round_idx) from None
-        return noise
 
     @property
     def digest(self) -> str:
@@ -583,288 +393,30 @@ class Simulation:
     def run(self) -> dict[str, Any]:
         """Prepare (every input check), run the remaining rounds, write outputs; returns the final summary."""
         self.prepare()
-        self.writer = open_writer(self.logdir)
+        assert self.state is not None
+        self.engine = RoundEngine(
+            self.config,
+            self.logdir,
+            backend=PoolBackend(self),
+            codec=self.codec,
+            state=self.state,
+            checkpoint=self.paths.checkpoint,
+            algorithm=(self.algorithm_cls, algorithm_params(self.algorithm_cls, self.fl.algorithm_params)),
+            ledger=self.ledger,
+            client_privacy=self.client_privacy if self.fl.secure else None,
+            user_dp=self.user_dp_rounds,
+            storage=self.paths.aggregator,
+            sizes=self.partition.sizes(),
+            log=self.log,
+        )
         try:
-            asyncio.run(self._rounds())
-        except FedrecError as err:
-            self._write_summary(final=None, error=one_line(err))
-            raise
+            self.final = self.engine.run()
         finally:
             # A worker still inside a timed-out task will not finish: do not wait for it.
-            self.stuck_workers = bool(getattr(self, "transport", None) and self.transport.stuck)
-            if self.writer is not None:
-                self.writer.close()
+            self.stuck_workers = bool(self.engine.stuck)
             if self.pool is not None:
                 self.pool.shutdown(stuck=self.stuck_workers)
         return self.final
-
-    async def _rounds(self) -> None:
-        fl, state = self.fl, self.state
-        assert state is not None
-        self.transport = AggregatorTransport(self)
-        aggregator = registry.lookup("fl_algo", fl.algorithm)(
-            "aggregator",
-            ("aggregator",),
-            config=self.config,
-            in_neighbours=ClientDirectory(self.partition.sizes()),
-            persistent_storage=self.paths.aggregator,
-            comm=self.transport,
-            round_idx=state.round_idx,
-            params=algorithm_params(registry.lookup("fl_algo", fl.algorithm), fl.algorithm_params),
-        )
-        aggregator.user_dp_sample_key = self.user_dp_sample_key
-        bar = progress_bar(
-            total=fl.rounds,
-            initial=state.round_idx,
-            desc="rounds",
-            unit="round",
-            enabled=self.config.train.progress,
-            leave=True,
-        )
-        try:
-            while aggregator.round_idx < fl.rounds:
-                try:
-                    record = await self._one_round(aggregator)
-                except UserBudgetExhausted as stop:
-                    self.stopped_at_budget = True
-                    self.log(
-                        f"round {stop.args[0]}: one more round would exceed fl.user_dp.epsilon_budget = "
-                        f"{self.fl.user_dp.epsilon_budget:g}; stopping after {state.round_idx} rounds"  # type: ignore[union-attr]
-                    )
-                    break
-                bar.update(1)
-                val = record.get("val") or {}
-                shown = {k: f"{v:.4f}" for k, v in val.items() if k in ("auc", "rmse", "logloss")}
-                bar.set_postfix(done=f"{record['completed']}/{record['sampled']}", **shown)
-        finally:
-            bar.close()
-        self.final = self._final_summary()
-
-    async def _one_round(self, aggregator: FederatedWorker) -> dict[str, Any]:
-        fl, state = self.fl, self.state
-        assert state is not None
-        round_idx = aggregator.round_idx
-        started = time.perf_counter()
-        attempts: list[RoundResults] = []
-        while aggregator.round_idx == round_idx:
-            if aggregator.attempt > fl.max_round_retries:
-                last = attempts[-1]
-                raise SimulationError(
-                    f"round {round_idx}: too few clients returned in {len(attempts)} attempts (last: {len(last)} "
-                    f"of {len(last.sampled)}; fl.min_completion_rate={fl.min_completion_rate}, "
-                    f"fl.max_round_retries={fl.max_round_retries}); first failure: "
-                    f"{last.failures[0].message if last.failures else 'none'}"
-                )
-            await aggregator.run()
-            assert aggregator.last_results is not None
-            attempts.append(aggregator.last_results)
-        results = attempts[-1]
-        noise = self.transport.noise if self.user_dp else None
-        if noise is not None:
-            from privacy.errors import PrivacyError
-
-            try:
-                check_release(noise, survivors=len(results))
-            except PrivacyError as err:  # an algorithm accepted what fl.user_dp must not release
-                raise SimulationError(f"round {round_idx}: not released: {err}") from None
-        aggregate_payload, aggregate_bytes = self.codec.close(results.aggregate)
-        last_round = round_idx + 1 == fl.rounds or not self._can_afford_another_round()
-        splits = ["val"] if (round_idx + 1) % fl.eval_every == 0 or last_round else []
-        if last_round:
-            splits.append("test")
-        applied = await self.transport.publish(aggregate_payload, round_idx, results.attempt, splits, noise)
-        self.note_rank_memory(applied["rank"], applied["peak_rss_mb"])
-        epsilon = self._epsilon(attempts)
-        record = self._round_record(
-            round_idx, attempts, applied, aggregate_bytes, time.perf_counter() - started, epsilon
-        )
-        if noise is not None:
-            record.update(self._user_dp_record(noise, survivors=len(results)))
-        self.download_bytes = aggregate_bytes if self.codec.secure else self.layout.nbytes
-        state.round_idx = round_idx + 1
-        state.global_digest = applied["digest"]
-        state.history.append(record)
-        state.rng = capture_rng()
-        state.ledger_position = self._ledger_position()
-        save_checkpoint(self.paths.checkpoint, state)  # the round is committed here
-        self._log_round(record)
-        self._write_summary(final=None)
-        return record
-
-    def _can_afford_another_round(self) -> bool:
-        """fl.user_dp with a budget: whether the ledger affords one more round after this one."""
-        if self.user_dp is None or self.user_dp.epsilon_budget is None:
-            return True
-        return bool(
-            self.ledger.can_afford_round(
-                noise_multiplier=self.user_dp.noise_multiplier,
-                client_sampling_rate=self.user_dp.client_sampling_rate,
-            )
-        )
-
-    def _user_dp_record(self, noise: RoundNoise, *, survivors: int) -> dict[str, Any]:
-        """The round record's user-level part: epsilon over every recorded round attempt, and its noise."""
-        clipped = self.transport.clipped
-        return {
-            "user_epsilon": self.ledger.user_level_epsilon(),
-            "user_dp": {
-                "noise_multiplier": noise.noise_multiplier,
-                "min_survivors": noise.min_survivors,
-                "survivors": survivors,
-                "noise_std_on_mean": check_release(noise, survivors=survivors) / noise.expected_clients,
-                "clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
-                "rounds_recorded": len(self.ledger.rounds()),
-            },
-        }
-
-    def _round_record(
-        self,
-        round_idx: int,
-        attempts: list[RoundResults],
-        applied: dict[str, Any],
-        aggregate_bytes: int,
-        seconds: float,
-        epsilon: float | None,
-    ) -> dict[str, Any]:
-        results = attempts[-1]
-        weights = np.array([r.num_examples for r in results.results], dtype=np.float64)
-        losses = np.array([r.train_loss for r in results.results], dtype=np.float64)
-        finite = np.isfinite(losses)
-        train_loss = (
-            float(np.sum(weights[finite] * losses[finite]) / np.sum(weights[finite]))
-            if finite.any()
-            else None
-        )
-        return {
-            **round_outcome(round_idx, attempts),
-            "failed_attempts": [
-                {"completed": len(a.results), "sampled": len(a.sampled)} for a in attempts[:-1]
-            ],
-            "round_seconds": seconds,
-            "apply_seconds": float(applied["seconds"]),
-            "client_updates_per_second": len(results.results) / seconds if seconds > 0 else 0.0,
-            "aggregate_bytes": int(aggregate_bytes),
-            "train_loss": train_loss,
-            "val": applied["metrics"].get("val"),
-            "test": applied["metrics"].get("test"),
-            "epsilon": epsilon,
-            "aggregate_error_bound": applied["error_bound"],
-        }
-
-    def _log_round(self, record: dict[str, Any]) -> None:
-        writer, step = self.writer, record["round"] + 1
-        if writer is None:
-            return
-        scalars = {
-            "fl/sampled": record["sampled"],
-            "fl/completed": record["completed"],
-            "fl/dropped": record["dropped"],
-            "fl/attempts": record["attempts"],
-            "fl/round_seconds": record["round_seconds"],
-            "fl/bytes_sent": record["bytes_sent"],
-            "fl/bytes_received": record["bytes_received"],
-            "fl/client_updates_per_second": record["client_updates_per_second"],
-        }
-        if record["train_loss"] is not None:
-            scalars["train/loss"] = record["train_loss"]
-        if record["epsilon"] is not None:
-            scalars["privacy/epsilon"] = record["epsilon"]
-        if record.get("user_epsilon") is not None:
-            scalars["privacy/user_level_epsilon"] = record["user_epsilon"]
-            scalars["privacy/user_dp_clipped_fraction"] = record["user_dp"]["clipped_fraction"]
-        for split in ("val", "test"):
-            for name, value in (record.get(split) or {}).items():
-                scalars[f"{split}/{name}"] = value
-        for name, value in scalars.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                writer.add_scalar(name, value, step)
-        writer.flush()
-
-    def _epsilon(self, attempts: list[RoundResults]) -> float | None:
-        """Example-level epsilon of the most exposed client so far (every spend the ledger holds)."""
-        if self.ledger is None or not self.fl.secure:
-            return None
-        clients = sorted({c for attempt in attempts for c in attempt.sampled})
-        for client in clients:
-            self.max_epsilon = max(self.max_epsilon, self.ledger.client_epsilon(client))
-        return self.max_epsilon
-
-    def _privacy_summary(self) -> dict[str, Any] | None:
-        if not self.fl.secure and self.user_dp is None:
-            return None
-        summary: dict[str, Any] = {"ledger": os.path.join(self.logdir, "privacy_ledger.sqlite")}
-        if self.fl.secure:
-            privacy = self.client_privacy
-            summary.update(
-                {
-                    "level": "example (DP-SGD on each client)",
-                    "epsilon_max_over_clients": getattr(self, "max_epsilon", None),
-                    "delta": privacy.delta,
-                    "noise_multiplier": privacy.noise_multiplier,
-                    "max_grad_norm": privacy.max_grad_norm,
-                    "accountant": privacy.accountant,
-                    "aggregator_context": "public (no secret key)",
-                    "encryption": {
-                        "scheme": self.fl.encryption.scheme,
-                        "clip": self.fl.encryption.clip,
-                        "precision_bits": self.fl.encryption.precision_bits,
-                    },
-                }
-            )
-        if self.user_dp is not None:
-            summary["user_level"] = {
-                "level": "user (DP-FedAvg: a client's whole contribution to every round)",
-                "epsilon": self.ledger.user_level_epsilon() if self.ledger is not None else None,
-                "rounds_recorded": len(self.ledger.rounds()) if self.ledger is not None else 0,
-                "stopped_at_budget": self.stopped_at_budget,
-                **self.user_dp.summary(),
-            }
-        return summary
-
-    def _ledger_position(self) -> dict[str, int] | None:
-        if self.ledger is None:
-            return None
-        return self.ledger.position()
-
-    def _final_summary(self) -> dict[str, Any]:
-        state = self.state
-        assert state is not None
-        last = state.history[-1] if state.history else {}
-        final = {
-            "rounds_completed": state.round_idx,
-            "test": last.get("test"),
-            "val": last.get("val"),
-            "epsilon": last.get("epsilon"),
-            "user_epsilon": self.ledger.user_level_epsilon() if self.user_dp and self.ledger else None,
-            "stopped_at_budget": self.stopped_at_budget,
-            "final_model": self.paths.global_model(state.round_idx),
-            "final_model_digest": state.global_digest,
-        }
-        self._write_summary(final=final)
-        return final
-
-    def _write_summary(self, final: dict[str, Any] | None, error: str | None = None) -> str:
-        state = self.state
-        assert state is not None and self.spec is not None
-        results: dict[str, Any] = {"rounds": state.history, "final": final}
-        if error is not None:
-            results["error"] = error
-        return write_summary(
-            self.logdir,
-            self.config,
-            results,
-            federated={
-                "mode": "secure" if self.fl.secure else "plain",
-                "executor": self.pool.mode if self.pool else None,
-                "world_size": self.spec.world_size,
-                "pool_workers": self.pool.num_workers if self.pool else None,
-                "num_clients": self.partition.num_clients,
-                "model_parameters_shared": self.layout.size,
-                "partition": self.partition_stats,
-                "rank_peak_rss_mb": {str(k): v for k, v in sorted(self.rank_memory.items())},
-                "privacy": self._privacy_summary(),
-            },
-        )
 
 
 def run_fingerprint(config: ExperimentConfig) -> str:
@@ -879,25 +431,5 @@ def run_fingerprint(config: ExperimentConfig) -> str:
     return config_fingerprint(normalised)
 
 
-def _public_initialisation(model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Secure mode: a global rating bias initialised from the data's mean is not private; use the midpoint."""
-    bias = getattr(model, "global_bias", None)
-    if isinstance(bias, torch.Tensor) and "rating_min" in meta and "rating_max" in meta:
-        with torch.no_grad():
-            bias.fill_((float(meta["rating_min"]) + float(meta["rating_max"])) / 2.0)
-
-
 def _keygen_call(spec: RunSpec, max_clients: int, max_weight: int) -> bytes:
     return keygen_task(spec, max_clients=max_clients, max_weight=max_weight)
-
-
-# Names other packages (fedrec.deploy) import from here; they live in .clients and .run.
-__all__ = [
-    "Simulation",
-    "SimulationError",
-    "_local_dp_trainer_class",
-    "_public_initialisation",
-    "client_privacy_config",
-    "client_seed",
-    "params_digest",
-]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedrec.config.schema import FLConfig
-from fedrec.errors import ConfigError
+from fedrec.errors import ConfigError, FedrecError
 from privacy.dp.dp_fedavg import (
     aggregate_noise_std,
     clip_update,
@@ -306,3 +306,188 @@ def required_encryption_clip(plan: UserDPPlan, *, min_survivors: int) -> float:
     Gaussian mechanism the ledger accounts; a client whose noised update does not fit refuses to send.
     """
     return plan.clip_norm * (1.0 + 6.0 * plan.noise_multiplier / math.sqrt(max(1, min_survivors)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The aggregator's side of user-level rounds (the round engine calls these; any backend)
+# --------------------------------------------------------------------------------------------------
+
+
+class UserBudgetExhausted(Exception):
+    """fl.user_dp: one more round would take the user-level epsilon past its budget; the run stops."""
+
+
+class UserDPError(FedrecError):
+    """The round does not match what fl.user_dp accounts for (its sample, its survivors)."""
+
+
+def plan_for_run(
+    fl: FLConfig,
+    algorithm_cls: type[Any],
+    num_clients: int,
+    *,
+    resume: bool,
+    saved: dict[str, Any] | None,
+) -> UserDPPlan:
+    """fl.user_dp resolved and checked against the algorithm, the budget and the encryption grid.
+
+    ``saved`` is the checkpoint's ``server_state['user_dp']`` on resume (None otherwise).
+    """
+    from fedrec.federated.worker import FederatedWorker
+
+    if algorithm_cls.sample_neighbours is not FederatedWorker.sample_neighbours:
+        raise ConfigError(
+            f"config key 'fl.user_dp': algorithm {fl.algorithm!r} chooses its own clients "
+            "(sample_neighbours); user-level accounting needs the built-in Poisson sampling"
+        )
+    assert fl.user_dp is not None
+    extended = saved is not None and saved.get("planned_rounds") != fl.rounds
+    if resume and fl.user_dp.target_epsilon is not None and extended:
+        raise ConfigError(
+            f"config key 'fl.rounds' = {fl.rounds}: this run's noise was computed from "
+            f"fl.user_dp.target_epsilon for {saved.get('planned_rounds') if saved else None} rounds; "
+            "it cannot be extended"
+        )
+    plan = resolve_plan(fl, num_clients)
+    if not resume:
+        check_plan_within_budget(plan)
+    if fl.secure:
+        # Size for a small Poisson sample (4 standard deviations below the mean), not the expected
+        # one: fewer survivors mean larger shares, and a client whose noised update does not fit
+        # refuses to send (a dropout that depends on its data).
+        mean = plan.client_sampling_rate * num_clients
+        low = max(1, math.floor(mean - 4.0 * math.sqrt(mean * (1.0 - plan.client_sampling_rate))))
+        low_k = min_survivors_for(num_sampled=low, min_completion_rate=fl.min_completion_rate)
+        needed = required_encryption_clip(plan, min_survivors=low_k)
+        if fl.encryption.clip < needed:
+            raise ConfigError(
+                f"config key 'fl.encryption.clip' = {fl.encryption.clip!r}: below {needed:.3g}, the clip norm "
+                f"{plan.clip_norm:g} plus 6 std of a noise share (noise_multiplier {plan.noise_multiplier:.3g}, "
+                f"{low_k} survivors of a small sample of {low}); noised updates would not fit the encryption grid"
+            )
+    return plan
+
+
+def check_resumed_plan(plan: UserDPPlan, saved: dict[str, Any] | None, path: str) -> None:
+    """A resumed run keeps the noise it started with (target_epsilon was resolved for its rounds)."""
+    if not saved or float(saved["noise_multiplier"]) != plan.noise_multiplier:
+        raise ConfigError(
+            f"{path}: --resume with another fl.user_dp noise multiplier "
+            f"({plan.noise_multiplier:.6g}, the checkpoint has {saved.get('noise_multiplier') if saved else None})"
+        )
+
+
+class UserDPRounds:
+    """Opens, checks and records the user-level rounds of one run (the aggregator's side).
+
+    Args:
+        plan: the resolved fl.user_dp plan.
+        ledger: the run's privacy ledger (round records, the user-level budget).
+        seed: the config seed (the Poisson sample outside secure mode).
+        min_completion_rate: fl.min_completion_rate (fixes each round's ``k``).
+        sample_key: fl.user_dp.secure_mode: the aggregator's secret sampling key.
+        run_key: 64 bits of the config fingerprint (keys seeded noise shares to this config).
+    """
+
+    def __init__(
+        self,
+        plan: UserDPPlan,
+        ledger: Any,
+        *,
+        seed: int,
+        min_completion_rate: float,
+        sample_key: bytes | None,
+        run_key: int,
+    ):
+        self.plan = plan
+        self.ledger = ledger
+        self.seed = seed
+        self.min_completion_rate = min_completion_rate
+        self.sample_key = sample_key
+        self.run_key = run_key
+        self.noise: RoundNoise | None = None  # the latest attempt's round parameters
+        self.clipped: list[bool] = []  # per returned client of that attempt
+        self.stopped_at_budget = False
+
+    def open_round(self, round_idx: int, attempt: int, sampled: Any) -> RoundNoise:
+        """Before any client of this attempt trains: check the sample is the Poisson sample, fix the
+        noise shares' ``k`` and record the round in the ledger (the budget may stop the run here)."""
+        from privacy.ledger import BudgetExceededError
+
+        plan = self.plan
+        expected = poisson_sample(
+            self.seed,
+            round_idx,
+            attempt,
+            num_clients=plan.num_clients,
+            rate=plan.client_sampling_rate,
+            key=self.sample_key,
+        )
+        if sorted(int(c) for c in sampled) != expected:
+            raise UserDPError(
+                f"round {round_idx}: the algorithm's client sample is not the Poisson sample fl.user_dp accounts for"
+            )
+        sigma, q = plan.noise_multiplier, plan.client_sampling_rate
+        if not self.ledger.can_afford_round(noise_multiplier=sigma, client_sampling_rate=q):
+            raise UserBudgetExhausted(round_idx)
+        noise = plan.round_noise(
+            round_idx,
+            attempt,
+            num_sampled=len(expected),
+            min_completion_rate=self.min_completion_rate,
+            run_key=self.run_key,
+        )
+        try:
+            self.ledger.record_round(
+                round=round_idx,
+                noise_multiplier=sigma,
+                clip_norm=plan.clip_norm,
+                client_sampling_rate=q,
+                num_sampled=noise.num_sampled,
+                min_survivors=noise.min_survivors,
+                sampling="poisson",
+            )
+        except BudgetExceededError:
+            raise UserBudgetExhausted(round_idx) from None
+        self.noise, self.clipped = noise, []
+        return noise
+
+    def note_clipped(self, clipped: bool | None) -> None:
+        if clipped is not None:
+            self.clipped.append(bool(clipped))
+
+    def can_afford_another_round(self) -> bool:
+        """Whether the ledger affords one more round after this one (always, without a budget)."""
+        if self.plan.epsilon_budget is None:
+            return True
+        return bool(
+            self.ledger.can_afford_round(
+                noise_multiplier=self.plan.noise_multiplier,
+                client_sampling_rate=self.plan.client_sampling_rate,
+            )
+        )
+
+    def round_record(self, noise: RoundNoise, *, survivors: int) -> dict[str, Any]:
+        """The round record's user-level part: epsilon over every recorded round attempt, and its noise."""
+        clipped = self.clipped
+        return {
+            "user_epsilon": self.ledger.user_level_epsilon(),
+            "user_dp": {
+                "noise_multiplier": noise.noise_multiplier,
+                "min_survivors": noise.min_survivors,
+                "survivors": survivors,
+                "noise_std_on_mean": check_release(noise, survivors=survivors) / noise.expected_clients,
+                "clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
+                "rounds_recorded": len(self.ledger.rounds()),
+            },
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The summary's user-level privacy section."""
+        return {
+            "level": "user (DP-FedAvg: a client's whole contribution to every round)",
+            "epsilon": self.ledger.user_level_epsilon(),
+            "rounds_recorded": len(self.ledger.rounds()),
+            "stopped_at_budget": self.stopped_at_budget,
+            **self.plan.summary(),
+        }

@@ -181,11 +181,12 @@ class ClientResult:
     bytes_sent: int
     bytes_received: int
     rank: int
+    clipped: bool | None = None  # fl.user_dp: whether the whole update was clipped to S (a diagnostic)
 
 
 @dataclass(frozen=True)
 class ClientFailure:
-    """A sampled client that did not contribute: ``reason`` is 'error', 'timeout' or 'rejected'."""
+    """A sampled client that did not contribute: ``reason`` is 'error', 'timeout', 'rejected' or 'refused'."""
 
     client_id: int
     reason: str
@@ -216,7 +217,7 @@ class RoundResults(Sequence[ClientResult]):
 
 
 class Transport(Protocol):
-    """How a worker's requests are carried out (the simulation over MPI implements this)."""
+    """How a worker's requests are carried out (the aggregator's: fedrec.federated.engine.RoundEngine)."""
 
     async def request_models(self, worker: FederatedWorker, neighbour_ids: Sequence[Any]) -> Any: ...
 
@@ -289,6 +290,7 @@ class FederatedWorker:
         self.data: Any = None
         self.layout: ParamLayout | None = None
         self.make_trainer: Any = None
+        self.reconstruct: Any = None  # fl.reconstruction: rebuilds the per-user rows; returns DP steps
         self.global_model: GlobalModel | None = None
         self.update: ClientUpdate | None = None
 
@@ -380,6 +382,7 @@ class FederatedWorker:
             raise InvalidStateError(
                 f"trainer {self.worker_id!r}: no model, data or global model to train from"
             )
+        reconstruction_steps = self.reconstruct(self) if self.reconstruct is not None else 0
         trainer = self.make_trainer(self)
         steps, loss_sum, seen = 0, 0.0, 0
         limit = self.fl.local_steps
@@ -402,6 +405,8 @@ class FederatedWorker:
                     loss_sum += loss * size
                     seen += size
             extra = dict(getattr(trainer, "update_extra", dict)())
+            if "dp_steps" in extra:  # the reconstruction's DP-SGD steps are spent on the same data
+                extra["dp_steps"] += reconstruction_steps
         finally:
             finish = getattr(trainer, "finish", None)
             if callable(finish):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from privacy.encryption import wire
-from privacy.encryption.client import _check_binding, max_ciphertext_bytes
+from privacy.encryption.client import max_ciphertext_bytes
 from privacy.encryption.context import load_context
 from privacy.encryption.schema import UpdateSchema
 from privacy.errors import EncryptionError
@@ -91,7 +91,7 @@ class StreamingAggregator:
         header, body = wire.decode(payload, max_body=max_body)
         if header.kind != wire.KIND_UPDATE:
             raise EncryptionError(f"payload kind {header.kind}: expected an update ({wire.KIND_UPDATE})")
-        _check_binding(header, self.spec, self.schema, self.round_idx)
+        wire.check_binding(header, self.spec, self.schema, self.round_idx)
         if header.chunk_count != len(self._layout) or not 0 <= header.chunk_index < header.chunk_count:
             raise EncryptionError(
                 f"chunk {header.chunk_index} of {header.chunk_count}: expected an index below "

@@ -174,7 +174,7 @@ class EncryptionClient:
             raise EncryptionError(
                 f"payload kind {header.kind}: expected an aggregate ({wire.KIND_AGGREGATE})"
             )
-        _check_binding(header, spec, self.schema, round_idx)
+        wire.check_binding(header, spec, self.schema, round_idx)
         if header.chunk_count != len(self._layout):
             raise EncryptionError(f"aggregate has {header.chunk_count} chunks: expected {len(self._layout)}")
         chunks = wire.decode_aggregate_body(body, header.chunk_count)
@@ -288,24 +288,6 @@ def max_ciphertext_bytes(spec: AggregationSpec) -> int:
     """Upper bound of one serialized (unseeded, uncompressed) ciphertext under ``spec``."""
     params = spec.params
     return 2 * params.poly_modulus_degree * (len(params.coeff_primes) - 1) * 8 + 1024
-
-
-def _check_binding(header: wire.Header, spec: AggregationSpec, schema: UpdateSchema, round_idx: int) -> None:
-    if header.scheme != spec.params.scheme:
-        raise EncryptionError(f"payload scheme {header.scheme!r}: expected {spec.params.scheme!r}")
-    if header.param_hash != spec.param_hash:
-        raise EncryptionError(
-            f"payload parameter hash {header.param_hash.hex()[:12]}: expected {spec.param_hash.hex()[:12]} "
-            "(other encryption parameters or keys)"
-        )
-    if header.schema_hash != schema.hash:
-        raise EncryptionError(
-            f"payload schema hash {header.schema_hash.hex()[:12]}: expected {schema.hash.hex()[:12]} (other model)"
-        )
-    if header.round_idx != round_idx:
-        raise EncryptionError(
-            f"payload round {header.round_idx}: expected round {round_idx} (replay or stale)"
-        )
 
 
 def _scratch_dir() -> str | None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from privacy.encryption.params import AggregationSpec
+from privacy.encryption.schema import UpdateSchema
 from privacy.errors import EncryptionError
 
 MAGIC = b"FRHE"
@@ -111,6 +113,29 @@ def decode(payload: bytes, *, max_body: int) -> tuple[Header, memoryview]:
         chunk_index, chunk_count, num_ciphertexts,
     )  # fmt: skip
     return header, view[HEADER_SIZE:]
+
+
+def check_binding(header: Header, spec: AggregationSpec, schema: UpdateSchema, round_idx: int) -> None:
+    """Refuse a payload bound to other encryption parameters, another model schema or another round.
+
+    The round binding is the attempt tag (``fedrec.federated.client_round.attempt_tag``), so a late
+    payload of an abandoned attempt is a replay. Raises EncryptionError naming the mismatch.
+    """
+    if header.scheme != spec.params.scheme:
+        raise EncryptionError(f"payload scheme {header.scheme!r}: expected {spec.params.scheme!r}")
+    if header.param_hash != spec.param_hash:
+        raise EncryptionError(
+            f"payload parameter hash {header.param_hash.hex()[:12]}: expected {spec.param_hash.hex()[:12]} "
+            "(other encryption parameters or keys)"
+        )
+    if header.schema_hash != schema.hash:
+        raise EncryptionError(
+            f"payload schema hash {header.schema_hash.hex()[:12]}: expected {schema.hash.hex()[:12]} (other model)"
+        )
+    if header.round_idx != round_idx:
+        raise EncryptionError(
+            f"payload round {header.round_idx}: expected round {round_idx} (replay or stale)"
+        )
 
 
 def join_ciphertexts(ciphertexts: list[bytes]) -> bytes:

@@ -124,6 +124,7 @@ def federation(deploy_cache, tmp_path_factory):
         owner_epsilon_budget=1000.0,
         min_aggregate_clients=2,
         max_clients=MAX_CLIENTS,
+        reproducible_noise=True,  # the owners replay the request's seed: runs comparable with train_fl.py
     )
     for owner in local.owners:  # the owner lists a second data-scientist account
         path = os.path.join(owner.directory, "accounts.json")

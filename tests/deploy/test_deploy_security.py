@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def _login(spec_url: str, email: str, password: str):
     import syft as sy
 
-    from fedrec.deploy.coordinator import _split_url
+    from fedrec.deploy.datasite import split_url as _split_url
 
     host, port = _split_url(spec_url)
     return sy.login(url=host, port=port, email=email, password=password, cache=False)
@@ -98,7 +98,7 @@ def test_wrong_credentials_and_the_default_password_are_refused(federation):
 def test_guest_sign_up_is_off(federation):
     import syft as sy
 
-    from fedrec.deploy.coordinator import _split_url
+    from fedrec.deploy.datasite import split_url as _split_url
 
     host, port = _split_url(federation.specs[1].url)
     guest = sy.login_as_guest(url=host, port=port)
@@ -142,7 +142,7 @@ def test_changed_function_needs_a_new_approval(federation):
     output below then has owner 1 pin it: the new approval it needs)."""
     import deploy_tampered
 
-    from fedrec.deploy.coordinator import DatasiteClient
+    from fedrec.deploy.datasite import DatasiteClient
     from fedrec.deploy.functions import TRAIN_FUNCTION, approved_digests, function_digest
     from fedrec.deploy.local import DatasiteSpec
 

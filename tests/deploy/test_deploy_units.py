@@ -219,6 +219,7 @@ def inprocess(deploy_cache, tmp_path_factory):
                 "model_key": keys.owners[k].model_key,
                 "ledger": ledger,
                 "min_aggregate_clients": 2,
+                "reproducible_noise": True,  # comparable with the simulation (the attack test turns it off)
             }
         )
         rows.append(train.subset(partition.client_rows(k)).arrays)
@@ -294,7 +295,7 @@ def test_mock_run_computes_nothing(inprocess):
 
 def test_outputs_are_checked_before_anything_is_added(inprocess):
     """Every malformed output is RejectedOutput and leaves the running sum empty; the real one is added."""
-    from fedrec.deploy.coordinator import expected_spend, validate_train_output
+    from fedrec.deploy.outputs import expected_spend, validate_train_output
     from fedrec.deploy.training import RoundRequest, initial_global_model, params_digest, train_round
     from fedrec.federated.private_store import attempt_tag
     from privacy.encryption.aggregator import StreamingAggregator
@@ -383,3 +384,104 @@ def test_owner_reads_pysyft_requests_as_the_policy_sees_them():
     assert describe_request(code(good, output_type=object), assets).max_executions is None
     request = describe_request(code(good), assets)
     assert ask_on_terminal(None, request, "unlisted") is False  # no terminal under pytest: the answer is no
+
+
+def test_datasites_import_only_the_modules_their_owner_allows(inprocess):
+    """fl.import_modules reaches datasites; a module the owner's policy does not list is refused, unimported."""
+    import sys
+
+    from fedrec.deploy.training import RoundRequest, initial_global_model, params_digest, train_round
+
+    env = inprocess
+    fl = dataclasses.replace(
+        env["config"].fl, algorithm="_deploy_test_avg", import_modules=["deploy_custom_algo"]
+    )
+    config = dataclasses.replace(env["config"], fl=fl)
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    request = RoundRequest("run", config, env["meta"], 0, 0, 2, None, digest).to_wire()
+    with pytest.raises(DeployError, match="not in this owner's policy allowed_modules"):
+        train_round(env["rows"][2], env["owners"][2], request)
+    assert "deploy_custom_algo" not in sys.modules
+    other = {**env["owners"][2], "allowed_modules": ["some_other_module"]}
+    with pytest.raises(DeployError, match="allowed_modules"):
+        train_round(env["rows"][2], other, request)
+    allowed = {**env["owners"][2], "allowed_modules": ["deploy_custom_algo"]}
+    output = train_round(env["rows"][2], allowed, request)
+    assert set(output) == {"protocol", "update", "spend", "noise_source"} and output["spend"]["steps"] > 0
+    assert len(sys.modules["deploy_custom_algo"].LOCAL_STEPS) == output["spend"]["steps"]
+
+
+def _sent_update(env, output, client: int) -> np.ndarray:
+    """What a key holder colluding with the coordinator reads from one owner's sent update."""
+    from fedrec.federated.client_round import attempt_tag
+    from fedrec.federated.codec import SecureCodec
+
+    codec = SecureCodec(env["layout"], public_context=env["keys"].public_context)
+    running = codec.new_sum(attempt_tag(0, 0))
+    codec.add(running, output["update"])
+    aggregate, _ = codec.close(running)
+    reader = SecureCodec(env["layout"], secret_context=env["keys"].owners[client].secret_context)
+    decoded = reader.decode_mean(aggregate, tag=attempt_tag(0, 0))
+    return decoded.mean * decoded.total_weight  # the owner's update (weight times the mean of one)
+
+
+def test_replaying_an_owners_noise_from_the_request_no_longer_works(inprocess):
+    """Issue 14's attack: rerun the owner's update from the request config. It matched exactly while the
+    noise came from the request's seed; with the owner's own CSPRNG (the default) it does not."""
+    from fedrec.deploy.training import (
+        RoundRequest,
+        encrypt_update,
+        initial_global_model,
+        local_update,
+        params_digest,
+        train_round,
+    )
+    from fedrec.federated.client_round import attempt_tag
+
+    env, client = inprocess, 0
+    initial = initial_global_model(env["config"], env["meta"])
+    request = RoundRequest("run", env["config"], env["meta"], 0, 0, client, None, params_digest(initial))
+    # The attacker: the request's config and seed, the shared secret key, no access to the owner's rows
+    # beyond what it would guess; here it even has the rows, the strongest case.
+    replay = local_update(
+        env["config"], env["meta"], env["rows"][client], initial, client_id=client, round_idx=0, attempt=0
+    )
+    replayed = _sent_update(
+        env,
+        {
+            "update": encrypt_update(
+                env["config"],
+                env["layout"],
+                replay,
+                env["keys"].owners[client].secret_context,
+                tag=attempt_tag(0, 0),
+            )
+        },
+        client,
+    )
+    seeded = train_round(env["rows"][client], env["owners"][client], request.to_wire())
+    assert seeded["noise_source"] == "request_seed"
+    np.testing.assert_array_equal(_sent_update(env, seeded, client), replayed)  # the attack worked
+    owner = {**env["owners"][client], "reproducible_noise": False}
+    first = train_round(env["rows"][client], owner, request.to_wire())
+    second = train_round(env["rows"][client], owner, request.to_wire())
+    assert first["noise_source"] == "owner_csprng"
+    sent = _sent_update(env, first, client)
+    # The noise std per step is noise_multiplier * max_grad_norm / batch; the replay misses it by far more
+    # than the quantisation grid (clip * 2^-16).
+    assert np.max(np.abs(sent - replayed)) > 100 * 2.0**-16
+    assert np.max(np.abs(_sent_update(env, second, client) - sent)) > 100 * 2.0**-16  # fresh noise each call
+
+
+def test_a_request_may_not_set_the_owners_noise_source(inprocess):
+    from fedrec.deploy.training import RoundRequest, initial_global_model, params_digest, train_round
+
+    env = inprocess
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    request = RoundRequest("run", env["config"], env["meta"], 0, 0, 1, None, digest).to_wire()
+    assert "secure_mode" not in request["config"]["privacy"]
+    for value in (False, True):
+        tampered = copy.deepcopy(request)
+        tampered["config"]["privacy"]["secure_mode"] = value
+        with pytest.raises(DeployError, match=r"privacy\.secure_mode.*the datasite owns its noise source"):
+            train_round(env["rows"][1], env["owners"][1], tampered)
