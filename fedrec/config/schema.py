@@ -5,25 +5,50 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fedrec.data.synthetic_movielens import PRESETS as MOVIELENS_PRESETS
+from fedrec.data.synthetic_movielens import resolve_preset
 from fedrec.errors import ConfigError
+
+CRITEO_SYNTHETIC_ROWS = 200_000  # synthetic.rows when null for Criteo
 
 
 @dataclass
 class SyntheticConfig:
     """Built-in synthetic data written in the real raw format, with a planted signal."""
 
-    rows: int = 200_000  # Criteo lines, or MovieLens ratings
+    rows: int | None = None  # Criteo lines (null: 200,000), or MovieLens ratings (null: the preset's)
     seed: int = 0
     vocab_size: int = 1000  # Criteo: distinct categories per categorical field
-    users: int = 943  # MovieLens
-    items: int = 1682  # MovieLens
-    rank: int = 8  # MovieLens: rank of the planted rating matrix
+    # MovieLens: 'ml-100k', 'ml-1m' or 'population-1m' (fedrec.data.synthetic_movielens: the real
+    # sets' statistics, noise floor and drift); null = the old planted low-rank generator.
+    preset: str | None = None
+    users: int | None = None  # MovieLens users (null: the preset's, or 943)
+    items: int | None = None  # MovieLens items (null: the preset's, or 1682)
+    rank: int | None = None  # MovieLens: rank of the planted rating matrix (null: the preset's, or 8)
 
     def validate(self, path: str) -> None:
         for key in ("rows", "vocab_size", "users", "items", "rank"):
             value = getattr(self, key)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
+        if self.preset is not None and self.preset not in MOVIELENS_PRESETS:
+            raise ConfigError(
+                f"config key '{path}.preset' = {self.preset!r}: expected one of {', '.join(MOVIELENS_PRESETS)} or null"
+            )
+
+    def resolve(self, dataset: str) -> None:
+        """Fill the sizes left null with the dataset's (and preset's) defaults."""
+        if dataset != "movielens":
+            self.rows = CRITEO_SYNTHETIC_ROWS if self.rows is None else self.rows
+            return
+        if self.preset is None:
+            legacy = {"rows": 100_000, "users": 943, "items": 1682, "rank": 8}
+            for key, value in legacy.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+            return
+        preset = resolve_preset(self.preset, users=self.users, items=self.items, rows=self.rows, rank=self.rank)
+        self.rows, self.users, self.items, self.rank = preset.rows, preset.users, preset.items, preset.rank
 
 
 @dataclass
@@ -43,6 +68,7 @@ class PreprocConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, path: str) -> None:
+        self.synthetic.resolve(self.dataset)
         if self.num_days < 2:
             raise ConfigError(f"config key '{path}.num_days' = {self.num_days!r}: expected at least 2")
         if self.min_count < 1:
