@@ -92,6 +92,32 @@ class ModelSection:
     params: Any  # the registered model class's Config dataclass
 
 
+EARLY_STOPPING_METRICS = {  # metric -> True when larger is better
+    "rmse": False, "mae": False, "hr@10": True, "ndcg@10": True,  # ratings
+    "auc": True, "logloss": False, "accuracy": True,  # clicks
+}  # fmt: skip
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """``train.early_stopping``: stop when the validation metric stops improving; keep the best model."""
+
+    metric: str = "rmse"  # rmse, mae, hr@10, ndcg@10 (ratings); auc, logloss, accuracy (clicks)
+    patience: int = 3  # validations without improvement before training stops
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+    restore_best: bool = True  # end with the best validated model, not the last one
+
+    def validate(self, path: str) -> None:
+        if self.metric not in EARLY_STOPPING_METRICS:
+            raise ConfigError(
+                f"config key '{path}.metric' = {self.metric!r}: expected one of {', '.join(EARLY_STOPPING_METRICS)}"
+            )
+        if self.patience < 1:
+            raise ConfigError(f"config key '{path}.patience' = {self.patience!r}: expected a positive integer")
+        if not self.min_delta >= 0:
+            raise ConfigError(f"config key '{path}.min_delta' = {self.min_delta!r}: expected a number >= 0")
+
+
 @dataclass
 class TrainConfig:
     """Central training loop settings (also used by each federated client for local steps)."""
@@ -109,6 +135,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between atomic checkpoints (and at the end)
     num_threads: int | None = None  # torch intra-op threads; null = torch's default
     progress: bool = True  # progress bars on stderr
+    early_stopping: EarlyStoppingConfig | None = None  # null = train all epochs; needs a validation split
 
     def validate(self, path: str) -> None:
         positive = ("batch_size", "eval_batch_size", "epochs", "log_every", "checkpoint_every")
