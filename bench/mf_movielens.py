@@ -66,7 +66,9 @@ def ours(
 ) -> dict[str, Any]:
     """Our MF with the config's defaults: trains on ``train``, stops early on ``val``."""
     fold_meta = dict(meta, global_mean=float(train["label"].mean()))
-    data = ProcessedData({"train": ArraySplit(train), "val": ArraySplit(val), "test": ArraySplit(test)}, fold_meta)
+    data = ProcessedData(
+        {"train": ArraySplit(train), "val": ArraySplit(val), "test": ArraySplit(test)}, fold_meta
+    )
     set_seed(config.seed)
     trainer = BaseTrainer(build_model(config, fold_meta), data, config)
     started = time.perf_counter()
@@ -122,7 +124,10 @@ def random_protocol(config: ExperimentConfig, data: ProcessedData, folds: int, m
 
 
 def llo_protocol(config: ExperimentConfig, data: ProcessedData, peers_fit_val: bool) -> dict:
-    split = {name: {c: np.asarray(data.split(name).arrays[c]) for c in COLUMNS} for name in ("train", "val", "test")}
+    split = {
+        name: {c: np.asarray(data.split(name).arrays[c]) for c in COLUMNS}
+        for name in ("train", "val", "test")
+    }
     mf = ours(config, split["train"], split["val"], split["test"], data.meta)
     parts = ("train", "val") if peers_fit_val else ("train",)
     fit = {c: np.concatenate([split[p][c] for p in parts]) for c in COLUMNS}
@@ -134,7 +139,9 @@ def llo_protocol(config: ExperimentConfig, data: ProcessedData, peers_fit_val: b
 
 
 def summarise(rows: list[dict]) -> dict:
-    mean = {key: float(np.mean([r[key] for r in rows])) for key in ("ours", "svd", "baseline_only", "global_mean")}
+    mean = {
+        key: float(np.mean([r[key] for r in rows])) for key in ("ours", "svd", "baseline_only", "global_mean")
+    }
     return {
         "rmse": mean,
         "ratio_ours_over_svd": mean["ours"] / mean["svd"],
@@ -146,8 +153,12 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "mf_movielens.yml"))
-    parser.add_argument("--datafile", default=None, help="a real ratings file (default: the built-in generator)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="generator seeds (built-in data)")
+    parser.add_argument(
+        "--datafile", default=None, help="a real ratings file (default: the built-in generator)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="generator seeds (built-in data)"
+    )
     parser.add_argument("--protocols", nargs="+", default=["random", "llo"], choices=["random", "llo"])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--max-folds", type=int, default=None, help="run only the first K folds")

@@ -47,7 +47,9 @@ class SyntheticConfig:
                 if getattr(self, key) is None:
                     setattr(self, key, value)
             return
-        preset = resolve_preset(self.preset, users=self.users, items=self.items, rows=self.rows, rank=self.rank)
+        preset = resolve_preset(
+            self.preset, users=self.users, items=self.items, rows=self.rows, rank=self.rank
+        )
         self.rows, self.users, self.items, self.rank = preset.rows, preset.users, preset.items, preset.rank
 
 
@@ -113,7 +115,9 @@ class EarlyStoppingConfig:
                 f"config key '{path}.metric' = {self.metric!r}: expected one of {', '.join(EARLY_STOPPING_METRICS)}"
             )
         if self.patience < 1:
-            raise ConfigError(f"config key '{path}.patience' = {self.patience!r}: expected a positive integer")
+            raise ConfigError(
+                f"config key '{path}.patience' = {self.patience!r}: expected a positive integer"
+            )
         if not self.min_delta >= 0:
             raise ConfigError(f"config key '{path}.min_delta' = {self.min_delta!r}: expected a number >= 0")
 

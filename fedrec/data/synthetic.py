@@ -333,7 +333,9 @@ def write_movielens_preset(path: str, preset: MovieLensPreset, *, seed: int) -> 
             items.append(chunk["item"].astype(np.int32))
             ratings.append(chunk["rating"].astype(np.int8))
     stats = movielens_statistics(np.concatenate(users), np.concatenate(items), np.concatenate(ratings))
-    return {key: value for key, value in stats.items() if key in ("mean", "sd", "density", "user_max", "item_max")}
+    return {
+        key: value for key, value in stats.items() if key in ("mean", "sd", "density", "user_max", "item_max")
+    }
 
 
 # ----------------------------------------------------------------------------- cache

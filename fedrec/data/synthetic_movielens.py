@@ -69,13 +69,22 @@ class MovieLensPreset:
 PRESETS: dict[str, MovieLensPreset] = {
     "ml-100k": MovieLensPreset(name="ml-100k", users=943, items=1682, rows=100_000),
     "ml-1m": MovieLensPreset(
-        name="ml-1m", users=6040, items=3706, rows=1_000_209, activity_shape=0.6, max_share=0.62,
+        name="ml-1m",
+        users=6040,
+        items=3706,
+        rows=1_000_209,
+        activity_shape=0.6,
+        max_share=0.62,
         span_days=1038.0,
-    ),  # fmt: skip
+    ),
     "population-1m": MovieLensPreset(
-        name="population-1m", users=1_000_000, items=3706, rows=105_000_000, max_share=0.2,
+        name="population-1m",
+        users=1_000_000,
+        items=3706,
+        rows=105_000_000,
+        max_share=0.2,
         span_days=1038.0,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -95,7 +104,9 @@ def resolve_preset(
     n_users = preset.users if users is None else users
     n_items = preset.items if items is None else items
     n_rows = round(preset.rows * n_users / preset.users) if rows is None else rows
-    resolved = replace(preset, users=n_users, items=n_items, rows=n_rows, rank=preset.rank if rank is None else rank)
+    resolved = replace(
+        preset, users=n_users, items=n_items, rows=n_rows, rank=preset.rank if rank is None else rank
+    )
     check_sizes(resolved)
     return resolved
 
@@ -105,7 +116,9 @@ def check_sizes(preset: MovieLensPreset) -> None:
     key = "model.preproc.synthetic"
     for name in ("users", "items", "rows", "rank"):
         if getattr(preset, name) < 1:
-            raise ConfigError(f"config key '{key}.{name}' = {getattr(preset, name)!r}: expected a positive integer")
+            raise ConfigError(
+                f"config key '{key}.{name}' = {getattr(preset, name)!r}: expected a positive integer"
+            )
     cap = user_cap(preset)
     floor = min(preset.min_ratings, cap)
     if preset.rows < floor * preset.users:
@@ -283,7 +296,9 @@ def draw_chunk(
     # Sessions: a start in the window and a log-normal length (most users rate within a day or two).
     start = START_TIME + rng.random(n_users) * preset.span_days * 86400
     length = np.minimum(np.exp(rng.normal(np.log(3 * 86400), 2.0, n_users)), preset.span_days * 86400)
-    timestamp = (start[local_user] + tau * length[local_user]).astype(np.int64) + position  # strictly increasing
+    timestamp = (start[local_user] + tau * length[local_user]).astype(
+        np.int64
+    ) + position  # strictly increasing
     return {"user": local_user + first_user, "item": item, "latent": latent, "timestamp": timestamp}
 
 
@@ -307,7 +322,9 @@ def generate(preset: MovieLensPreset, seed: int) -> Iterator[dict[str, np.ndarra
     first_user = 0
     chunk = 0
     while first_user < preset.users:
-        last = int(np.searchsorted(ends, (ends[first_user - 1] if first_user else 0) + CHUNK_RATINGS, side="right"))
+        last = int(
+            np.searchsorted(ends, (ends[first_user - 1] if first_user else 0) + CHUNK_RATINGS, side="right")
+        )
         last = max(last, first_user + 1)
         drawn = draw_chunk(preset, seed, law, counts[first_user:last], first_user, chunk)
         if cuts is None:  # the first chunk sets the cut points (for ml-100k and ml-1m: all ratings)
@@ -336,9 +353,9 @@ def summary_statistics(user: np.ndarray, item: np.ndarray, rating: np.ndarray) -
     per_item = np.bincount(item)
     per_item = per_item[per_item > 0]
     return {
-        "ratings": int(len(rating)),
-        "users": int(len(per_user)),
-        "items": int(len(per_item)),
+        "ratings": len(rating),
+        "users": len(per_user),
+        "items": len(per_item),
         "density": float(len(rating) / (len(per_user) * len(per_item))),
         "mean": float(rating.mean()),
         "sd": float(rating.std()),

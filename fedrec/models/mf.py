@@ -86,7 +86,9 @@ class MatrixFactorization(nn.Module):
             self.user_bias.weight.requires_grad_(False)
             self.item_bias.weight.requires_grad_(False)
         self.reg = float(config.reg)
-        self.reg_bias = float(config.reg if config.reg_bias is None else config.reg_bias) if config.use_bias else 0.0
+        self.reg_bias = (
+            float(config.reg if config.reg_bias is None else config.reg_bias) if config.use_bias else 0.0
+        )
         self._penalty: torch.Tensor | None = None  # per-example L2 of the last training forward
 
     @classmethod
@@ -120,7 +122,9 @@ class MatrixFactorization(nn.Module):
         self._penalty = None
         if self.training and torch.is_grad_enabled() and (self.reg > 0 or self.reg_bias > 0):
             # From this forward's own lookups: one penalty per example, on the rows it touched.
-            self._penalty = self.reg * ((p * p).sum(dim=1) + (q * q).sum(dim=1)) + self.reg_bias * (b_u * b_u + b_i * b_i)
+            self._penalty = self.reg * ((p * p).sum(dim=1) + (q * q).sum(dim=1)) + self.reg_bias * (
+                b_u * b_u + b_i * b_i
+            )
         return self.global_bias + b_u + b_i + (p * q).sum(dim=1)
 
     def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,11 @@ class BaseTrainer:
         if self.logdir:
             # The last model (with the best one beside it): a resumed run continues exactly.
             self.save_checkpoint()
-        if self.early_stopping is not None and self.early_stopping.restore_best and self._best_model is not None:
+        if (
+            self.early_stopping is not None
+            and self.early_stopping.restore_best
+            and self._best_model is not None
+        ):
             self.model.load_state_dict(self._best_model)
         return self.final_summary()
 
@@ -226,7 +230,11 @@ class BaseTrainer:
         assert cfg is not None
         value = float(metrics[cfg.metric])
         larger_is_better = EARLY_STOPPING_METRICS[cfg.metric]
-        gain = float("-inf") if self.best_value is None else (value - self.best_value) * (1 if larger_is_better else -1)
+        gain = (
+            float("-inf")
+            if self.best_value is None
+            else (value - self.best_value) * (1 if larger_is_better else -1)
+        )
         if math.isfinite(value) and (self.best_value is None or gain > cfg.min_delta):
             self.best_value, self.best_step, self.best_epoch = value, self.step, self.epoch
             self.validations_since_best = 0

@@ -129,7 +129,11 @@ def test_fused_tables_keep_their_rows_and_refuse_indices_outside_them():
 
 def mf_with_reg(reg=0.1, reg_bias=0.3, dim=3):
     model = MatrixFactorization(
-        MFConfig(embedding_dim=dim, init_std=0.5, reg=reg, reg_bias=reg_bias), num_users=2, num_items=3, global_mean=3.0, seed=4
+        MFConfig(embedding_dim=dim, init_std=0.5, reg=reg, reg_bias=reg_bias),
+        num_users=2,
+        num_items=3,
+        global_mean=3.0,
+        seed=4,
     )
     with torch.no_grad():
         model.user_bias.weight.copy_(torch.tensor([[0.2], [-0.4]]))
@@ -149,7 +153,13 @@ def test_mf_regularisation_gradient_matches_hand_computation():
         bu, bi = model.user_bias.weight[:, 0], model.item_bias.weight[:, 0]
         e = [3.0 + bu[u] + bi[1] + P[u] @ Q[1] - r for u, r in ((0, 4.0), (1, 2.0))]
         # mean over the 2 examples of (e_k^2 + reg (|p_u|^2 + |q_i|^2) + reg_bias (b_u^2 + b_i^2))
-        expected_loss = sum(e[k] ** 2 + reg * (P[k] @ P[k] + Q[1] @ Q[1]) + reg_bias * (bu[k] ** 2 + bi[1] ** 2) for k in (0, 1)) / 2
+        expected_loss = (
+            sum(
+                e[k] ** 2 + reg * (P[k] @ P[k] + Q[1] @ Q[1]) + reg_bias * (bu[k] ** 2 + bi[1] ** 2)
+                for k in (0, 1)
+            )
+            / 2
+        )
         grad_p = torch.stack([e[k] * Q[1] + reg * P[k] for k in (0, 1)])  # (1/2) * 2 * (...)
         grad_q1 = sum(e[k] * P[k] + reg * Q[1] for k in (0, 1))
         grad_bu = torch.stack([e[k] + reg_bias * bu[k] for k in (0, 1)])
@@ -166,13 +176,19 @@ def test_mf_regularisation_gradient_matches_hand_computation():
 
 def test_mf_penalty_is_per_example_and_absent_in_evaluation():
     model = mf_with_reg()
-    batch = {"user": torch.tensor([0, 1, 0]), "item": torch.tensor([2, 0, 1]), "label": torch.tensor([4.0, 2.0, 5.0])}
+    batch = {
+        "user": torch.tensor([0, 1, 0]),
+        "item": torch.tensor([2, 0, 1]),
+        "label": torch.tensor([4.0, 2.0, 5.0]),
+    }
     model.train()
     per_example = model.loss(model(batch), batch["label"], reduction="none")
     assert per_example.shape == (3,)
     for k in range(3):  # each example's loss is its own: the same as a batch of that example alone
         one = {name: t[k : k + 1] for name, t in batch.items()}
-        torch.testing.assert_close(model.loss(model(one), one["label"], reduction="none"), per_example[k : k + 1])
+        torch.testing.assert_close(
+            model.loss(model(one), one["label"], reduction="none"), per_example[k : k + 1]
+        )
     model.eval()
     plain = model.loss(model(batch), batch["label"], reduction="none")
     torch.testing.assert_close(plain, (model(batch) - batch["label"]) ** 2)
@@ -182,7 +198,11 @@ def test_mf_penalty_is_per_example_and_absent_in_evaluation():
 def test_mf_regularisation_keeps_dp_per_sample_clipping_exact():
     model = mf_with_reg(reg=0.5, reg_bias=0.5)
     naive_model = copy.deepcopy(model)
-    batch = {"user": torch.tensor([0, 1, 0, 1]), "item": torch.tensor([2, 0, 1, 2]), "label": torch.tensor([4.0, 2.0, 5.0, 1.0])}
+    batch = {
+        "user": torch.tensor([0, 1, 0, 1]),
+        "item": torch.tensor([2, 0, 1, 2]),
+        "label": torch.tensor([4.0, 2.0, 5.0, 1.0]),
+    }
     clip = 0.8
     clipper = PerSampleClipper(model, max_grad_norm=clip)
     model.train()

@@ -135,8 +135,20 @@ def mf_config(**train):
     return build_experiment(
         {
             "seed": 0,
-            "model": {"name": "mf", "embedding_dim": 32, "init_std": 0.1, "preproc": {"dataset": "movielens"}},
-            "train": {"batch_size": 32, "optimizer": "adam", "lr": 0.05, "epochs": 30, "progress": False, **train},
+            "model": {
+                "name": "mf",
+                "embedding_dim": 32,
+                "init_std": 0.1,
+                "preproc": {"dataset": "movielens"},
+            },
+            "train": {
+                "batch_size": 32,
+                "optimizer": "adam",
+                "lr": 0.05,
+                "epochs": 30,
+                "progress": False,
+                **train,
+            },
         }
     )
 
@@ -144,7 +156,8 @@ def mf_config(**train):
 def rating_data(val_rows=400):
     meta = {"num_users": 40, "num_items": 60, "global_mean": 3.0, "rating_min": 1.0, "rating_max": 5.0}
     return ProcessedData(
-        {"train": noisy_ratings(600, 0), "val": noisy_ratings(val_rows, 1), "test": noisy_ratings(400, 2)}, meta
+        {"train": noisy_ratings(600, 0), "val": noisy_ratings(val_rows, 1), "test": noisy_ratings(400, 2)},
+        meta,
     )
 
 
@@ -178,7 +191,7 @@ def test_early_stopping_without_validation_split_is_an_error_before_training():
     data = rating_data(val_rows=0)
     model = build_model(cfg, data.meta)
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    with pytest.raises(ConfigError, match="train.early_stopping.*no validation split"):
+    with pytest.raises(ConfigError, match=r"train\.early_stopping.*no validation split"):
         BaseTrainer(model, data, cfg)
     for name, t in model.state_dict().items():
         torch.testing.assert_close(t, before[name])  # nothing trained
@@ -187,9 +200,9 @@ def test_early_stopping_without_validation_split_is_an_error_before_training():
 def test_early_stopping_metric_must_be_one_the_task_reports():
     cfg = mf_config(early_stopping={"metric": "auc"})
     data = rating_data()
-    with pytest.raises(ConfigError, match="train.early_stopping.metric.*rmse"):
+    with pytest.raises(ConfigError, match=r"train\.early_stopping\.metric.*rmse"):
         BaseTrainer(build_model(cfg, data.meta), data, cfg)
-    with pytest.raises(ConfigError, match="train.early_stopping.metric"):
+    with pytest.raises(ConfigError, match=r"train\.early_stopping\.metric"):
         mf_config(early_stopping={"metric": "f1"})
 
 
