@@ -39,8 +39,8 @@ class MFConfig:
     def validate(self, path: str) -> None:
         for key in ("reg", "reg_bias"):
             value = getattr(self, key)
-            if value is not None and not value >= 0:
-                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a number >= 0")
+            if value is not None and not 0 <= value < float("inf"):
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a finite number >= 0")
         if self.embedding_dim < 1:
             raise ConfigError(
                 f"config key '{path}.embedding_dim' = {self.embedding_dim!r}: expected a positive integer"
