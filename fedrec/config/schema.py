@@ -104,7 +104,8 @@ EARLY_STOPPING_METRICS = {  # metric -> True when larger is better
 class EarlyStoppingConfig:
     """``train.early_stopping``: stop when the validation metric stops improving; keep the best model."""
 
-    metric: str = "rmse"  # rmse, mae, hr@10, ndcg@10 (ratings); auc, logloss, accuracy (clicks)
+    # Required (no default), so that 'early_stopping: null' can never be read as a section of defaults.
+    metric: str  # rmse, mae, hr@10, ndcg@10 (ratings); auc, logloss, accuracy (clicks)
     patience: int = 3  # validations without improvement before training stops
     min_delta: float = 0.0  # an improvement smaller than this does not count
     restore_best: bool = True  # end with the best validated model, not the last one

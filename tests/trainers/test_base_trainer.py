@@ -197,6 +197,14 @@ def test_early_stopping_without_validation_split_is_an_error_before_training():
         torch.testing.assert_close(t, before[name])  # nothing trained
 
 
+def test_early_stopping_null_means_off():
+    # A config written back out (config_to_dict) says early_stopping: null; it must stay off.
+    assert mf_config(early_stopping=None).train.early_stopping is None
+    assert mf_config().train.early_stopping is None
+    with pytest.raises(ConfigError, match=r"train\.early_stopping\.metric' is required"):
+        mf_config(early_stopping={"patience": 2})
+
+
 def test_early_stopping_metric_must_be_one_the_task_reports():
     cfg = mf_config(early_stopping={"metric": "auc"})
     data = rating_data()
