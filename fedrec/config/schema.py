@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fedrec.data.synthetic_movielens import PRESETS as MOVIELENS_PRESETS
+from fedrec.data.synthetic_movielens import resolve_preset
 from fedrec.errors import ConfigError
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and many tools take 32-bit seeds
@@ -16,23 +18,49 @@ def check_seed(seed: int, key: str) -> None:
         raise ConfigError(f"config key '{key}' = {seed!r}: expected an integer in [0, {SEED_MAX}]")
 
 
+CRITEO_SYNTHETIC_ROWS = 200_000  # synthetic.rows when null for Criteo
+
+
 @dataclass
 class SyntheticConfig:
     """Built-in synthetic data written in the real raw format, with a planted signal."""
 
-    rows: int = 200_000  # Criteo lines, or MovieLens ratings
+    rows: int | None = None  # Criteo lines (null: 200,000), or MovieLens ratings (null: the preset's)
     seed: int = 0
     vocab_size: int = 1000  # Criteo: distinct categories per categorical field
-    users: int = 943  # MovieLens
-    items: int = 1682  # MovieLens
-    rank: int = 8  # MovieLens: rank of the planted rating matrix
+    # MovieLens: 'ml-100k', 'ml-1m' or 'population-1m' (fedrec.data.synthetic_movielens: the real
+    # sets' statistics, noise floor and drift); null = the old planted low-rank generator.
+    preset: str | None = None
+    users: int | None = None  # MovieLens users (null: the preset's, or 943)
+    items: int | None = None  # MovieLens items (null: the preset's, or 1682)
+    rank: int | None = None  # MovieLens: rank of the planted rating matrix (null: the preset's, or 8)
 
     def validate(self, path: str) -> None:
         for key in ("rows", "vocab_size", "users", "items", "rank"):
             value = getattr(self, key)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
         check_seed(self.seed, f"{path}.seed")
+        if self.preset is not None and self.preset not in MOVIELENS_PRESETS:
+            raise ConfigError(
+                f"config key '{path}.preset' = {self.preset!r}: expected one of {', '.join(MOVIELENS_PRESETS)} or null"
+            )
+
+    def resolve(self, dataset: str) -> None:
+        """Fill the sizes left null with the dataset's (and preset's) defaults."""
+        if dataset != "movielens":
+            self.rows = CRITEO_SYNTHETIC_ROWS if self.rows is None else self.rows
+            return
+        if self.preset is None:
+            legacy = {"rows": 100_000, "users": 943, "items": 1682, "rank": 8}
+            for key, value in legacy.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+            return
+        preset = resolve_preset(
+            self.preset, users=self.users, items=self.items, rows=self.rows, rank=self.rank
+        )
+        self.rows, self.users, self.items, self.rank = preset.rows, preset.users, preset.items, preset.rank
 
 
 @dataclass
@@ -52,6 +80,7 @@ class PreprocConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, path: str) -> None:
+        self.synthetic.resolve(self.dataset)
         if self.num_days < 2:
             raise ConfigError(f"config key '{path}.num_days' = {self.num_days!r}: expected at least 2")
         if self.min_count < 1:
@@ -75,6 +104,35 @@ class ModelSection:
     params: Any  # the registered model class's Config dataclass
 
 
+EARLY_STOPPING_METRICS = {  # metric -> True when larger is better
+    "rmse": False, "mae": False, "hr@10": True, "ndcg@10": True,  # ratings
+    "auc": True, "logloss": False, "accuracy": True,  # clicks
+}  # fmt: skip
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """``train.early_stopping``: stop when the validation metric stops improving; keep the best model."""
+
+    # Required (no default), so that 'early_stopping: null' can never be read as a section of defaults.
+    metric: str  # rmse, mae, hr@10, ndcg@10 (ratings); auc, logloss, accuracy (clicks)
+    patience: int = 3  # validations without improvement before training stops
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+    restore_best: bool = True  # end with the best validated model, not the last one
+
+    def validate(self, path: str) -> None:
+        if self.metric not in EARLY_STOPPING_METRICS:
+            raise ConfigError(
+                f"config key '{path}.metric' = {self.metric!r}: expected one of {', '.join(EARLY_STOPPING_METRICS)}"
+            )
+        if self.patience < 1:
+            raise ConfigError(
+                f"config key '{path}.patience' = {self.patience!r}: expected a positive integer"
+            )
+        if not self.min_delta >= 0:
+            raise ConfigError(f"config key '{path}.min_delta' = {self.min_delta!r}: expected a number >= 0")
+
+
 @dataclass
 class TrainConfig:
     """Central training loop settings (also used by each federated client for local steps)."""
@@ -92,6 +150,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between atomic checkpoints (and at the end)
     num_threads: int | None = None  # torch intra-op threads; null = torch's default
     progress: bool = True  # progress bars on stderr
+    early_stopping: EarlyStoppingConfig | None = None  # null = train all epochs; needs a validation split
 
     def validate(self, path: str) -> None:
         positive = ("batch_size", "eval_batch_size", "epochs", "log_every", "checkpoint_every")

@@ -8,9 +8,11 @@
   sometimes negative as in the real data. The intercept makes about 25 % of labels 1 (Kaggle:
   25.6 %). A model that learns the weights approaches the planted model's AUC (``oracle_auc`` in
   the returned facts, around 0.8); a model that ignores the features gets 0.5.
-- MovieLens ml-100k ``u.data``: rating = clip(round(mu + b_user + b_item + p_user . q_item + noise),
-  1, 5) with rank-``rank`` factors, popularity-skewed items, heavy-tailed user activity and
-  timestamps increasing down the file.
+- MovieLens ml-100k ``u.data``: with ``synthetic.preset`` (ml-100k, ml-1m, population-1m), the
+  realistic sets of ``fedrec.data.synthetic_movielens`` (the real sets' sizes, long tails, noise
+  floor and drift). Without one, the old planted generator: rating = clip(round(mu + b_user +
+  b_item + p_user . q_item + noise), 1, 5) with rank-``rank`` factors, popularity-skewed items,
+  heavy-tailed user activity and timestamps increasing down the file (far easier than real ratings).
 
 Lines are formatted with vectorised numpy (fixed-width digit windows compressed by a mask), so a
 million Criteo lines take seconds. Everything is drawn from ``numpy.random.default_rng`` streams
@@ -26,6 +28,9 @@ from typing import Any
 import numpy as np
 
 from fedrec.data.processed import locked, remove_stale
+from fedrec.data.synthetic_movielens import MOVIELENS_GENERATOR_VERSION, MovieLensPreset, resolve_preset
+from fedrec.data.synthetic_movielens import generate as generate_movielens
+from fedrec.data.synthetic_movielens import summary_statistics as movielens_statistics
 from fedrec.errors import ConfigError
 
 GENERATOR_VERSION = 1
@@ -285,6 +290,54 @@ def write_movielens(path: str, *, rows: int, seed: int, users: int, items: int, 
     }
 
 
+def movielens_cache_name(s: Any) -> str:
+    """Directory name of a synthetic MovieLens file: every setting that shapes its bytes."""
+    if s.preset is None:
+        return f"synthetic_movielens_r{s.rows}_s{s.seed}_u{s.users}_i{s.items}_k{s.rank}_g{GENERATOR_VERSION}"
+    return (
+        f"synthetic_movielens_{s.preset}_r{s.rows}_s{s.seed}_u{s.users}_i{s.items}_k{s.rank}"
+        f"_g{MOVIELENS_GENERATOR_VERSION}"
+    )
+
+
+def write_movielens_for(path: str, s: Any) -> dict[str, Any]:
+    """The MovieLens file for ``synthetic`` settings ``s``: a realistic preset, or the old generator."""
+    if s.preset is None:
+        return write_movielens(path, rows=s.rows, seed=s.seed, users=s.users, items=s.items, rank=s.rank)
+    preset = resolve_preset(s.preset, users=s.users, items=s.items, rows=s.rows, rank=s.rank)
+    return write_movielens_preset(path, preset, seed=s.seed)
+
+
+def write_movielens_preset(path: str, preset: MovieLensPreset, *, seed: int) -> dict[str, Any]:
+    """Write a realistic MovieLens set (``fedrec.data.synthetic_movielens``) as ml-100k ``u.data``;
+    returns its summary statistics (mean, sd, activity and popularity ranges)."""
+    users, items, ratings = [], [], []
+    with open(path, "wb") as fh:
+        for chunk in generate_movielens(preset, seed):
+            n = len(chunk["rating"])
+            for lo in range(0, n, 1 << 18):  # small pieces keep the text temporaries small
+                hi = min(n, lo + (1 << 18))
+                ones = np.ones(hi - lo, dtype=bool)
+                fh.write(
+                    _assemble(
+                        [
+                            _int_field(chunk["user"][lo:hi] + 1, ones, 8),
+                            _int_field(chunk["item"][lo:hi] + 1, ones, 8),
+                            ((chunk["rating"][lo:hi] + 48).astype(np.uint8)[:, None], ones[:, None]),
+                            _int_field(chunk["timestamp"][lo:hi], ones, 10),
+                        ],
+                        sep=9,
+                    )
+                )
+            users.append(chunk["user"].astype(np.int32))
+            items.append(chunk["item"].astype(np.int32))
+            ratings.append(chunk["rating"].astype(np.int8))
+    stats = movielens_statistics(np.concatenate(users), np.concatenate(items), np.concatenate(ratings))
+    return {
+        key: value for key, value in stats.items() if key in ("mean", "sd", "density", "user_max", "item_max")
+    }
+
+
 # ----------------------------------------------------------------------------- cache
 
 
@@ -297,7 +350,7 @@ def synthetic_path(dataset: str, preproc: Any) -> str:
             "train.txt",
         )
     elif dataset == "movielens":
-        name = f"synthetic_movielens_r{s.rows}_s{s.seed}_u{s.users}_i{s.items}_k{s.rank}_g{GENERATOR_VERSION}"
+        name = movielens_cache_name(s)
         filename = "u.data"
     else:
         raise ConfigError(
@@ -329,9 +382,7 @@ def ensure_synthetic_file(dataset: str, preproc: Any, *, log: Callable[[str], An
             if dataset == "criteo":
                 facts = write_criteo(tmp, rows=s.rows, seed=s.seed, vocab_size=s.vocab_size)
             else:
-                facts = write_movielens(
-                    tmp, rows=s.rows, seed=s.seed, users=s.users, items=s.items, rank=s.rank
-                )
+                facts = write_movielens_for(tmp, s)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)

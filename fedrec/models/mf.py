@@ -2,6 +2,13 @@
 
 prediction(u, i) = mu + b_u + b_i + <p_u, q_i>. The user-side parameters are listed in
 ``PRIVATE_PARAMETERS``: in federated training they stay on the client that owns the user.
+
+Regularisation is L2 on the rows each example touches, as scikit-surprise's SVD ``reg``: example
+(u, i, r) has loss (prediction - r)^2 + reg * (|p_u|^2 + |q_i|^2) + reg_bias * (b_u^2 + b_i^2),
+taken from the embedding outputs of that example's own forward pass. Rows no example in the batch
+touches get no gradient (unlike ``train.weight_decay``, which shrinks the whole table), and the
+term stays a function of one example alone, so DP-SGD's per-sample clipping bounds it with the
+rest of that example's gradient.
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ class MFConfig:
     init_std: float = 0.05
     loss_function: Literal["mse"] = "mse"
     clip_predictions: bool = True  # clamp predictions to the data's rating range at evaluation
+    reg: float = 0.0  # L2 on the factor rows each example touches (Surprise's reg_pu / reg_qi)
+    reg_bias: float | None = None  # L2 on the bias rows each example touches; null = reg
 
     def validate(self, path: str) -> None:
+        for key in ("reg", "reg_bias"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a finite number >= 0")
         if self.embedding_dim < 1:
             raise ConfigError(
                 f"config key '{path}.embedding_dim' = {self.embedding_dim!r}: expected a positive integer"
@@ -72,6 +85,11 @@ class MatrixFactorization(nn.Module):
         if not config.use_bias:
             self.user_bias.weight.requires_grad_(False)
             self.item_bias.weight.requires_grad_(False)
+        self.reg = float(config.reg)
+        self.reg_bias = (
+            float(config.reg if config.reg_bias is None else config.reg_bias) if config.use_bias else 0.0
+        )
+        self._penalty: torch.Tensor | None = None  # per-example L2 of the last training forward
 
     @classmethod
     def check_config(cls, config: MFConfig, dataset_cls: Any, path: str) -> None:
@@ -99,8 +117,15 @@ class MatrixFactorization(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         users, items = batch["user"], batch["item"]
-        dot = (self.user_embedding(users) * self.item_embedding(items)).sum(dim=1)
-        return self.global_bias + self.user_bias(users).squeeze(1) + self.item_bias(items).squeeze(1) + dot
+        p, q = self.user_embedding(users), self.item_embedding(items)
+        b_u, b_i = self.user_bias(users).squeeze(1), self.item_bias(items).squeeze(1)
+        self._penalty = None
+        if self.training and torch.is_grad_enabled() and (self.reg > 0 or self.reg_bias > 0):
+            # From this forward's own lookups: one penalty per example, on the rows it touched.
+            self._penalty = self.reg * ((p * p).sum(dim=1) + (q * q).sum(dim=1)) + self.reg_bias * (
+                b_u * b_u + b_i * b_i
+            )
+        return self.global_bias + b_u + b_i + (p * q).sum(dim=1)
 
     def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of ``items`` [B, K] for ``users`` [B] (for ranking metrics)."""
@@ -119,4 +144,22 @@ class MatrixFactorization(nn.Module):
         return scores
 
     def loss(self, scores: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.mse_loss(scores, labels, reduction=reduction)
+        """Squared error plus, in training, each example's L2 penalty (``reg``, ``reg_bias``).
+
+        ``reduction='none'`` gives one loss per example (DP-SGD clips each); 'mean' and 'sum' reduce it.
+        """
+        losses = F.mse_loss(scores, labels, reduction="none")
+        penalty, self._penalty = self._penalty, None  # used once: never a stale batch's penalty
+        if penalty is not None:
+            if penalty.shape != losses.shape:
+                raise ValueError(
+                    f"MF loss: {tuple(losses.shape)} scores but the last forward penalised {tuple(penalty.shape)} examples"
+                )
+            losses = losses + penalty
+        if reduction == "none":
+            return losses
+        if reduction == "sum":
+            return losses.sum()
+        if reduction == "mean":
+            return losses.mean()
+        raise ValueError(f"MF loss: reduction {reduction!r}: expected 'none', 'mean' or 'sum'")

@@ -4,6 +4,10 @@ Subclasses change one concern each by overriding a hook: ``train_batches`` (how 
 ``training_step`` (what one optimiser step does; the DP trainer clips and noises here),
 ``make_optimizer`` and ``extra_summary``. Federated clients reuse ``training_step`` for local
 epochs and ``evaluate`` for metrics.
+
+Early stopping (``train.early_stopping``) watches one validation metric at every validation, keeps a
+copy of the best model, stops after ``patience`` validations without improvement and, with
+``restore_best``, ends with the best model: the final 'val' and 'test' figures are the best model's.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.config.schema import ExperimentConfig
+from fedrec.config.schema import EARLY_STOPPING_METRICS, ExperimentConfig
 from fedrec.data.base import ProcessedData
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.progress import progress_bar
@@ -27,6 +31,7 @@ from fedrec.trainers import metrics as M
 
 CHECKPOINT_NAME = "checkpoint.pt"
 NUM_RANKING_NEGATIVES = 99  # HR@10 / NDCG@10: each held-out item ranked among 99 unrated items
+TASK_METRICS = {"ctr": ("auc", "logloss", "accuracy"), "rating": ("rmse", "mae", "hr@10", "ndcg@10")}
 
 
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -79,6 +84,32 @@ class BaseTrainer:
         self.last_val_metrics: dict[str, float] = {}
         self._rated: tuple[np.ndarray, np.ndarray] | None = None
         self._stop = False
+        self.early_stopping = self.train_cfg.early_stopping
+        self.best_value: float | None = None  # early stopping: best validation value so far
+        self.best_step = 0
+        self.best_epoch = 0
+        self.validations_since_best = 0
+        self.stopped_early = False
+        self._best_model: dict[str, torch.Tensor] | None = None
+        if self.early_stopping is not None:
+            self.check_early_stopping()
+
+    def check_early_stopping(self) -> None:
+        """Before any training: early stopping needs a non-empty 'val' split and a metric of this task."""
+        cfg = self.early_stopping
+        assert cfg is not None
+        known = TASK_METRICS.get(self.task, ())
+        if cfg.metric not in known:
+            raise ConfigError(
+                f"config key 'train.early_stopping.metric' = {cfg.metric!r}: a {self.task} model reports "
+                f"{', '.join(known)}"
+            )
+        rows = len(self.data.split("val")) if "val" in self.data.splits else 0
+        if rows == 0:
+            raise ConfigError(
+                "config key 'train.early_stopping' is set but the data has no validation split "
+                "('val' is empty): set train.early_stopping=null or use a split that holds out validation rows"
+            )
 
     # ----------------------------------------------------------------- hooks
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -175,13 +206,44 @@ class BaseTrainer:
         finally:
             bar.close()
         if self.logdir:
+            # The last model (with the best one beside it): a resumed run continues exactly.
             self.save_checkpoint()
+        if (
+            self.early_stopping is not None
+            and self.early_stopping.restore_best
+            and self._best_model is not None
+        ):
+            self.model.load_state_dict(self._best_model)
         return self.final_summary()
 
     def validate(self) -> dict[str, float]:
         self.last_val_metrics = self.evaluate("val", self.train_cfg.num_eval_batches)
         self.log_scalars("val", self.last_val_metrics)
+        if self.early_stopping is not None:
+            self.track_best(self.last_val_metrics)
         return self.last_val_metrics
+
+    def track_best(self, metrics: dict[str, float]) -> None:
+        """Early stopping: keep the best model so far; stop after ``patience`` validations without
+        an improvement of at least ``min_delta``."""
+        cfg = self.early_stopping
+        assert cfg is not None
+        value = float(metrics[cfg.metric])
+        larger_is_better = EARLY_STOPPING_METRICS[cfg.metric]
+        gain = (
+            float("-inf")
+            if self.best_value is None
+            else (value - self.best_value) * (1 if larger_is_better else -1)
+        )
+        if math.isfinite(value) and (self.best_value is None or gain > cfg.min_delta):
+            self.best_value, self.best_step, self.best_epoch = value, self.step, self.epoch
+            self.validations_since_best = 0
+            self._best_model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+            return
+        self.validations_since_best += 1
+        if self.validations_since_best >= cfg.patience:
+            self.stopped_early = True
+            self._stop = True
 
     def throughput(self) -> float:
         return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
@@ -200,7 +262,23 @@ class BaseTrainer:
             "train_samples_per_second": self.throughput(),
             "val": val,
             "test": test,
+            **self.early_stopping_summary(),
             **self.extra_summary(),
+        }
+
+    def early_stopping_summary(self) -> dict[str, Any]:
+        if self.early_stopping is None:
+            return {}
+        restored = self.early_stopping.restore_best and self._best_model is not None
+        return {
+            "early_stopping": {
+                "metric": self.early_stopping.metric,
+                "best_value": self.best_value,
+                "best_step": self.best_step,
+                "best_epoch": self.best_epoch,
+                "stopped_early": self.stopped_early,
+                "restored_best": restored,
+            }
         }
 
     def log_scalars(self, prefix: str, values: dict[str, float]) -> None:
@@ -288,6 +366,14 @@ class BaseTrainer:
             "samples_seen": self.samples_seen,
             "train_seconds": self.train_seconds,
             "torch_rng": torch.get_rng_state(),
+            "early_stopping": {
+                "best_value": self.best_value,
+                "best_step": self.best_step,
+                "best_epoch": self.best_epoch,
+                "validations_since_best": self.validations_since_best,
+                "stopped_early": self.stopped_early,
+                "best_model": self._best_model,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -299,6 +385,14 @@ class BaseTrainer:
         self.samples_seen = int(state["samples_seen"])
         self.train_seconds = float(state["train_seconds"])
         torch.set_rng_state(state["torch_rng"])
+        best = state.get("early_stopping") or {}
+        self.best_value = best.get("best_value")
+        self.best_step = int(best.get("best_step", 0))
+        self.best_epoch = int(best.get("best_epoch", 0))
+        self.validations_since_best = int(best.get("validations_since_best", 0))
+        self.stopped_early = bool(best.get("stopped_early", False))
+        self._stop = self.stopped_early and self.early_stopping is not None
+        self._best_model = best.get("best_model")
 
     def checkpoint_path(self) -> str:
         if not self.logdir:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from fedrec.errors import ConfigError
 from fedrec.models.dlrm import DLRM, DLRMConfig, interaction_size
 from fedrec.models.mf import MatrixFactorization, MFConfig
+from privacy.dp.per_sample import CLIP_EPS, PerSampleClipper
 
 
 def small_dlrm(op="dot", itself=False, loss="bce", sparse=False, tables=(5, 7, 3)):
@@ -121,3 +125,105 @@ def test_fused_tables_keep_their_rows_and_refuse_indices_outside_them():
     bad[2, 1] = -1
     with pytest.raises(IndexError, match="sparse feature 1 = -1"):
         model(dict(b, sparse=bad))
+
+
+def mf_with_reg(reg=0.1, reg_bias=0.3, dim=3):
+    model = MatrixFactorization(
+        MFConfig(embedding_dim=dim, init_std=0.5, reg=reg, reg_bias=reg_bias),
+        num_users=2,
+        num_items=3,
+        global_mean=3.0,
+        seed=4,
+    )
+    with torch.no_grad():
+        model.user_bias.weight.copy_(torch.tensor([[0.2], [-0.4]]))
+        model.item_bias.weight.copy_(torch.tensor([[0.1], [0.5], [-0.3]]))
+    return model
+
+
+def test_mf_regularisation_gradient_matches_hand_computation():
+    reg, reg_bias = 0.1, 0.3
+    model = mf_with_reg(reg, reg_bias)
+    batch = {"user": torch.tensor([0, 1]), "item": torch.tensor([1, 1]), "label": torch.tensor([4.0, 2.0])}
+    model.train()
+    loss = model.loss(model(batch), batch["label"])
+    loss.backward()
+    with torch.no_grad():
+        P, Q = model.user_embedding.weight, model.item_embedding.weight
+        bu, bi = model.user_bias.weight[:, 0], model.item_bias.weight[:, 0]
+        e = [3.0 + bu[u] + bi[1] + P[u] @ Q[1] - r for u, r in ((0, 4.0), (1, 2.0))]
+        # mean over the 2 examples of (e_k^2 + reg (|p_u|^2 + |q_i|^2) + reg_bias (b_u^2 + b_i^2))
+        expected_loss = (
+            sum(
+                e[k] ** 2 + reg * (P[k] @ P[k] + Q[1] @ Q[1]) + reg_bias * (bu[k] ** 2 + bi[1] ** 2)
+                for k in (0, 1)
+            )
+            / 2
+        )
+        grad_p = torch.stack([e[k] * Q[1] + reg * P[k] for k in (0, 1)])  # (1/2) * 2 * (...)
+        grad_q1 = sum(e[k] * P[k] + reg * Q[1] for k in (0, 1))
+        grad_bu = torch.stack([e[k] + reg_bias * bu[k] for k in (0, 1)])
+        grad_bi1 = sum(e[k] + reg_bias * bi[1] for k in (0, 1))
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    torch.testing.assert_close(model.user_embedding.weight.grad, grad_p)
+    torch.testing.assert_close(model.item_embedding.weight.grad[1], grad_q1)
+    torch.testing.assert_close(model.user_bias.weight.grad[:, 0], grad_bu)
+    torch.testing.assert_close(model.item_bias.weight.grad[1, 0], grad_bi1)
+    # Rows no example touched get no gradient at all (unlike weight decay on the whole table).
+    assert model.item_embedding.weight.grad[[0, 2]].abs().max() == 0
+    assert model.item_bias.weight.grad[[0, 2]].abs().max() == 0
+
+
+def test_mf_penalty_is_per_example_and_absent_in_evaluation():
+    model = mf_with_reg()
+    batch = {
+        "user": torch.tensor([0, 1, 0]),
+        "item": torch.tensor([2, 0, 1]),
+        "label": torch.tensor([4.0, 2.0, 5.0]),
+    }
+    model.train()
+    per_example = model.loss(model(batch), batch["label"], reduction="none")
+    assert per_example.shape == (3,)
+    for k in range(3):  # each example's loss is its own: the same as a batch of that example alone
+        one = {name: t[k : k + 1] for name, t in batch.items()}
+        torch.testing.assert_close(
+            model.loss(model(one), one["label"], reduction="none"), per_example[k : k + 1]
+        )
+    model.eval()
+    plain = model.loss(model(batch), batch["label"], reduction="none")
+    torch.testing.assert_close(plain, (model(batch) - batch["label"]) ** 2)
+    assert (per_example > plain).all()
+
+
+def test_mf_regularisation_keeps_dp_per_sample_clipping_exact():
+    model = mf_with_reg(reg=0.5, reg_bias=0.5)
+    naive_model = copy.deepcopy(model)
+    batch = {
+        "user": torch.tensor([0, 1, 0, 1]),
+        "item": torch.tensor([2, 0, 1, 2]),
+        "label": torch.tensor([4.0, 2.0, 5.0, 1.0]),
+    }
+    clip = 0.8
+    clipper = PerSampleClipper(model, max_grad_norm=clip)
+    model.train()
+    got = clipper.clip(model.loss(model(batch), batch["label"], reduction="none"))
+    naive_model.train()
+    params = [p for p in naive_model.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p) for p in params]
+    norms = []
+    for k in range(4):
+        one = {name: t[k : k + 1] for name, t in batch.items()}
+        grads = torch.autograd.grad(naive_model.loss(naive_model(one), one["label"], reduction="sum"), params)
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, clip / (float(norm) + CLIP_EPS))
+        for acc, g in zip(expected, grads):
+            acc += factor * g
+    torch.testing.assert_close(got.norms.float(), torch.stack(norms).float())
+    for (name, p), want in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], expected):
+        torch.testing.assert_close(got.to_dense(p), want, msg=name)
+
+
+def test_mf_bad_regularisation_is_a_config_error():
+    with pytest.raises(ConfigError, match="reg"):
+        MFConfig(reg=-0.1).validate("model")

@@ -10,7 +10,7 @@ import torch
 
 from fedrec.config.loader import build_experiment
 from fedrec.data.base import ArraySplit, ProcessedData
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model
 from fedrec.trainers.base_trainer import BaseTrainer
 
@@ -117,3 +117,115 @@ def test_training_on_cuda_matches_cpu_closely():
     assert summary["test"]["auc"] > 0.5
     for (name, a), (_, b) in zip(cpu.model.state_dict().items(), gpu.model.state_dict().items()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+def noisy_ratings(n, seed, users=40, items=60):
+    """Ratings with no structure beyond a mean: a large model overfits them within a few epochs."""
+    rng = np.random.default_rng(seed)
+    return ArraySplit(
+        {
+            "user": rng.integers(0, users, n).astype(np.int32),
+            "item": rng.integers(0, items, n).astype(np.int32),
+            "label": rng.integers(1, 6, n).astype(np.float32),
+        }
+    )
+
+
+def mf_config(**train):
+    return build_experiment(
+        {
+            "seed": 0,
+            "model": {
+                "name": "mf",
+                "embedding_dim": 32,
+                "init_std": 0.1,
+                "preproc": {"dataset": "movielens"},
+            },
+            "train": {
+                "batch_size": 32,
+                "optimizer": "adam",
+                "lr": 0.05,
+                "epochs": 30,
+                "progress": False,
+                **train,
+            },
+        }
+    )
+
+
+def rating_data(val_rows=400):
+    meta = {"num_users": 40, "num_items": 60, "global_mean": 3.0, "rating_min": 1.0, "rating_max": 5.0}
+    return ProcessedData(
+        {"train": noisy_ratings(600, 0), "val": noisy_ratings(val_rows, 1), "test": noisy_ratings(400, 2)},
+        meta,
+    )
+
+
+def test_early_stopping_restores_the_best_model():
+    cfg = mf_config(early_stopping={"metric": "rmse", "patience": 2})
+    data = rating_data()
+    trainer = BaseTrainer(build_model(cfg, data.meta), data, cfg)
+    summary = trainer.fit()
+    stats = summary["early_stopping"]
+    assert stats["stopped_early"] and stats["restored_best"]
+    # Stopped `patience` validations after the best one, long before the 30 planned epochs.
+    assert summary["epochs_completed"] == stats["best_epoch"] + 2 < 30
+    last_model_rmse = trainer.last_val_metrics["rmse"]  # the last validation saw the last model
+    assert last_model_rmse > stats["best_value"] + 0.01
+    # The model the run ends with is the best one, not the last one.
+    assert summary["val"]["rmse"] == pytest.approx(stats["best_value"], abs=1e-6)
+    assert trainer.evaluate("val")["rmse"] == pytest.approx(stats["best_value"], abs=1e-6)
+
+
+def test_without_early_stopping_the_last_model_is_kept():
+    cfg = mf_config(epochs=6)
+    data = rating_data()
+    trainer = BaseTrainer(build_model(cfg, data.meta), data, cfg)
+    summary = trainer.fit()
+    assert "early_stopping" not in summary and summary["epochs_completed"] == 6
+    assert summary["val"]["rmse"] == pytest.approx(trainer.last_val_metrics["rmse"], abs=1e-6)
+
+
+def test_early_stopping_without_validation_split_is_an_error_before_training():
+    cfg = mf_config(early_stopping={"metric": "rmse", "patience": 2})
+    data = rating_data(val_rows=0)
+    model = build_model(cfg, data.meta)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"train\.early_stopping.*no validation split"):
+        BaseTrainer(model, data, cfg)
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(t, before[name])  # nothing trained
+
+
+def test_early_stopping_null_means_off():
+    # A config written back out (config_to_dict) says early_stopping: null; it must stay off.
+    assert mf_config(early_stopping=None).train.early_stopping is None
+    assert mf_config().train.early_stopping is None
+    with pytest.raises(ConfigError, match=r"train\.early_stopping\.metric' is required"):
+        mf_config(early_stopping={"patience": 2})
+
+
+def test_early_stopping_metric_must_be_one_the_task_reports():
+    cfg = mf_config(early_stopping={"metric": "auc"})
+    data = rating_data()
+    with pytest.raises(ConfigError, match=r"train\.early_stopping\.metric.*rmse"):
+        BaseTrainer(build_model(cfg, data.meta), data, cfg)
+    with pytest.raises(ConfigError, match=r"train\.early_stopping\.metric"):
+        mf_config(early_stopping={"metric": "f1"})
+
+
+def test_early_stopping_state_survives_a_checkpoint(tmp_path):
+    cfg = mf_config(early_stopping={"metric": "rmse", "patience": 2})
+    data = rating_data()
+    full = BaseTrainer(build_model(cfg, data.meta), data, cfg)
+    full_summary = full.fit()
+    # Interrupted one epoch after the best: the checkpoint's last model differs from the best one.
+    stop = (full_summary["early_stopping"]["best_epoch"] + 1) * full.steps_per_epoch()
+    part_cfg = mf_config(early_stopping={"metric": "rmse", "patience": 2}, max_steps=stop)
+    first = BaseTrainer(build_model(part_cfg, data.meta), data, part_cfg, logdir=str(tmp_path))
+    first.fit()
+    second = BaseTrainer(build_model(cfg, data.meta), data, cfg, logdir=str(tmp_path))
+    second.load_checkpoint()
+    summary = second.fit()
+    assert summary["early_stopping"] == full_summary["early_stopping"]
+    assert summary["val"]["rmse"] == pytest.approx(full_summary["val"]["rmse"], abs=1e-6)
