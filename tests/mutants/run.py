@@ -188,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     mutations = load_mutations()
+    if args.select:
+        mutations = [m for m in mutations if args.select in m.id]
     problems = check_snippets(mutations, ROOT)
     if args.tests_from:
         problems = [p for p in problems if "test file" not in p]
     if problems:
         print("mutants: the list no longer matches the code:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    if args.select:
-        mutations = [m for m in mutations if args.select in m.id]
     files = repository_files(ROOT)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedrec-mutants-") as tmp:
