@@ -22,8 +22,12 @@ from fedrec.deploy.policy import OwnerPolicy
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yml"))
 POLICIES = {"syft_owner_policy.yml"}
-SCRIPT = {"dlrm.yml": "train.py", "mf_movielens.yml": "train.py", "dlrm_dp.yml": "train_dp.py",
-          "mf_movielens_dp.yml": "train_dp.py"}  # fmt: skip  (the rest: train_fl.py)
+SCRIPT = {
+    "dlrm.yml": "train.py",
+    "mf_movielens.yml": "train.py",
+    "dlrm_dp.yml": "train_dp.py",
+    "mf_movielens_dp.yml": "train_dp.py",
+}  # fmt: skip  (the rest: train_fl.py)
 
 
 def script_main(name: str):

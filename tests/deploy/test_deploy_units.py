@@ -265,7 +265,13 @@ def _run_rounds(env, rounds: int):
 def test_owner_refuses_an_aggregate_below_min_aggregate_clients(inprocess):
     """An aggregate of one client (below the owner's min_aggregate_clients = 2) is not decrypted into
     a model: apply_round refuses it; the same round with two clients is applied."""
-    from fedrec.deploy.training import RoundRequest, apply_round, initial_global_model, params_digest, train_round
+    from fedrec.deploy.training import (
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
     from fedrec.federated.private_store import attempt_tag
     from privacy.encryption.aggregator import StreamingAggregator
     from privacy.encryption.schema import UpdateSchema
@@ -285,7 +291,9 @@ def test_owner_refuses_an_aggregate_below_min_aggregate_clients(inprocess):
             for payload in outputs[k]:
                 aggregator.add(payload)
         closed = aggregator.close()
-        return RoundRequest("run", env["config"], env["meta"], 0, 7, 2, None, digest, closed.aggregate).to_wire()
+        return RoundRequest(
+            "run", env["config"], env["meta"], 0, 7, 2, None, digest, closed.aggregate
+        ).to_wire()
 
     with pytest.raises(DeployError, match="min_aggregate_clients=2"):
         apply_round(env["owners"][2], aggregate([0]))

@@ -61,7 +61,9 @@ def load_mutations(path: Path = LIST) -> list[Mutation]:
     out, seen = [], set()
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict) or set(entry) != KEYS:
-            raise SystemExit(f"{path}: entry {index}: expected exactly the keys {sorted(KEYS)}, got {entry!r:.120}")
+            raise SystemExit(
+                f"{path}: entry {index}: expected exactly the keys {sorted(KEYS)}, got {entry!r:.120}"
+            )
         if entry["id"] in seen:
             raise SystemExit(f"{path}: duplicate id {entry['id']!r}")
         seen.add(entry["id"])
@@ -93,7 +95,9 @@ def check_snippets(mutations: list[Mutation], root: Path) -> list[str]:
                 texts[edit.file] = path.read_text()
             count = texts[edit.file].count(edit.find)
             if count != 1:
-                problems.append(f"{m.id}: snippet found {count} times in {edit.file} (expected once): {edit.find!r:.100}")
+                problems.append(
+                    f"{m.id}: snippet found {count} times in {edit.file} (expected once): {edit.find!r:.100}"
+                )
                 continue
             texts[edit.file] = texts[edit.file].replace(edit.find, edit.replace)
         for test in m.tests:
@@ -143,7 +147,11 @@ def run_tests(copy: Path, tests: list[str], timeout: float, *, stop_first: bool)
         )  # fmt: skip
     except subprocess.TimeoutExpired as err:
         tail = (err.stdout or b"")[-2000:]
-        return "timeout", time.monotonic() - started, tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return (
+            "timeout",
+            time.monotonic() - started,
+            tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
+        )
     seconds = time.monotonic() - started
     tail = (done.stdout + done.stderr)[-3000:]
     # pytest: 0 all passed, 1 some failed; 2 interrupted (e.g. collection error), 4 usage, 5 nothing collected.
@@ -183,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", "--select", default=None, help="only mutations whose id contains this")
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per mutant's tests")
     parser.add_argument("--tests-from", default=None, help="git revision whose tests/ to score (report only)")
-    parser.add_argument("--skip-baseline", action="store_true", help="do not run the named tests unmutated first")
+    parser.add_argument(
+        "--skip-baseline", action="store_true", help="do not run the named tests unmutated first"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 

@@ -56,7 +56,10 @@ def pure_noise_update(*, lazy: bool, secure: bool, seed: int | None = 5) -> tupl
     dp.flush()
     # Hand-computed law of the sum of the per-step updates.
     std = SIGMA * CLIP / (N * Q) * math.sqrt(sum(lr**2 for lr in LRS))
-    change = {name: (p.detach() - before[name]).double().numpy().ravel() / std for name, p in model.named_parameters()}
+    change = {
+        name: (p.detach() - before[name]).double().numpy().ravel() / std
+        for name, p in model.named_parameters()
+    }
     dense = np.concatenate([change["lin.weight"], change["lin.bias"]])
     return dense, change["bag.weight"]
 
@@ -64,7 +67,9 @@ def pure_noise_update(*, lazy: bool, secure: bool, seed: int | None = 5) -> tupl
 def assert_standard_normal(values: np.ndarray, label: str) -> None:
     n = values.size
     std, mean = float(values.std()), float(values.mean())
-    assert abs(std - 1.0) < TOLERANCE_SE / math.sqrt(2 * n), f"{label}: std {std:.4f} of {n} values, expected 1"
+    assert abs(std - 1.0) < TOLERANCE_SE / math.sqrt(2 * n), (
+        f"{label}: std {std:.4f} of {n} values, expected 1"
+    )
     assert abs(mean) < TOLERANCE_SE / math.sqrt(n), f"{label}: mean {mean:.4f}, expected 0"
     assert stats.kstest(values, "norm").pvalue > 1e-6, label
 
@@ -79,7 +84,7 @@ def test_noise_is_sigma_times_clip_over_expected_batch(lazy, secure):
 
 def test_the_check_has_power_against_a_missing_clip_factor():
     """With C = 2.5 a noise std of sigma (not sigma * C) is 0.4 of the expected: 5x outside the band."""
-    dense, table = pure_noise_update(lazy=True, secure=False)
+    dense, _ = pure_noise_update(lazy=True, secure=False)
     n = dense.size
     assert abs(dense.std() / CLIP - 1.0) > 5 * TOLERANCE_SE / math.sqrt(2 * n)
 

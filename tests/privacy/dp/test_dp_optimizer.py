@@ -20,7 +20,7 @@ def _kwargs(**over):
     return base
 
 
-def replayed_noise(model: nn.Module, seed: int, lazy: bool) -> dict:
+def replayed_noise(model: nn.Module, seed: int) -> dict:
     """The standard normal draws DPSGD makes with ``seed``, replayed from an independent generator.
 
     Draw order (privacy.dp.optimizer): one draw for all dense parameters (model order), then one per
@@ -45,7 +45,7 @@ def test_update_is_clipped_sum_plus_noise_over_expected_batch_size(lazy):
     sigma, clip, lr, n, q, seed = 0.9, 0.3, 0.7, 10, 0.3, 11
     expected, _ = naive_clipped_sum(model, bag_loss, batch, clip)
     before = {p: p.detach().clone() for p in model.parameters()}
-    z = replayed_noise(model, seed, lazy)
+    z = replayed_noise(model, seed)
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)}
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     dp = DPSGD(

@@ -58,7 +58,11 @@ def test_max_clients_at_max_weight_at_the_clip_decrypt_exactly(extreme, kind):
 
 def test_extreme_sums_with_unequal_weights_match_plaintext_fedavg(extreme):
     keys, schema, client = extreme
-    updates = [pattern("all-minus", schema.size, 0), pattern("all-minus", schema.size, 1), pattern("shifted", schema.size, 2)]
+    updates = [
+        pattern("all-minus", schema.size, 0),
+        pattern("all-minus", schema.size, 1),
+        pattern("shifted", schema.size, 2),
+    ]
     weights = [MAX_WEIGHT, MAX_WEIGHT - 2, 3]
     _, result = run_round(client, keys, schema, updates, weights, seed=4)
     expected = np.average(np.stack(updates), axis=0, weights=weights)
