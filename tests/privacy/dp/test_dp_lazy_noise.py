@@ -9,6 +9,7 @@ from scipy import stats
 from torch import nn
 
 from privacy.dp.lazy_noise import LazyRowNoise
+from privacy.dp.noise import GaussianNoise
 from privacy.dp.optimizer import DPSGD
 from privacy.dp.sampling import PoissonBatchSampler
 
@@ -149,3 +150,26 @@ def test_lazy_noise_is_drawn_only_for_rows_read():
     assert dp.is_flushed
     assert not torch.equal(before[5], state["bag.weight"][5])
     torch.testing.assert_close(state["bag.weight"], model.bag.weight.detach())
+
+
+def test_a_flushed_row_owes_nothing_until_the_next_step():
+    """Hand-computed bookkeeping: a row read (flushed) at step 3 draws nothing more at a second read or
+    at the full flush until another step passes; then it owes exactly that step's variance."""
+    weight = torch.zeros(5, 4, dtype=torch.float64)
+    lazy = LazyRowNoise(weight, noise=GaussianNoise(seed=3))
+    for variance in (0.5, 0.25, 2.0):
+        lazy.advance(variance)
+    rows = torch.tensor([1, 3, 1])  # a repeated row gets one draw
+    assert torch.allclose(lazy.pending_variance(rows), torch.full((3,), 2.75, dtype=torch.float64))
+    lazy.flush_rows(rows)
+    after_read = weight.clone()
+    assert (after_read[[1, 3]] != 0).all() and (after_read[[0, 2, 4]] == 0).all()
+    assert torch.equal(lazy.pending_variance(torch.tensor([1, 3])), torch.zeros(2, dtype=torch.float64))
+    lazy.flush_rows(torch.tensor([1, 3]))  # read again in the same step: unchanged
+    assert torch.equal(weight, after_read)
+    lazy.advance(0.125)
+    assert torch.allclose(
+        lazy.pending_variance(torch.tensor([1, 0])), torch.tensor([0.125, 2.875], dtype=torch.float64)
+    )
+    lazy.flush()
+    assert lazy.is_flushed and (weight[[0, 2, 4]] != 0).all()
