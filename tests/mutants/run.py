@@ -11,7 +11,8 @@ Usage:
     python tests/mutants/run.py -k dp- -j 1      # mutations whose id contains "dp-"
     python tests/mutants/run.py --tests-from 3d82c0f
         # score of the tests of an older commit: its tests/ replaces the copy's, each mutation runs
-        # the test directories of its named tests that existed then (reporting only: never fails)
+        # the test directories (--scope files: files) of its named tests that existed then; a
+        # mutation with none of them counts as not killed (reporting only: never fails)
 """
 
 from __future__ import annotations
@@ -177,10 +178,13 @@ def restore(copy: Path, originals: dict[str, str]) -> None:
         (copy / name).write_text(text)
 
 
-def tests_for(mutation: Mutation, copy: Path, tests_from: str | None) -> list[str]:
+def tests_for(mutation: Mutation, copy: Path, tests_from: str | None, scope: str = "dirs") -> list[str]:
     if not tests_from:
         return list(mutation.tests)
-    # Older tests: the directories of the named tests, as they existed then.
+    if scope == "files":  # the named test files that existed then (whole files, not single tests)
+        files = sorted({t.split("::")[0] for t in mutation.tests})
+        return [f for f in files if (copy / f).is_file()]
+    # the directories of the named tests, as they existed then
     dirs = sorted({str(Path(t.split("::")[0]).parent) for t in mutation.tests})
     return [d for d in dirs if (copy / d).is_dir()]
 
@@ -188,7 +192,9 @@ def tests_for(mutation: Mutation, copy: Path, tests_from: str | None) -> list[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("-k", "--select", default=None, help="only mutations whose id contains this")
+    parser.add_argument(
+        "-k", "--select", default=None, help="only mutations whose id contains one of these (comma-separated)"
+    )
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per mutant's tests")
     parser.add_argument("--tests-from", default=None, help="git revision whose tests/ to score (report only)")
     parser.add_argument(
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mutations = load_mutations()
     if args.select:
-        mutations = [m for m in mutations if args.select in m.id]
+        wanted = args.select.split(",")
+        mutations = [m for m in mutations if any(w in m.id for w in wanted)]
     problems = check_snippets(mutations, ROOT)
     if args.tests_from:
         problems = [p for p in problems if "test file" not in p]
@@ -213,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         for copy in copies:
             make_copy(ROOT, copy, files, args.tests_from)
         if not args.skip_baseline:
-            union = sorted({t for m in mutations for t in tests_for(m, copies[0], args.tests_from)})
+            union = sorted(
+                {t for m in mutations for t in tests_for(m, copies[0], args.tests_from, args.scope)}
+            )
             status, seconds, tail = run_tests(copies[0], union, args.timeout * 3, stop_first=False)
             print(f"baseline: the {len(union)} named tests on the unmutated copy: {status} ({seconds:.0f} s)")
             if status != "passed" and not args.tests_from:
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         def one(mutation: Mutation) -> dict:
             copy = free.pop()
             try:
-                tests = tests_for(mutation, copy, args.tests_from)
+                tests = tests_for(mutation, copy, args.tests_from, args.scope)
                 if not tests:
                     return {"id": mutation.id, "status": "no tests", "seconds": 0.0, "tail": ""}
                 originals = apply(copy, mutation)
@@ -240,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(copies)) as pool:
             for result in pool.map(one, mutations):
-                verdict = {"failed": "killed", "timeout": "killed (timeout)", "passed": "SURVIVED"}.get(
-                    result["status"], f"ERROR ({result['status']})"
-                )
+                verdict = {
+                    "failed": "killed",
+                    "timeout": "killed (timeout)",
+                    "passed": "SURVIVED",
+                    "no tests": "SURVIVED (no test)",
+                }.get(result["status"], f"ERROR ({result['status']})")
                 result["verdict"] = verdict
                 print(f"{result['id']:<48} {verdict:<18} {result['seconds']:6.1f} s", flush=True)
                 if result["status"] == "error":
