@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per mutant's tests")
     parser.add_argument("--tests-from", default=None, help="git revision whose tests/ to score (report only)")
     parser.add_argument(
+        "--scope", choices=("dirs", "files"), default="dirs", help="with --tests-from: which old tests to run"
+    )
+    parser.add_argument(
         "--skip-baseline", action="store_true", help="do not run the named tests unmutated first"
     )
     parser.add_argument("--json", default=None, help="write the results here")
