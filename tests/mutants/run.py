@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-baseline", action="store_true", help="do not run the named tests unmutated first"
     )
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--list", default=str(LIST), help="the mutations file (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    mutations = load_mutations()
+    mutations = load_mutations(Path(args.list))
     if args.select:
         wanted = args.select.split(",")
         mutations = [m for m in mutations if any(w in m.id for w in wanted)]
