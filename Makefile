@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedrec-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean mutants
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Mutation check of the privacy code: each mutation in tests/mutants/mutations.yml must be caught by
+# its named tests (run on a temporary copy of the tree). MUTANTS_ARGS=--skip-baseline skips the run of
+# the named tests on the unmutated copy (CI: make test has just run them).
+mutants: install
+	$(PY) tests/mutants/run.py $(MUTANTS_ARGS)
 
 bench: install
 	$(PY) bench/run_all.py

@@ -263,6 +263,45 @@ def _run_rounds(env, rounds: int):
     return sealed, digest, bounds
 
 
+def test_owner_refuses_an_aggregate_below_min_aggregate_clients(inprocess):
+    """An aggregate of one client (below the owner's min_aggregate_clients = 2) is not decrypted into
+    a model: apply_round refuses it; the same round with two clients is applied."""
+    from fedrec.deploy.training import (
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption.aggregator import StreamingAggregator
+    from privacy.encryption.schema import UpdateSchema
+
+    env = inprocess
+    assert env["owners"][2]["min_aggregate_clients"] == 2
+    schema = UpdateSchema(env["layout"].entries)
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    outputs = {}
+    for k in (0, 1):
+        request = RoundRequest("run", env["config"], env["meta"], 0, 7, k, None, digest).to_wire()
+        outputs[k] = train_round(env["rows"][k], env["owners"][k], request)["update"]
+
+    def aggregate(clients):
+        aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(0, 7))
+        for k in clients:
+            for payload in outputs[k]:
+                aggregator.add(payload)
+        closed = aggregator.close()
+        return RoundRequest(
+            "run", env["config"], env["meta"], 0, 7, 2, None, digest, closed.aggregate
+        ).to_wire()
+
+    with pytest.raises(DeployError, match="min_aggregate_clients=2"):
+        apply_round(env["owners"][2], aggregate([0]))
+    applied = apply_round(env["owners"][2], aggregate([0, 1]))
+    assert applied["num_clients"] == 2 and applied["round"] == 1
+
+
 def test_datasite_code_in_process_is_the_simulation_bit_for_bit(inprocess, simulation):
     """train_round/apply_round (what approved code runs) reproduce train_fl.py's rounds exactly."""
     sealed, digest, bounds = _run_rounds(inprocess, rounds=2)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from reference_accounting import opacus_rdp_epsilon
 
 from privacy.accounting.accountants import epsilon_for
+from privacy.ledger import PrivacyLedger, ledger_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -149,3 +153,39 @@ def test_mf_movielens_dp_run(tmp_path, data_dir):
     assert p["epsilon"] == pytest.approx(
         epsilon_for(noise_multiplier=1.1, sample_rate=p["sample_rate"], steps=8, delta=p["delta"]), rel=1e-9
     )
+
+
+def test_killed_run_resumes_as_a_script_and_counts_every_recorded_step(tmp_path, data_dir):
+    """train_dp.py killed with SIGKILL after its first checkpoint, then --resume: the run reaches
+    max_steps, the ledger keeps every step recorded before the kill (also those after the checkpoint),
+    the summary counts them all, and epsilon is Opacus's RDP analysis of the ledger. Secure mode on."""
+    overrides = (
+        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.3", "privacy.max_grad_norm=0.6",
+        "privacy.secure_mode=true", "train.max_steps=40", "train.checkpoint_every=5",
+    )  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, str(ROOT / "scripts" / "train_dp.py"), "--config", "configs/dlrm_dp.yml"]
+    command += ["--logdir", str(tmp_path / "run"), f"model.preproc.cache_dir={data_dir}", *SMALL, *overrides]
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    try:
+        while not checkpoint.exists():
+            assert job.poll() is None, "train_dp.py ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+    resumed = run_dp(tmp_path, data_dir, *overrides, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    privacy = out["privacy"]
+    trained = json.loads(Path(out["summary"]).read_text())["steps"]  # the plan: train.epochs of 1/q steps
+    with PrivacyLedger.read(ledger_path(str(tmp_path / "run"))) as ledger:
+        history = ledger.client_history("central")
+        delta = ledger.info.delta
+    recorded = sum(steps for _, _, steps in history)
+    assert privacy["secure_mode"] is True and privacy["steps_this_run"] == trained
+    assert privacy["steps"] == recorded >= trained
+    assert privacy["epsilon"] == pytest.approx(opacus_rdp_epsilon(history, delta), rel=1e-9)

@@ -20,23 +20,47 @@ def _kwargs(**over):
     return base
 
 
+def replayed_noise(model: nn.Module, seed: int) -> dict:
+    """The standard normal draws DPSGD makes with ``seed``, replayed from an independent generator.
+
+    Draw order (privacy.dp.optimizer): one draw for all dense parameters (model order), then one per
+    embedding table (model order): during the step without lazy noise, at the flush with it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+    dense = [p for p in model.parameters() if all(p is not t for t in tables)]
+    flat = torch.randn(sum(p.numel() for p in dense), generator=gen, dtype=torch.float64)
+    out = {p: z.view_as(p) for p, z in zip(dense, flat.split([p.numel() for p in dense]))}
+    for table in tables:
+        out[table] = torch.randn(table.shape, generator=gen, dtype=torch.float64)
+    return out
+
+
 @pytest.mark.parametrize("lazy", [True, False])
-def test_update_is_clipped_sum_over_expected_batch_size(lazy):
+def test_update_is_clipped_sum_plus_noise_over_expected_batch_size(lazy):
+    """Hand-computed DP-SGD step: w - lr (sum_i clip_C(g_i) + sigma C z) / (N q), with noise that shows."""
     torch.manual_seed(0)
     model = BagModel("sum").double()
     batch = make_bag_batch("sum")
-    expected, _ = naive_clipped_sum(model, bag_loss, batch, 0.3)
+    sigma, clip, lr, n, q, seed = 0.9, 0.3, 0.7, 10, 0.3, 11
+    expected, _ = naive_clipped_sum(model, bag_loss, batch, clip)
     before = {p: p.detach().clone() for p in model.parameters()}
-    lr, n, q = 0.7, 10, 0.3
+    z = replayed_noise(model, seed)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)}
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    # negligible noise so the deterministic part can be checked to 1e-9
     dp = DPSGD(
-        model, opt, noise_multiplier=1e-12, max_grad_norm=0.3, sample_rate=q, num_examples=n, lazy_noise=lazy
-    )
+        model, opt, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q, num_examples=n, lazy_noise=lazy,
+        seed=seed,
+    )  # fmt: skip
     dp.step(bag_loss(model, batch))
     dp.flush()
     for p, grad in expected.items():
-        torch.testing.assert_close(p.detach(), before[p] - lr * grad / (n * q), rtol=0, atol=1e-9)
+        # Lazy row noise is added (+z) when the row is flushed, dense noise is subtracted: same law.
+        sign = 1.0 if lazy and id(p) in tables else -1.0
+        want = before[p] - lr * grad / (n * q) + sign * lr * sigma * clip * z[p] / (n * q)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-9)
+        noise_part = (lr * sigma * clip * z[p] / (n * q)).abs().max()
+        assert noise_part > 1e-3  # the noise term is large enough that a wrong factor shows
 
 
 def test_accountant_is_stepped_and_matches_independent_computation():
@@ -74,8 +98,12 @@ def test_lazy_noise_refuses_other_optimizers(make_opt, match):
     with pytest.raises(PrivacyError, match=match):
         DPSGD(model, make_opt(model.parameters()), **_kwargs())
     # dense noise is the documented fallback for these optimizers
+    before = [p.detach().clone() for p in model.parameters()]
     dp = DPSGD(model, make_opt(model.parameters()), lazy_noise=False, **_kwargs())
     dp.step(bag_loss(model, [(s[0], s[1].float(), s[2], s[3]) for s in make_bag_batch("sum")]))
+    # dense noise reaches every coordinate, rows no example touched included
+    for p, b in zip(model.parameters(), before):
+        assert (p.detach() != b).all()
 
 
 def test_optimizer_changed_after_construction_is_refused():
@@ -118,26 +146,77 @@ def test_secure_noise_is_standard_normal_and_unseeded():
     assert not torch.equal(z[:10], GaussianNoise(secure_mode=True).normal((10,), dtype=torch.float64))
     with pytest.raises(PrivacyError, match="seed"):
         GaussianNoise(secure_mode=True, seed=0)
-    model = BagModel("sum")
-    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), secure_mode=True, **_kwargs())
-    dp.step(bag_loss(model, [(s[0], s[1].float(), s[2], s[3]) for s in make_bag_batch("sum")]))
-    dp.flush()
+    finals = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = BagModel("sum")
+        before = [p.detach().clone() for p in model.parameters()]
+        dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), secure_mode=True, **_kwargs())
+        assert dp.noise.secure_mode and not dp.noise.state_dict()  # nothing to replay
+        dp.step(bag_loss(model, [(s[0], s[1].float(), s[2], s[3]) for s in make_bag_batch("sum")]))
+        dp.flush()
+        for p, b in zip(model.parameters(), before):
+            assert (p.detach() != b).all()  # every coordinate, untouched rows included, got noise
+        finals.append(torch.cat([p.detach().ravel() for p in model.parameters()]))
+    # same model, same batch: only the secure noise differs (its law: test_dp_noise_law.py)
+    assert not torch.equal(finals[0], finals[1])
 
 
-def test_seeded_noise_is_reproducible_and_state_round_trips():
+def test_seeded_noise_is_reproducible():
     def run(seed):
         torch.manual_seed(0)
         model = nn.Linear(2, 1)
         dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=seed, **_kwargs())
         dp.step(model(torch.ones(3, 2)).squeeze(1))
-        return model.weight.detach().clone(), dp
+        return model.weight.detach().clone()
 
-    w1, dp1 = run(5)
-    w2, _ = run(5)
-    w3, _ = run(6)
-    assert torch.equal(w1, w2) and not torch.equal(w1, w3)
-    state = dp1.state_dict()
-    assert state["steps"] == 1
+    assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
+
+
+def _stream_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 1))
+    return model, torch.optim.SGD(model.parameters(), lr=0.3)
+
+
+def test_state_round_trips_noise_stream_and_steps():
+    """A DPSGD rebuilt from state_dict continues the noise stream: 2 + 2 steps equal 4 uninterrupted."""
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    kwargs = _kwargs(noise_multiplier=1.3, max_grad_norm=0.7)
+
+    def steps(dp, model, count):
+        for _ in range(count):
+            dp.step(model(x).squeeze(1) ** 2)
+
+    model, opt = _stream_model()
+    whole = DPSGD(model, opt, seed=9, **kwargs)
+    steps(whole, model, 4)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = _stream_model()
+    first = DPSGD(model, opt, seed=9, **kwargs)
+    steps(first, model, 2)
+    state = first.state_dict()
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def resumed(load: bool):
+        model, opt = _stream_model()
+        model.load_state_dict(params)
+        second = DPSGD(model, opt, seed=9, **kwargs)
+        if load:
+            second.load_state_dict(state)
+        steps(second, model, 2)
+        return second, [p.detach().clone() for p in model.parameters()]
+
+    second, got = resumed(load=True)
+    assert second.steps == 4 and state["steps"] == 2
+    for a, b in zip(got, uninterrupted):
+        assert torch.equal(a, b)
+    # Without the state the generator restarts at the seed and repeats the first two steps' noise.
+    _, repeated = resumed(load=False)
+    assert not all(torch.equal(a, b) for a, b in zip(repeated, uninterrupted))
+    with pytest.raises(PrivacyError, match="steps"):
+        second.load_state_dict({"noise": {}})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
