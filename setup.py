@@ -14,6 +14,8 @@ setup(
         "scipy>=1.10",
         "pyyaml>=6",
         "tensorboard>=2.14",
+        # tensorboard 2.20's entry point imports pkg_resources, removed in setuptools 82.
+        "setuptools<82",
         "tqdm>=4.60",
         "opacus==1.6.0",
         "tenseal==0.3.18",
