@@ -28,6 +28,8 @@ setup(
         # syft 0.9.5's kr8s imports sniffio without declaring it.
         "sniffio",
     ],
+    # `fedrec train|train-dp|train-fl|deploy|report|audit|preprocess` (also `python -m fedrec`).
+    entry_points={"console_scripts": ["fedrec=fedrec.__main__:main"]},
     extras_require={
         "dev": ["pytest", "hypothesis", "ruff", "mypy", "pandas", "psutil"],
         "bench": ["pandas", "scikit-surprise"],

@@ -113,8 +113,9 @@ from fedrec.federated.worker import (
     algorithm_params,
     round_outcome,
 )
-from fedrec.progress import progress_bar
+from fedrec.progress import RoundProgress
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
+from privacy.report.tensorboard import log_ledger_epsilon
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
 
@@ -613,14 +614,7 @@ class Simulation:
             params=algorithm_params(registry.lookup("fl_algo", fl.algorithm), fl.algorithm_params),
         )
         aggregator.user_dp_sample_key = self.user_dp_sample_key
-        bar = progress_bar(
-            total=fl.rounds,
-            initial=state.round_idx,
-            desc="rounds",
-            unit="round",
-            enabled=self.config.train.progress,
-            leave=True,
-        )
+        bar = RoundProgress(total=fl.rounds, initial=state.round_idx, enabled=self.config.train.progress)
         try:
             while aggregator.round_idx < fl.rounds:
                 try:
@@ -632,10 +626,7 @@ class Simulation:
                         f"{self.fl.user_dp.epsilon_budget:g}; stopping after {state.round_idx} rounds"  # type: ignore[union-attr]
                     )
                     break
-                bar.update(1)
-                val = record.get("val") or {}
-                shown = {k: f"{v:.4f}" for k, v in val.items() if k in ("auc", "rmse", "logloss")}
-                bar.set_postfix(done=f"{record['completed']}/{record['sampled']}", **shown)
+                bar.update(record)  # a bar on a terminal, one line per round otherwise (mpirun)
         finally:
             bar.close()
         self.final = self._final_summary()
@@ -778,6 +769,8 @@ class Simulation:
         for name, value in scalars.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 writer.add_scalar(name, value, step)
+        if self.ledger is not None and self.fl.secure:
+            log_ledger_epsilon(writer, self.ledger, step=step)  # per-client min/median/max epsilon
         writer.flush()
 
     def _epsilon(self, attempts: list[RoundResults]) -> float | None:
