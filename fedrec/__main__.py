@@ -36,7 +36,9 @@ def usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<11} {help_text} (scripts/{script})" for name, (script, help_text) in COMMANDS.items()]
+    lines += [
+        f"  {name:<11} {help_text} (scripts/{script})" for name, (script, help_text) in COMMANDS.items()
+    ]
     return "\n".join(lines)
 
 

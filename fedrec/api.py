@@ -89,7 +89,11 @@ class History:
 
     def losses(self) -> list[tuple[int, float]]:
         """``[(round, weighted mean local training loss), ...]``."""
-        return [(int(r["round"]) + 1, float(r["train_loss"])) for r in self.rounds if r.get("train_loss") is not None]
+        return [
+            (int(r["round"]) + 1, float(r["train_loss"]))
+            for r in self.rounds
+            if r.get("train_loss") is not None
+        ]
 
     def epsilons(self, level: str = "example") -> list[tuple[int, float]]:
         """``[(round, epsilon), ...]``: ``example`` (DP-SGD, most exposed client) or ``user`` (DP-FedAvg)."""
@@ -127,7 +131,13 @@ def train(
     cfg = load_config(config, overrides)
     sparse = optimizer_supports_sparse(cfg.train.optimizer) and cfg.train.weight_decay == 0
     results, path = run_central_training(
-        cfg, BaseTrainer, logdir=logdir, devices=devices, resume=resume, sparse=sparse, record_ignore=("train",)
+        cfg,
+        BaseTrainer,
+        logdir=logdir,
+        devices=devices,
+        resume=resume,
+        sparse=sparse,
+        record_ignore=("train",),
     )
     return TrainResult(results, path, logdir)
 
