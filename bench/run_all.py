@@ -26,7 +26,9 @@ def quick_args(scratch: str) -> dict[str, list[str]]:
     return {
         "dlrm_train": ["--steps", "5", "--warmup", "2", "--table-rows", "1000"],
         "dp_sgd": ["--rows", "26000", "--batch", "64", "--steps", "3", "--warmup", "1", "--rounds", "1",
-                   "--memory-rounds", "1", "--opacus-steps", "1", "--opacus-mem-gb", "1"],
+                   "--memory-rounds", "1", "--opacus-steps", "1", "--opacus-rows", "2600",
+                   "--utility-rows", "5000", "--utility-epochs", "1", "--epsilons", "3",
+                   "--data-dir", f"{scratch}/dp"],
         "federated": ["--quick", "--parts", "client_breakdown"],
         "he_aggregation": ["--params", "20000", "--clients", "5", "--skip-peer"],
         "mf_movielens": ["--folds", "2", "--max-folds", "1", "model.preproc.synthetic.rows=5000",

@@ -35,7 +35,7 @@ TINY_DLRM = [
     "model.arch_mlp_bot=[13,8,4]",
     "model.arch_mlp_top=[355,8,1]",
 ]
-TINY_MOVIELENS = ["model.preproc.synthetic.users=60", "model.preproc.synthetic.items=80"]
+TINY_MOVIELENS = ["model.preproc.synthetic.users=80", "model.preproc.synthetic.items=100"]
 TINY_STEPS = ["train.max_steps=4", "train.epochs=1"]
 TINY_FL = ["fl.rounds=1", "fl.client_num_per_round=4", "fl.local_steps=2", "fl.local_epochs=1"]
 TRAINING_SCRIPTS = ("train.py", "train_dp.py", "train_fl.py", "deploy_syft.py", "preprocess_data.py")
@@ -88,6 +88,8 @@ def config_overrides(command: str, scratch: Path) -> list[str]:
         extra += TINY_STEPS
     if script == "train_fl.py":
         extra += TINY_FL
+        if "userdp" in name:  # user-level DP needs a Poisson sample large enough for the encryption grid
+            extra.append("fl.client_num_per_round=40")
     if script == "deploy_syft.py":
         extra += ["fl.rounds=1", "fl.num_workers=2", "fl.client_num_per_round=2", "fl.local_steps=2"]
     return extra
@@ -129,7 +131,7 @@ def write_raw_files(scratch: Path, readme: str) -> dict[str, Path]:
             write_criteo(str(target), rows=3000, seed=0, vocab_size=20)
         elif readme_path.endswith(("u.data", "ratings.dat", "ratings.csv")):
             target = target.with_name(os.path.basename(readme_path))
-            write_movielens(str(target), rows=3000, seed=0, users=60, items=80, rank=4)
+            write_movielens(str(target), rows=3000, seed=0, users=80, items=100, rank=4)
         else:
             raise AssertionError(f"README names a data file this test cannot stand in for: {readme_path}")
         files[readme_path] = target
