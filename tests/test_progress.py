@@ -14,7 +14,7 @@ import pytest
 from fedrec.progress import RoundProgress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "federated"))
-from fl_helpers import MPIRUN, ROOT, data_cache, script_env, tiny_config, write_config  # noqa: F401, E402
+from fl_helpers import MPIRUN, ROOT, data_cache, script_env, tiny_config, write_config  # noqa: F401
 
 RECORD = {
     "round": 2,
@@ -64,7 +64,15 @@ def test_a_run_under_mpirun_prints_a_line_per_round_and_the_epsilon_spread(tmp_p
     config["train"]["progress"] = True
     path = write_config(tmp_path, config)
     logdir = tmp_path / "run"
-    command = [str(MPIRUN), "-np", "2", sys.executable, "-m", "mpi4py.futures", str(ROOT / "scripts" / "train_fl.py")]
+    command = [
+        str(MPIRUN),
+        "-np",
+        "2",
+        sys.executable,
+        "-m",
+        "mpi4py.futures",
+        str(ROOT / "scripts" / "train_fl.py"),
+    ]
     command += ["--config", str(path), "--logdir", str(logdir)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env())
     assert done.returncode == 0, done.stderr[-3000:]

@@ -3,6 +3,8 @@ has whole-number round ticks and the median line drawn on top."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from privacy.ledger import PrivacyLedger, ledger_path
 from privacy.report.build import build_run_report
 from privacy.report.plots import epsilon_by_round_figure
@@ -32,15 +34,15 @@ def test_an_epsilon_above_10_is_flagged_next_to_the_figure(tmp_path):
     report = build_run_report(weak)
     assert report["example_level"]["epsilon"]["max"] > 10
     written = write_run_report(report, weak)
-    markdown = open(written["md"], encoding="utf-8").read()
+    markdown = Path(written["md"]).read_text(encoding="utf-8")
     assert WEAK_EPSILON_FLAG in summary_line(markdown, "epsilon per client: max")
-    html = open(written["html"], encoding="utf-8").read()
+    html = Path(written["html"]).read_text(encoding="utf-8")
     assert WEAK_EPSILON_FLAG in html
 
     strong = make_run(tmp_path / "strong", noise_multiplier=3.0)
     report = build_run_report(strong)
     assert report["example_level"]["epsilon"]["max"] < 10
-    markdown = open(write_run_report(report, strong)["md"], encoding="utf-8").read()
+    markdown = Path(write_run_report(report, strong)["md"]).read_text(encoding="utf-8")
     assert WEAK_EPSILON_FLAG not in summary_line(markdown, "epsilon per client: max")
 
 
