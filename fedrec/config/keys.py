@@ -113,7 +113,7 @@ def _optional_dataclass(tp: Any) -> Any:
     return None
 
 
-def _walk(cls: type, prefix: str) -> Iterator[KeyDoc]:
+def _walk(cls: Any, prefix: str) -> Iterator[KeyDoc]:
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     for field in dataclasses.fields(cls):

@@ -89,7 +89,7 @@ def config_overrides(command: str, scratch: Path) -> list[str]:
     if script == "train_fl.py":
         extra += TINY_FL
         if "userdp" in name:  # user-level DP needs a Poisson sample large enough for the encryption grid
-            extra.append("fl.client_num_per_round=40")
+            extra.append("fl.client_num_per_round=80")  # every one of the 80 users
     if script == "deploy_syft.py":
         extra += ["fl.rounds=1", "fl.num_workers=2", "fl.client_num_per_round=2", "fl.local_steps=2"]
     return extra
