@@ -770,7 +770,8 @@ class Simulation:
             if isinstance(value, int | float) and math.isfinite(value):
                 writer.add_scalar(name, value, step)
         if self.ledger is not None and self.fl.secure:
-            log_ledger_epsilon(writer, self.ledger, step=step)  # per-client min/median/max epsilon
+            # per-client min/median/max example-level epsilon (the user-level one is written above)
+            log_ledger_epsilon(writer, self.ledger, step=step, user_level=False)
         writer.flush()
 
     def _epsilon(self, attempts: list[RoundResults]) -> float | None:

@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,7 @@ def test_every_readme_command_runs(tmp_path):
             if command in NOT_RUN:
                 continue
             adapted = adapt(command, tmp_path, raw_files)
+            started = time.perf_counter()
             done = subprocess.run(
                 ["bash", "-c", adapted], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
             )
@@ -182,6 +184,7 @@ def test_every_readme_command_runs(tmp_path):
                 f"stderr:\n{done.stderr[-3000:]}\nstdout:\n{done.stdout[-1000:]}"
             )
             ran.append(command)
+            print(f"{time.perf_counter() - started:6.1f} s  {command[:100]}")  # shown with -s or on failure
     assert any("train_fl.py" in c for c in ran) and any(
         "privacy_report.py --logdir runs/dp1" in c for c in ran
     )
