@@ -201,8 +201,7 @@ def run_central_training(
     log = log or _stderr
     device = parse_devices(devices)[0]
     check_logdir(logdir)
-    if os.path.isdir(logdir):
-        check_new_run(logdir, resume=resume)
+    check_new_run(logdir, resume=resume)
     logdir = prepare_logdir(logdir)
     record_run_config(logdir, config, resume=resume, ignore=record_ignore)
     set_seed(config.seed)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 try:
     from fedrec.cli import base_parser, dry_run, load_script_config, parse_args, print_config, run_main
-    from fedrec.experiment import run_central_training
+    from fedrec.experiment import check_new_run, run_central_training
     from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
 except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
     if (err.name or "").startswith(("fedrec.", "privacy.")):
@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         return print_config(config)
     if args.dry_run:
+        check_new_run(args.logdir, resume=args.resume)  # the run would be refused: say so now
         return dry_run(config, args)
     sparse = optimizer_supports_sparse(config.train.optimizer) and config.train.weight_decay == 0
     # train.* (epochs, batch size, ...) may change on --resume.

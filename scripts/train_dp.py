@@ -16,7 +16,7 @@ from collections.abc import Sequence
 try:
     from fedrec.cli import base_parser, dry_run, load_script_config, parse_args, print_config, run_main
     from fedrec.errors import ConfigError
-    from fedrec.experiment import run_central_training
+    from fedrec.experiment import check_new_run, run_central_training
     from fedrec.trainers.dp_trainer import DPTrainer
 except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
     if (err.name or "").startswith(("fedrec.", "privacy.")):
@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         return print_config(config)
     if args.dry_run:
+        check_new_run(args.logdir, resume=args.resume)  # the run would be refused: say so now
         return dry_run(config, args)
     # Unlike train.py, train.* is part of the privacy guarantee (steps, batch size): a resume must match.
     # Embedding gradients never go through autograd in DP-SGD: dense tables, no sparse flag.

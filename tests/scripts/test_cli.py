@@ -165,6 +165,7 @@ def test_train_refuses_a_logdir_holding_a_run_and_records_versions(tmp_path):
     assert "holds a run already" in message and "--resume" in message
     assert (logdir / "summary.json").read_text() == summary_text  # nothing overwritten
     assert len(list(logdir.glob("events.out.tfevents.*"))) == 1  # no second events file
+    assert "holds a run already" in one_line_error(script("train.py", *args, "--dry-run"))
 
     empty = tmp_path / "empty"
     empty.mkdir()
