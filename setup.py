@@ -14,6 +14,8 @@ setup(
         "scipy>=1.10",
         "pyyaml>=6",
         "tensorboard>=2.14",
+        # tensorboard 2.20's entry point imports pkg_resources, removed in setuptools 82.
+        "setuptools<82",
         "tqdm>=4.60",
         "opacus==1.6.0",
         "tenseal==0.3.18",
@@ -26,6 +28,8 @@ setup(
         # syft 0.9.5's kr8s imports sniffio without declaring it.
         "sniffio",
     ],
+    # `fedrec train|train-dp|train-fl|deploy|report|audit|preprocess` (also `python -m fedrec`).
+    entry_points={"console_scripts": ["fedrec=fedrec.__main__:main"]},
     extras_require={
         "dev": ["pytest", "hypothesis", "ruff", "mypy", "pandas", "psutil"],
         "bench": ["pandas", "scikit-surprise"],

@@ -21,9 +21,25 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from fedrec.cli import base_parser, flag_overrides, prepare_logdir, run_main
-from fedrec.config import load_config
-from fedrec.errors import ConfigError
+try:
+    from fedrec.cli import (
+        base_parser,
+        dry_run,
+        load_script_config,
+        parse_args,
+        prepare_logdir,
+        print_config,
+        run_main,
+    )
+    from fedrec.errors import ConfigError
+except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
+    if (err.name or "").startswith(("fedrec.", "privacy.")):
+        raise
+    if err.name is None:  # fedrec's own import-time check (a shadowing 'privacy' package)
+        sys.exit(f"{sys.argv[0]}: {err}")
+    sys.exit(
+        f"{sys.argv[0]}: cannot import {err.name!r}: run it with the project's .venv/bin/python (docs/install.md)"
+    )
 
 
 def remote_datasites(config) -> tuple[list, bytes]:  # type: ignore[no-untyped-def]
@@ -61,15 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="local mode: datasites to start (same as fl.num_workers=N)",
     )
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     implied = []
     if args.rounds is not None:
         implied.append(f"fl.rounds={args.rounds}")
     if args.datasites is not None:
         implied.append(f"fl.num_workers={args.datasites}")
-    config = load_config(args.config, implied + flag_overrides(args))
+    config = load_script_config(args, implied)
     if config.fl is None:
         raise ConfigError(f"{args.config}: no 'fl' section (see configs/syft_fl.yml and configs/flags.md)")
+    if args.print_config:
+        return print_config(config)
     from fedrec.deploy.coordinator import refuse_user_dp
 
     refuse_user_dp(config)  # before any datasite starts
@@ -81,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(
             f"--devices {args.devices!r}: datasites train on their own hardware; use --devices cpu"
         )
+    if args.dry_run:
+        return dry_run(config, args, datasites=len(config.syft.datasites) or config.fl.num_workers)
     logdir = prepare_logdir(args.logdir)
     # SIGTERM unwinds like Ctrl-C, so local datasites are shut down on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -15,10 +15,26 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fedrec import registry
-from fedrec.cli import base_parser, flag_overrides, prepare_logdir, run_main
-from fedrec.config import load_config
-from fedrec.data.base import write_json_atomic
+try:
+    from fedrec import registry
+    from fedrec.cli import (
+        base_parser,
+        dry_run,
+        load_script_config,
+        parse_args,
+        prepare_logdir,
+        print_config,
+        run_main,
+    )
+    from fedrec.data.base import write_json_atomic
+except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
+    if (err.name or "").startswith(("fedrec.", "privacy.")):
+        raise
+    if err.name is None:  # fedrec's own import-time check (a shadowing 'privacy' package)
+        sys.exit(f"{sys.argv[0]}: {err}")
+    sys.exit(
+        f"{sys.argv[0]}: cannot import {err.name!r}: run it with the project's .venv/bin/python (docs/install.md)"
+    )
 
 
 def _stderr(message: str) -> None:
@@ -26,8 +42,12 @@ def _stderr(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    config = load_config(args.config, flag_overrides(args))
+    args = parse_args(base_parser(__doc__.splitlines()[0]), argv)
+    config = load_script_config(args)
+    if args.print_config:
+        return print_config(config)
+    if args.dry_run:
+        return dry_run(config, args)
     logdir = prepare_logdir(args.logdir)
     preproc = config.model.preproc
     dataset = registry.lookup("dataset", preproc.dataset)

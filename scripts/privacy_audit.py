@@ -16,17 +16,26 @@ import os
 import sys
 from collections.abc import Sequence
 
-import torch
+try:
+    import torch
 
-from fedrec.cli import run_main
-from privacy.audit import AuditConfig, run_audit
-from privacy.report.render import write_atomic
+    from fedrec.cli import base_parser, run_main
+    from privacy.audit import AuditConfig, run_audit
+    from privacy.report.render import write_atomic
+except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
+    if (err.name or "").startswith(("fedrec.", "privacy.")):
+        raise
+    if err.name is None:  # fedrec's own import-time check (a shadowing 'privacy' package)
+        sys.exit(f"{sys.argv[0]}: {err}")
+    sys.exit(
+        f"{sys.argv[0]}: cannot import {err.name!r}: run it with the project's .venv/bin/python (docs/install.md)"
+    )
 
 _DEFAULTS = AuditConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = base_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument(
         "--noise_multiplier", type=float, default=_DEFAULTS.noise_multiplier, help="claimed sigma"
     )

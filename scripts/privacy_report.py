@@ -15,15 +15,24 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fedrec.cli import run_main
-from privacy.errors import PrivacyError
-from privacy.report.build import build_run_report, compare_runs
-from privacy.report.plan import PLAN_KEYS, parse_plan, run_plan
-from privacy.report.render import write_comparison, write_run_report
+try:
+    from fedrec.cli import base_parser, run_main
+    from privacy.errors import PrivacyError
+    from privacy.report.build import build_run_report, compare_runs
+    from privacy.report.plan import PLAN_KEYS, parse_plan, run_plan
+    from privacy.report.render import write_comparison, write_run_report
+except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
+    if (err.name or "").startswith(("fedrec.", "privacy.")):
+        raise
+    if err.name is None:  # fedrec's own import-time check (a shadowing 'privacy' package)
+        sys.exit(f"{sys.argv[0]}: {err}")
+    sys.exit(
+        f"{sys.argv[0]}: cannot import {err.name!r}: run it with the project's .venv/bin/python (docs/install.md)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = base_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument(
         "--logdir", action="append", default=[], help="run directory holding privacy_ledger.sqlite"
     )

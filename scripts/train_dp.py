@@ -13,23 +13,38 @@ import json
 import sys
 from collections.abc import Sequence
 
-from fedrec.cli import base_parser, flag_overrides, run_main
-from fedrec.config import load_config
-from fedrec.errors import ConfigError
-from fedrec.experiment import run_central_training
-from fedrec.trainers.dp_trainer import DPTrainer
+try:
+    from fedrec.cli import base_parser, dry_run, load_script_config, parse_args, print_config, run_main
+    from fedrec.errors import ConfigError
+    from fedrec.experiment import check_new_run, run_central_training
+    from fedrec.trainers.dp_trainer import DPTrainer
+except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
+    if (err.name or "").startswith(("fedrec.", "privacy.")):
+        raise
+    if err.name is None:  # fedrec's own import-time check (a shadowing 'privacy' package)
+        sys.exit(f"{sys.argv[0]}: {err}")
+    sys.exit(
+        f"{sys.argv[0]}: cannot import {err.name!r}: run it with the project's .venv/bin/python (docs/install.md)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    config = load_config(args.config, flag_overrides(args))
+    args = parse_args(base_parser(__doc__.splitlines()[0]), argv)
+    config = load_script_config(args)
     if config.privacy is None:
         raise ConfigError(
             f"{args.config}: no 'privacy:' section (train_dp.py needs one; see configs/dlrm_dp.yml)"
         )
+    if args.print_config:
+        return print_config(config)
+    if args.dry_run:
+        check_new_run(args.logdir, resume=args.resume)  # the run would be refused: say so now
+        return dry_run(config, args)
     # Unlike train.py, train.* is part of the privacy guarantee (steps, batch size): a resume must match.
     # Embedding gradients never go through autograd in DP-SGD: dense tables, no sparse flag.
-    results, path = run_central_training(args, config, DPTrainer, sparse=False, resume=args.resume)
+    results, path = run_central_training(
+        config, DPTrainer, logdir=args.logdir, devices=args.devices, resume=args.resume, sparse=False
+    )
     print(json.dumps({"summary": path, "test": results["test"], "privacy": results["privacy"]}))
     return 0
 

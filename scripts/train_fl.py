@@ -16,10 +16,28 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fedrec.cli import base_parser, flag_overrides, parse_devices, prepare_logdir, run_main
-from fedrec.config import load_config
-from fedrec.errors import ConfigError
-from fedrec.experiment import record_run_config, set_seed
+try:
+    from fedrec.cli import (
+        base_parser,
+        dry_run,
+        load_script_config,
+        parse_args,
+        parse_devices,
+        prepare_logdir,
+        print_config,
+        run_main,
+        warn_single_rank_launch,
+    )
+    from fedrec.errors import ConfigError
+    from fedrec.experiment import record_run_config, set_seed
+except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
+    if (err.name or "").startswith(("fedrec.", "privacy.")):
+        raise
+    if err.name is None:  # fedrec's own import-time check (a shadowing 'privacy' package)
+        sys.exit(f"{sys.argv[0]}: {err}")
+    sys.exit(
+        f"{sys.argv[0]}: cannot import {err.name!r}: run it with the project's .venv/bin/python (docs/install.md)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,15 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--num_workers", type=int, default=None, help="simulated clients (same as fl.num_workers=N)"
     )
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (same as fl.rounds=N)")
-    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
+    args = parse_args(parser, argv)  # key=value overrides may come before, between or after flags
     implied = []
     if args.num_workers is not None:
         implied.append(f"fl.num_workers={args.num_workers}")
     if args.rounds is not None:
         implied.append(f"fl.rounds={args.rounds}")
-    config = load_config(args.config, implied + flag_overrides(args))
+    config = load_script_config(args, implied)
     if config.fl is None:
         raise ConfigError(f"{args.config}: no 'fl' section (see configs/dlrm_fl.yml and configs/flags.md)")
+    if args.print_config:
+        return print_config(config)
+    warn_single_rank_launch()
+    if args.dry_run:
+        return dry_run(config, args)
     device = parse_devices(args.devices)[0]
     logdir = prepare_logdir(args.logdir)
     # fl and train are compared through the checkpoint's fingerprint, which lets fl.rounds grow on --resume.

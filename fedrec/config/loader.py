@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,6 +154,22 @@ def build_model_section(data: Any, path: str = "model") -> ModelSection:
     return ModelSection(name=name, preproc=preproc, params=params)
 
 
+def import_config_modules(modules: Sequence[str]) -> None:
+    """Import the config's ``import_modules`` (they register models, datasets, algorithms) before the
+    rest is validated. The working directory is on the path, as for ``python -m``."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)  # after site-packages: a local file never shadows an installed package
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(
+                f"config key 'import_modules': cannot import {module!r} ({err}; the working directory "
+                f"{cwd} and PYTHONPATH are searched)"
+            ) from None
+
+
 def build_experiment(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
     """Typed ExperimentConfig from a plain mapping."""
     known = [f.name for f in dataclasses.fields(ExperimentConfig)]
@@ -160,6 +178,7 @@ def build_experiment(data: dict[str, Any], source: str = "<config>") -> Experime
             raise unknown_key_error("", str(key), known)
     if "model" not in data:
         raise ConfigError(f"{source}: config key 'model' is required")
+    import_config_modules(coerce(data.get("import_modules") or [], list[str], "import_modules"))
     rest = dict(data)
     rest["model"] = build_model_section(rest["model"])
     return build(ExperimentConfig, rest)

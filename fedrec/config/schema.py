@@ -26,7 +26,7 @@ class SyntheticConfig:
     """Built-in synthetic data written in the real raw format, with a planted signal."""
 
     rows: int | None = None  # Criteo lines (null: 200,000), or MovieLens ratings (null: the preset's)
-    seed: int = 0
+    seed: int = 0  # seed of the generated data
     vocab_size: int = 1000  # Criteo: distinct categories per categorical field
     # MovieLens: 'ml-100k', 'ml-1m' or 'population-1m' (fedrec.data.synthetic_movielens: the real
     # sets' statistics, noise floor and drift); null = the old planted low-rank generator.
@@ -77,7 +77,7 @@ class PreprocConfig:
     num_days: int = 7  # Criteo: equal-count day splits; the last is halved into val and test
     split: Literal["leave_last_out", "random"] = "leave_last_out"  # MovieLens per-user eval split
     eval_fraction: float = 0.2  # MovieLens 'random' split: fraction of each user's ratings held out
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # generated data in the raw format
 
     def validate(self, path: str) -> None:
         self.synthetic.resolve(self.dataset)
@@ -137,13 +137,13 @@ class EarlyStoppingConfig:
 class TrainConfig:
     """Central training loop settings (also used by each federated client for local steps)."""
 
-    batch_size: int = 128
-    eval_batch_size: int = 16384
-    epochs: int = 1
+    batch_size: int = 128  # training batch size
+    eval_batch_size: int = 16384  # evaluation batch size
+    epochs: int = 1  # passes over the training split
     max_steps: int | None = None  # stop after this many optimizer steps (across epochs)
-    optimizer: Literal["sgd", "adagrad", "adam"] = "sgd"
-    lr: float = 0.1
-    weight_decay: float = 0.0
+    optimizer: Literal["sgd", "adagrad", "adam"] = "sgd"  # sgd, adagrad: sparse embedding gradients
+    lr: float = 0.1  # learning rate
+    weight_decay: float = 0.0  # L2 penalty
     num_eval_batches: int | None = None  # cap evaluation at this many batches; null = whole split
     eval_every: int | None = None  # steps between validations; null = end of each epoch
     log_every: int = 50  # steps between TensorBoard train scalars
@@ -176,7 +176,7 @@ class FaultInjectionConfig:
 
     raise_clients: list[int] = field(default_factory=list)  # these clients raise whenever sampled
     hang_clients: list[int] = field(default_factory=list)  # these clients sleep hang_seconds first
-    hang_seconds: float = 0.0
+    hang_seconds: float = 0.0  # see hang_clients
     kill_clients: list[int] = field(default_factory=list)  # these clients SIGKILL their own rank
     rounds: list[int] | None = None  # restrict the faults to these rounds; null = every round
 
@@ -189,7 +189,7 @@ class FaultInjectionConfig:
 class FLEncryptionConfig:
     """``fl.encryption``: encrypted aggregation in secure mode (privacy.encryption, TenSEAL)."""
 
-    scheme: Literal["bfv", "ckks"] = "bfv"
+    scheme: Literal["bfv", "ckks"] = "bfv"  # secure mode: homomorphic scheme of the updates
     clip: float = (
         1.0  # per-coordinate bound of a client's update; larger values are clipped before encryption
     )
@@ -274,20 +274,20 @@ class FLConfig:
     import_modules: list[str] = field(default_factory=list)  # modules registering your own algorithms
     secure: bool = False  # DP-SGD on each client + encrypted updates + ledger record before send
     num_workers: int | None = 100  # simulated clients; null = one per user (natural partition only)
-    client_num_per_round: int = 10
-    rounds: int = 10
-    local_epochs: int = 1
+    client_num_per_round: int = 10  # clients sampled per round (at most the number of clients)
+    rounds: int = 10  # federated rounds (--rounds)
+    local_epochs: int = 1  # local epochs per round on each sampled client
     local_steps: int | None = None  # cap on each client's local optimiser steps per round
-    partition: Literal["iid", "dirichlet", "natural"] = "iid"
-    dirichlet_alpha: float = 0.5
-    server_lr: float = 1.0
+    partition: Literal["iid", "dirichlet", "natural"] = "iid"  # rows to clients; mf needs natural
+    dirichlet_alpha: float = 0.5  # Dirichlet concentration of each client's label mix (small = skewed)
+    server_lr: float = 1.0  # the global model moves by server_lr x the weighted mean update
     client_timeout: float = 600.0  # seconds; a slower client is dropped from its round
     min_completion_rate: float = 0.8  # fraction of sampled clients that must return, else retry
-    max_round_retries: int = 3
+    max_round_retries: int = 3  # retries of a round before the run stops with an error
     eval_every: int = 1  # rounds between validations (the last round always evaluates)
     fixed_point_bits: int = 24  # plain mode: updates are summed as exact integers in units of 2^-bits
-    encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)
-    faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+    encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)  # secure mode only
+    faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)  # testing only
     user_dp: UserDPConfig | None = None  # user-level DP-FedAvg; null = off
     reconstruction: ReconstructionConfig | None = None  # per-user rows rebuilt each round; null = stored
 
@@ -388,7 +388,7 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # the noise multiplier is then computed for the planned steps
     delta: float | None = None  # must be < 1/N (N = training examples); null = 1/(10 N)
     max_grad_norm: float = 1.0  # per-sample clipping bound C
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"  # privacy accountant of the ledger
     sampling: str = "poisson"  # only Poisson sampling matches the accountants; anything else is refused
     sample_rate: float | None = None  # Poisson probability q; null = train.batch_size / N
     secure_mode: bool = False  # OS CSPRNG noise and sampling (slower; see docs/privacy.md)
@@ -484,8 +484,9 @@ class ExperimentConfig:
     """The whole run. Sections later features add (privacy, fl, encryption, ...) go here too."""
 
     model: ModelSection
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)  # also each federated client's local steps
+    seed: int = 0  # seeds model initialisation, batch order and evaluation sampling
+    import_modules: list[str] = field(default_factory=list)  # imported first: they register your models
     fl: FLConfig | None = None  # federated simulation (scripts/train_fl.py)
     communications: CommunicationsConfig | None = None  # MPI ranks to hosts and GPUs
     privacy: PrivacyConfig | None = None  # example-level DP-SGD (scripts/train_dp.py)

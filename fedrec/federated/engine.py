@@ -54,7 +54,8 @@ from fedrec.federated.worker import (
     RoundResults,
     round_outcome,
 )
-from fedrec.progress import progress_bar
+from fedrec.progress import RoundProgress
+from privacy.report.tensorboard import log_ledger_epsilon
 
 FAILURE_REASONS = ("error", "timeout", "rejected", "refused")
 
@@ -295,13 +296,8 @@ class RoundEngine:
             params=self.algorithm_params,
         )
         aggregator.user_dp_sample_key = self.user_dp.sample_key if self.user_dp else None
-        bar = progress_bar(
-            total=self.fl.rounds,
-            initial=self.state.round_idx,
-            desc="rounds",
-            unit="round",
-            enabled=self.config.train.progress,
-            leave=True,
+        bar = RoundProgress(
+            total=self.fl.rounds, initial=self.state.round_idx, enabled=self.config.train.progress
         )
         done = 0
         try:
@@ -317,10 +313,7 @@ class RoundEngine:
                     )
                     break
                 done += 1
-                bar.update(1)
-                val = record.get("val") or {}
-                shown = {k: f"{v:.4f}" for k, v in val.items() if k in ("auc", "rmse", "logloss")}
-                bar.set_postfix(done=f"{record['completed']}/{record['sampled']}", **shown)
+                bar.update(record)  # a bar on a terminal, one line per round otherwise (mpirun)
                 if self.backend.log_rounds:
                     epsilon = record["epsilon"]
                     self.log(
@@ -565,6 +558,9 @@ class RoundEngine:
         for name, value in scalars.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 self.writer.add_scalar(name, value, step)
+        if self.ledger is not None and self.fl.secure:
+            # per-client min/median/max example-level epsilon (the user-level one is written above)
+            log_ledger_epsilon(self.writer, self.ledger, step=step, user_level=False)
         self.writer.flush()
 
     def privacy_summary(self) -> dict[str, Any] | None:

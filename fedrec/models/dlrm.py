@@ -25,14 +25,14 @@ from fedrec.models.layers import MLP
 class DLRMConfig:
     """``model:`` keys of DLRM (the seed's names)."""
 
-    arch_sparse_feature_size: int = 16
-    arch_mlp_bot: list[int] = field(default_factory=lambda: [13, 512, 256, 64, 16])
-    arch_mlp_top: list[int] = field(default_factory=lambda: [367, 512, 256, 1])
-    arch_interaction_op: Literal["dot", "cat"] = "dot"
-    arch_interaction_itself: bool = False
+    arch_sparse_feature_size: int = 16  # embedding dimension; must equal the bottom MLP's last width
+    arch_mlp_bot: list[int] = field(default_factory=lambda: [13, 512, 256, 64, 16])  # last = embedding dim
+    arch_mlp_top: list[int] = field(default_factory=lambda: [367, 512, 256, 1])  # first = interaction width
+    arch_interaction_op: Literal["dot", "cat"] = "dot"  # pairwise dot products, or concatenation
+    arch_interaction_itself: bool = False  # include each vector's dot product with itself
     sigmoid_bot: Literal["relu", "sigmoid", "none"] = "relu"  # activation after the bottom MLP
     sigmoid_top: Literal["sigmoid", "none"] = "sigmoid"  # output activation of the top MLP
-    loss_function: Literal["bce", "mse"] = "bce"
+    loss_function: Literal["bce", "mse"] = "bce"  # binary cross-entropy (on logits) or squared error
     embedding_rows: int | None = None  # cap on rows per table (hashing); null = the data's vocabulary
 
     def validate(self, path: str) -> None:

@@ -28,10 +28,10 @@ from fedrec.errors import ConfigError
 class MFConfig:
     """``model:`` keys of matrix factorisation."""
 
-    embedding_dim: int = 32
-    use_bias: bool = True
-    init_std: float = 0.05
-    loss_function: Literal["mse"] = "mse"
+    embedding_dim: int = 32  # latent factors per user and item
+    use_bias: bool = True  # learn user and item biases (a global mean bias is always used)
+    init_std: float = 0.05  # standard deviation of the factors' normal initialisation
+    loss_function: Literal["mse"] = "mse"  # squared error on ratings
     clip_predictions: bool = True  # clamp predictions to the data's rating range at evaluation
     reg: float = 0.0  # L2 on the factor rows each example touches (Surprise's reg_pu / reg_qi)
     reg_bias: float | None = None  # L2 on the bias rows each example touches; null = reg

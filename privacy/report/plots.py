@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 _DPI = 100
 
@@ -43,24 +44,42 @@ def epsilon_histogram(report: dict[str, Any]) -> bytes | None:
 
 def epsilon_by_round(report: dict[str, Any]) -> bytes | None:
     """Max, median and min example-level epsilon over clients, and user-level epsilon, after each round."""
+    fig = epsilon_by_round_figure(report)
+    return _png(fig) if fig is not None else None
+
+
+def epsilon_by_round_figure(report: dict[str, Any]) -> Any:
+    """The figure of :func:`epsilon_by_round` (None when there is nothing to plot).
+
+    Rounds are whole numbers on the x axis; the median is drawn last and thickest, so a best or worst
+    client with the same epsilon cannot hide it.
+    """
     timeline = report["epsilon_by_round"]
     if not timeline["round"]:
         return None
     rounds = timeline["round"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plotted = False
+    # (key, label, colour, line style, line width, z-order): the median on top of the others.
     styles = [
-        ("example_max", "example level, worst client", "#c44e52", "-"),
-        ("example_median", "example level, median client", "#4c72b0", "-"),
-        ("example_min", "example level, best client", "#55a868", "-"),
-        ("user_level", "user level (DP-FedAvg)", "#8172b2", "--"),
+        ("example_max", "example level, worst client", "#c44e52", "-", 1.2, 2),
+        ("example_min", "example level, best client", "#55a868", ":", 1.2, 2),
+        ("user_level", "user level (DP-FedAvg)", "#8172b2", "--", 1.2, 2),
+        ("example_median", "example level, median client", "#4c72b0", "-", 2.4, 3),
     ]
-    for key, label, color, style in styles:
+    for key, label, color, style, width, zorder in styles:
         values = timeline[key]
         if values and any(v is not None for v in values):
             points = [(r, v) for r, v in zip(rounds, values) if v is not None]
             ax.plot(
-                [p[0] for p in points], [p[1] for p in points], style, color=color, label=label, marker="."
+                [p[0] for p in points],
+                [p[1] for p in points],
+                style,
+                color=color,
+                label=label,
+                marker=".",
+                linewidth=width,
+                zorder=zorder,
             )
             plotted = True
     if not plotted:
@@ -73,11 +92,12 @@ def epsilon_by_round(report: dict[str, Any]) -> bytes | None:
     ):
         if budget is not None:
             ax.axhline(budget, color="grey", linestyle=":", label=f"{label} {budget:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel(f"epsilon (delta = {run['delta']:g})")
     ax.set_title("Epsilon against rounds")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return fig
 
 
 def utility_vs_epsilon(comparison: dict[str, Any]) -> bytes | None:

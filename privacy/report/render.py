@@ -18,6 +18,10 @@ from privacy.report import plots
 REPORT_BASENAME = "privacy_report"
 COMPARISON_BASENAME = "privacy_comparison"
 MAX_CLIENT_ROWS = 200  # the HTML and Markdown tables show the worst clients; the JSON holds all
+# The report's own statement: "Epsilons above about 10 promise little in practice". A figure above it is
+# flagged where it is shown, not only in that sentence.
+WEAK_EPSILON = 10.0
+WEAK_EPSILON_FLAG = f"(above {WEAK_EPSILON:g}: promises little)"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:60rem;margin:2rem auto;
@@ -99,6 +103,14 @@ def _num(value: Any, infinite: bool = False) -> str:
     return str(value)
 
 
+def _eps(value: Any, infinite: bool = False) -> str:
+    """An epsilon as text, flagged when above ``WEAK_EPSILON`` (or infinite)."""
+    text = _num(value, infinite)
+    if infinite or (isinstance(value, int | float) and value > WEAK_EPSILON):
+        return f"{text} {WEAK_EPSILON_FLAG}"
+    return text
+
+
 def _run_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     run = report["run"]
     return [
@@ -122,9 +134,9 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         eps = example["epsilon"]
         rows += [
             ("clients that spent", str(example["clients"])),
-            ("epsilon per client: min", _num(eps["min"])),
-            ("epsilon per client: median", _num(eps["median"])),
-            ("epsilon per client: max", _num(eps["max"], example["clients_infinite"] > 0)),
+            ("epsilon per client: min", _eps(eps["min"])),
+            ("epsilon per client: median", _eps(eps["median"])),
+            ("epsilon per client: max", _eps(eps["max"], example["clients_infinite"] > 0)),
         ]
         for m in example["mechanisms"]:
             rows.append(
@@ -137,7 +149,7 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if user is not None:
         rows += [
             ("DP-FedAvg rounds", str(user["rounds"])),
-            ("user-level epsilon", _num(user["epsilon"], user["epsilon_infinite"])),
+            ("user-level epsilon", _eps(user["epsilon"], user["epsilon_infinite"])),
             ("noise multiplier(s) sigma", ", ".join(f"{v:g}" for v in user["noise_multipliers"])),
             ("clip norm(s) S", ", ".join(f"{v:g}" for v in user["clip_norms"])),
             ("client sampling rate(s) q", ", ".join(f"{v:g}" for v in user["client_sampling_rates"])),
@@ -297,9 +309,9 @@ def _comparison_rows(comparison: dict[str, Any]) -> list[list[str]]:
         [
             r["logdir"],
             r["epsilon_kind"] or "n/a",
-            _num(r["epsilon"], r["epsilon_infinite"]),
-            _num(r["example_level_max"]),
-            _num(r["user_level"]),
+            _eps(r["epsilon"], r["epsilon_infinite"]),
+            _eps(r["example_level_max"]),
+            _eps(r["user_level"]),
             r["accountant"],
             f"{r['utility_metric']} = {r['utility']:.4g}" if r["utility"] is not None else "n/a",
         ]

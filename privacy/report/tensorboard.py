@@ -16,10 +16,13 @@ def log_epsilon(writer: Any, *, step: int, epsilon: float, tag: str = f"{TAG_PRE
     writer.add_scalar(tag, epsilon if math.isfinite(epsilon) else float("nan"), global_step=step)
 
 
-def log_ledger_epsilon(writer: Any, ledger: PrivacyLedger, *, step: int) -> dict[str, float]:
+def log_ledger_epsilon(
+    writer: Any, ledger: PrivacyLedger, *, step: int, user_level: bool = True
+) -> dict[str, float]:
     """Write the ledger's epsilons: example-level max/median/min over clients and user-level.
 
-    ``writer`` is a ``torch.utils.tensorboard.SummaryWriter``. Returns what was written.
+    ``writer`` is a ``torch.utils.tensorboard.SummaryWriter``; ``user_level=False`` leaves the
+    user-level epsilon to a caller that writes it already. Returns what was written.
     """
     written: dict[str, float] = {}
     epsilons = list(ledger.epsilons().values())
@@ -27,7 +30,7 @@ def log_ledger_epsilon(writer: Any, ledger: PrivacyLedger, *, step: int) -> dict
         written[f"{TAG_PREFIX}/example_epsilon_max"] = max(epsilons)
         written[f"{TAG_PREFIX}/example_epsilon_median"] = float(statistics.median(epsilons))
         written[f"{TAG_PREFIX}/example_epsilon_min"] = min(epsilons)
-    if ledger.rounds():
+    if user_level and ledger.rounds():
         written[f"{TAG_PREFIX}/user_level_epsilon"] = ledger.user_level_epsilon()
     for tag, value in written.items():
         log_epsilon(writer, step=step, epsilon=value, tag=tag)
