@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedrec.errors import ConfigError
+from fedrec.federated.server_opt import LRScheduleConfig, ServerOptimizerConfig
 
 
 @dataclass
@@ -197,6 +198,10 @@ class FLConfig:
     encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)
     faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
     user_dp: UserDPConfig | None = None  # user-level DP-FedAvg; null = off
+    # Server optimiser (fedrec.federated.server_opt): sgd (FedAvg), fedadam, fedyogi, fedadagrad; applied
+    # where the mean is decoded (secure mode: by a key-holding client), with a schedule of fl.server_lr.
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    client_lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)  # of train.lr, per round
 
     def validate(self, path: str) -> None:
         positive = ("client_num_per_round", "rounds", "local_epochs", "eval_every")

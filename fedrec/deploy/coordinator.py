@@ -49,6 +49,7 @@ from fedrec.deploy.functions import APPLY_FUNCTION, FUNCTIONS, TRAIN_FUNCTION, f
 from fedrec.deploy.local import DatasiteSpec
 from fedrec.deploy.training import PROTOCOL, RoundRequest, initial_global_model, params_digest
 from fedrec.errors import ConfigError, FedrecError
+from fedrec.federated.server_opt import check_server_optimizer
 
 SPEND_KEYS = {"client", "round", "attempt", "noise_multiplier", "sample_rate", "steps"}
 APPLY_KEYS = {"protocol", "round", "global_model", "digest", "num_clients", "error_bound"}
@@ -520,6 +521,7 @@ class Coordinator:
                 "config key 'fl.secure' must be true for a deployment (encrypted updates, DP-SGD, ledger)"
             )
         refuse_user_dp(config)
+        check_server_optimizer(fl, custom_rule=False, deployment=True)
         if config.privacy is None or config.privacy.noise_multiplier is None:
             raise ConfigError(
                 "config key 'privacy.noise_multiplier' is required for a deployment (each owner's DP-SGD)"

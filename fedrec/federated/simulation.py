@@ -93,6 +93,7 @@ from fedrec.federated.run import (  # params_digest: also used by fedrec.deploy
     read_global_model,
     write_global_model,
 )
+from fedrec.federated.server_opt import check_server_optimizer
 from fedrec.federated.user_dp import (
     RoundNoise,
     UserDPPlan,
@@ -262,8 +263,9 @@ class AggregatorTransport:
     ) -> dict[str, Any]:
         """Hand the aggregate to a key-holding client (the apply task); returns its digest and metrics."""
         sim = self.sim
+        opt_digest = sim.state.server_state.get("server_opt_digest")  # type: ignore[union-attr]
         future = sim.pool.submit(
-            apply_task, sim.spec, round_idx, attempt, aggregate, sim.digest, splits, noise
+            apply_task, sim.spec, round_idx, attempt, aggregate, sim.digest, splits, noise, opt_digest
         )
         timeout = sim.fl.client_timeout + APPLY_TIMEOUT_FLOOR
         try:
@@ -321,6 +323,11 @@ class Simulation:
         except FedrecError as err:
             raise ConfigError(f"config key 'fl.algorithm': {err}") from None
         algorithm_params(algorithm_cls, fl.algorithm_params)
+        check_server_optimizer(
+            fl,
+            custom_rule=algorithm_cls.apply_aggregate is not FederatedWorker.apply_aggregate,
+            deployment=False,
+        )
         check_checkpoint_presence(paths.checkpoint, resume=self.resume, logdir=self.logdir, what="federated")
         world = mpi_world_size()
         if world == 1 and launcher_ranks() > 1:
@@ -683,6 +690,7 @@ class Simulation:
         self.download_bytes = aggregate_bytes if self.codec.secure else self.layout.nbytes
         state.round_idx = round_idx + 1
         state.global_digest = applied["digest"]
+        state.server_state["server_opt_digest"] = applied.get("server_opt_digest")  # fl.server_optimizer
         state.history.append(record)
         state.rng = capture_rng()
         state.ledger_position = self._ledger_position()
