@@ -19,6 +19,8 @@ from fedrec.errors import ConfigError
 from fedrec.experiment import run_central_training
 from fedrec.trainers.dp_trainer import DPTrainer
 
+EPSILON_WARNING = 10.0  # above this an epsilon protects little: the run says so on stdout
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
@@ -30,7 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Unlike train.py, train.* is part of the privacy guarantee (steps, batch size): a resume must match.
     # Embedding gradients never go through autograd in DP-SGD: dense tables, no sparse flag.
     results, path = run_central_training(args, config, DPTrainer, sparse=False, resume=args.resume)
-    print(json.dumps({"summary": path, "test": results["test"], "privacy": results["privacy"]}))
+    privacy = {**results["privacy"], "unit": "example-level (DP-SGD: one training example)"}
+    if privacy["epsilon"] > EPSILON_WARNING:
+        print(
+            f"WARNING: epsilon {privacy['epsilon']:.2f} (example-level) is above {EPSILON_WARNING:g}: "
+            "a weak privacy guarantee",
+            flush=True,
+        )
+    print(json.dumps({"summary": path, "test": results["test"], "privacy": privacy}))
     return 0
 
 
