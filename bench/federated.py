@@ -249,13 +249,17 @@ def run_script(script: str, config: str, logdir: Path, overrides: list[str]) -> 
 
 
 def central_dp_config(fl_config: str, work: Path, *, epsilon: float) -> str:
-    """The federated config as a central DP-SGD run: same model, data and delta rule, at ``epsilon``."""
+    """The federated config as a central DP-SGD run: same model, data and delta rule, at ``epsilon``,
+    with as many steps as each silo took."""
     import yaml
 
     data = yaml.safe_load((ROOT / fl_config).read_text())
-    data.pop("fl", None)
-    data["privacy"].update({"noise_multiplier": None, "target_epsilon": float(epsilon)})
-    data["train"].update(epochs=1)
+    fl = data.pop("fl")
+    data["privacy"].update(
+        {"noise_multiplier": None, "target_epsilon": float(epsilon), "epsilon_budget": None}
+    )
+    # As many DP steps as each silo takes over the run (a step-matched comparison).
+    data["train"].update(epochs=1, max_steps=int(fl["rounds"]) * int(fl["local_steps"]))
     path = work / "central_dp.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
