@@ -15,6 +15,11 @@ here (under ``mpirun`` where ranks are compared) and read back from their summar
   aggregator (rank 0) and of every worker rank.
 - ``quality``: plaintext federated MF (configs/mf_movielens_fl.yml, natural partition: each user a
   client) against centralised MF (configs/mf_movielens.yml), same data and split: test RMSE.
+- ``ctr_quality``: on the realistic Criteo-like generator, two generator seeds, the same rows for
+  every model: logistic regression (a torch peer: one weight per category and dense feature,
+  Adagrad), central DLRM (scripts/train.py, configs/dlrm.yml), secure federated DLRM
+  (configs/dlrm_fl_silo.yml: example-level DP-SGD in each silo, BFV, ledger) and central DP-SGD
+  (scripts/train_dp.py) with the federated run's model, data and epsilon: test AUC and log loss.
 
     flock /tmp/fedrec-bench.lock .venv/bin/python bench/federated.py [--quick] [--out FILE]
 """
@@ -183,6 +188,119 @@ def bench_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def logistic_regression_peer(config_path: str, overrides: list[str], *, epochs: int = 2) -> dict[str, float]:
+    """The plain CTR peer: logistic regression on the same processed rows (one weight per category)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from fedrec.config import load_config
+    from fedrec.data.synthetic import auc
+    from fedrec.experiment import prepare_data
+
+    config = load_config(config_path, overrides)
+    data = prepare_data(config, log=lambda message: None, progress=False)
+    sizes = [int(s) for s in data.meta["table_sizes"]]
+    offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+
+    def tensors(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        arrays = data.split(name).arrays
+        sparse = np.asarray(arrays["sparse"]).astype(np.int64) + offsets
+        return (
+            torch.from_numpy(np.asarray(arrays["dense"], dtype=np.float32)),
+            torch.from_numpy(sparse),
+            torch.from_numpy(np.asarray(arrays["label"], dtype=np.float32)),
+        )
+
+    dense, sparse, label = tensors("train")
+    test_dense, test_sparse, test_label = tensors("test")
+    torch.manual_seed(0)
+    weights = torch.nn.Embedding(sum(sizes), 1)
+    torch.nn.init.zeros_(weights.weight)
+    linear = torch.nn.Linear(dense.shape[1], 1)
+    optimizer = torch.optim.Adagrad([*weights.parameters(), *linear.parameters()], lr=0.05)
+    for _ in range(epochs):
+        order = torch.randperm(len(label))
+        for lo in range(0, len(label), 256):
+            batch = order[lo : lo + 256]
+            score = linear(dense[batch]).squeeze(1) + weights(sparse[batch]).sum((1, 2))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(score, label[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        score = linear(test_dense).squeeze(1) + weights(test_sparse).sum((1, 2))
+        logloss = float(torch.nn.functional.binary_cross_entropy_with_logits(score, test_label))
+    return {"auc": auc(test_label.numpy(), score.numpy()), "logloss": logloss, "epochs": epochs}
+
+
+def run_script(script: str, config: str, logdir: Path, overrides: list[str]) -> dict[str, Any]:
+    """One scripts/train.py or train_dp.py run; returns its summary.json plus the command's wall time."""
+    command = [PYTHON, str(ROOT / "scripts" / script), "--config", config, "--logdir", str(logdir)]
+    command += ["train.progress=false", *overrides]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-1500:]}")
+    summary = json.loads((logdir / "summary.json").read_text())
+    summary["command_seconds"] = time.perf_counter() - started
+    summary["command"] = " ".join(command[1:])
+    return summary
+
+
+def central_dp_config(fl_config: str, work: Path, *, epsilon: float) -> str:
+    """The federated config as a central DP-SGD run: same model, data and delta rule, at ``epsilon``,
+    with as many steps as each silo took."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / fl_config).read_text())
+    fl = data.pop("fl")
+    data["privacy"].update(
+        {"noise_multiplier": None, "target_epsilon": float(epsilon), "epsilon_budget": None}
+    )
+    # As many DP steps as each silo takes over the run (a step-matched comparison).
+    data["train"].update(epochs=1, max_steps=int(fl["rounds"]) * int(fl["local_steps"]))
+    path = work / "central_dp.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def bench_ctr_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """CTR quality on the Criteo-like generator: LR, central DLRM, secure federated DLRM, central DP-SGD."""
+    out: dict[str, Any] = {"generator_seeds": list(args.ctr_seeds)}
+    fl_config = "configs/dlrm_fl_silo.yml"
+    for seed in args.ctr_seeds:
+        cache = str(work / "ctr_data")
+        data = [f"model.preproc.synthetic.seed={seed}", f"model.preproc.cache_dir={cache}"]
+        rows = f"model.preproc.synthetic.rows={args.ctr_rows}"
+        result: dict[str, Any] = {}
+        federated = run_fl(fl_config, work / f"ctr_fl_{seed}", [*data, rows], ranks=2)
+        epsilon = federated["final"]["epsilon"]
+        result["secure_federated"] = {
+            "config": fl_config,
+            "test": federated["final"]["test"],
+            "epsilon": epsilon,
+            "delta": federated["federated"]["privacy"]["delta"],
+            "privacy_unit": "example (DP-SGD in each silo)",
+            "seconds": federated["command_seconds"],
+            "command": federated["command"],
+        }
+        dp_config = central_dp_config(fl_config, work, epsilon=epsilon)
+        dp = run_script("train_dp.py", dp_config, work / f"ctr_dp_{seed}", [*data, rows])
+        result["central_dp"] = {
+            "test": dp["test"],
+            "privacy": {k: dp["privacy"][k] for k in ("epsilon", "delta")},
+        }
+        result["logistic_regression"] = logistic_regression_peer(fl_config, [*data, rows])
+        central = run_script("train.py", "configs/dlrm.yml", work / f"ctr_central_{seed}", [*data, rows])
+        result["central_dlrm"] = {"config": "configs/dlrm.yml", "test": central["test"]}
+        result["federated_minus_central_dp_auc"] = (
+            result["secure_federated"]["test"]["auc"] - result["central_dp"]["test"]["auc"]
+        )
+        out[f"seed_{seed}"] = result
+    return out
+
+
 def bench_client_breakdown(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Where a secure client's time goes: one process, the same clients trained plain and secure."""
     import asyncio
@@ -254,10 +372,13 @@ def main() -> None:
     args.repeats = 1 if args.quick else 2
     args.mf_rounds = 5 if args.quick else 100
     args.breakdown_clients = 5 if args.quick else 40
+    args.ctr_seeds = (0, 1)
+    args.ctr_rows = 200_000 if args.quick else 1_000_000
     parts = {
         "client_breakdown": bench_client_breakdown,
         "secure_vs_plain": bench_secure_vs_plain,
         "rank_scaling": bench_rank_scaling,
+        "ctr_quality": bench_ctr_quality,
         "memory": bench_memory,
         "quality": bench_quality,
     }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main demo: a secure federated run of DLRM on the built-in synthetic Criteo-format data under
-# `mpirun -np 2` (rank 0 aggregates, rank 1 runs the clients): DP-SGD on every client, BFV-encrypted
-# updates, a privacy ledger record before any update leaves a client. Prints the final test AUC, the
-# epsilon spent, the privacy report (scripts/privacy_report.py) and where the TensorBoard logs are.
+# The main demo: a secure cross-silo federated run of DLRM (configs/dlrm_fl_silo.yml) on the built-in
+# Criteo-like data under `mpirun -np 2` (rank 0 aggregates, rank 1 runs the silos): example-level DP-SGD
+# in every silo, BFV-encrypted updates, a privacy ledger record before any update leaves a silo. Prints
+# the final test AUC and log loss, the epsilon spent with its unit (example-level, per silo), the privacy
+# report (scripts/privacy_report.py) and where the TensorBoard logs are.
 #
 #   scripts/demo.sh [LOGDIR] [extra key=value overrides...]      (default LOGDIR: runs/demo_fl)
 set -euo pipefail
@@ -24,8 +25,8 @@ fi
 mkdir -p "$(dirname "$LOGDIR")"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$MPIRUN" -np 2 "$PY" -m mpi4py.futures scripts/train_fl.py \
-  --config configs/dlrm_fl.yml --logdir "$LOGDIR" \
-  fl.rounds=5 fl.num_workers=1000 fl.client_num_per_round=100 fl.partition=iid "$@" | tee "$LOGDIR.out.json"
+  --config configs/dlrm_fl_silo.yml --logdir "$LOGDIR" "$@" | tee "$LOGDIR.out"
+grep -v '^WARNING' "$LOGDIR.out" | tail -n 1 > "$LOGDIR.out.json"
 "$PY" scripts/privacy_report.py --logdir "$LOGDIR" > /dev/null
 "$PY" - "$LOGDIR" <<'PYEOF'
 import json, sys
@@ -34,12 +35,17 @@ out = json.loads(open(f"{logdir}.out.json").read().strip().splitlines()[-1])
 summary = json.load(open(f"{logdir}/summary.json"))
 last = summary["rounds"][-1]
 print()
-print(f"secure federated DLRM: {out['rounds']} rounds, {summary['federated']['num_clients']} simulated clients, "
-      f"{last['sampled']} per round, {summary['federated']['pool_workers']} worker rank(s)")
+fed = summary["federated"]
+rows = fed["partition"]["client_rows"]
+print(f"secure federated DLRM: {out['rounds']} rounds, {fed['num_clients']} silos of about {rows['mean']:.0f} rows, "
+      f"{last['sampled']} per round, {fed['pool_workers']} worker rank(s)")
 print(f"final test AUC      : {out['test']['auc']:.4f}   (log loss {out['test']['logloss']:.4f})")
-privacy = summary["federated"]["privacy"]
-print(f"epsilon spent       : {out['epsilon']:.3f} at delta {privacy['delta']:.2g}  (example-level DP-SGD, "
-      f"most exposed client; ledger: {logdir}/privacy_ledger.sqlite)")
+privacy = fed["privacy"]
+print(f"epsilon spent       : {out['epsilon']:.3f} at delta {privacy['delta']:.2g}")
+print(f"privacy unit        : {out['privacy_unit']}: one training example (impression) of a silo, "
+      f"most exposed silo; ledger: {logdir}/privacy_ledger.sqlite")
+if out["epsilon"] > 10:
+    print(f"WARNING             : epsilon {out['epsilon']:.2f} is above 10: a weak privacy guarantee")
 print(f"privacy report      : {logdir}/privacy_report.html (and .md, .json, PNG plots)")
 print(f"TensorBoard logs    : {logdir}   ->  tensorboard --logdir {logdir}")
 print(f"summary             : {logdir}/summary.json")

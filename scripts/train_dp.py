@@ -27,6 +27,8 @@ except ImportError as err:  # a python without fedrec's dependencies (the system
         f"{sys.argv[0]}: cannot import {err.name!r}: run it with the project's .venv/bin/python (docs/install.md)"
     )
 
+EPSILON_WARNING = 10.0  # above this an epsilon protects little: the run says so on stdout
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(base_parser(__doc__.splitlines()[0]), argv)
@@ -45,7 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, path = run_central_training(
         config, DPTrainer, logdir=args.logdir, devices=args.devices, resume=args.resume, sparse=False
     )
-    print(json.dumps({"summary": path, "test": results["test"], "privacy": results["privacy"]}))
+    privacy = {**results["privacy"], "unit": "example-level (DP-SGD: one training example)"}
+    if privacy["epsilon"] > EPSILON_WARNING:
+        print(
+            f"WARNING: epsilon {privacy['epsilon']:.2f} (example-level) is above {EPSILON_WARNING:g}: "
+            "a weak privacy guarantee",
+            flush=True,
+        )
+    print(json.dumps({"summary": path, "test": results["test"], "privacy": privacy}))
     return 0
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 try:
     from fedrec.cli import (
@@ -88,10 +89,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stopped_at_budget": final["stopped_at_budget"],
         "final_model": final["final_model"],
     }
+    out["privacy_unit"] = privacy_unit(config)
+    for line in loud_epsilon_lines(out):
+        print(line, flush=True)
     print(json.dumps(out), flush=True)
     if stuck:
         _end_with_stuck_workers(0)
     return 0
+
+
+EPSILON_WARNING = 10.0  # above this an epsilon protects little: the run says so on stdout
+
+
+def privacy_unit(config: Any) -> str | None:
+    """What one epsilon of this run protects: an example (DP-SGD in each client), a user (DP-FedAvg), both."""
+    units = []
+    if config.fl.secure:
+        units.append("example-level (DP-SGD in each client; epsilon per client)")
+    if config.fl.user_dp is not None:
+        units.append("user-level (DP-FedAvg: a client's whole contribution)")
+    return "; ".join(units) or None
+
+
+def loud_epsilon_lines(out: dict[str, Any]) -> list[str]:
+    """One line per epsilon above EPSILON_WARNING (printed before the JSON line)."""
+    lines = []
+    for key, unit in (("epsilon", "example-level, most exposed client"), ("user_epsilon", "user-level")):
+        value = out.get(key)
+        if value is not None and value > EPSILON_WARNING:
+            lines.append(
+                f"WARNING: epsilon {value:.2f} ({unit}) is above {EPSILON_WARNING:g}: a weak privacy guarantee"
+            )
+    return lines
 
 
 def _end_with_stuck_workers(code: int) -> None:

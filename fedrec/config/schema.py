@@ -8,6 +8,7 @@ from typing import Any, Literal
 from fedrec.data.synthetic_movielens import PRESETS as MOVIELENS_PRESETS
 from fedrec.data.synthetic_movielens import resolve_preset
 from fedrec.errors import ConfigError
+from fedrec.federated.server_opt import LRScheduleConfig, ServerOptimizerConfig
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and many tools take 32-bit seeds
 
@@ -290,6 +291,10 @@ class FLConfig:
     faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)  # testing only
     user_dp: UserDPConfig | None = None  # user-level DP-FedAvg; null = off
     reconstruction: ReconstructionConfig | None = None  # per-user rows rebuilt each round; null = stored
+    # Server optimiser (fedrec.federated.server_opt): sgd (FedAvg), fedadam, fedyogi, fedadagrad; applied
+    # where the mean is decoded (secure mode: by a key-holding client), with a schedule of fl.server_lr.
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    client_lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)  # of train.lr, per round
 
     def validate(self, path: str) -> None:
         positive = ("client_num_per_round", "rounds", "local_epochs", "eval_every")

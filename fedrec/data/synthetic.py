@@ -46,7 +46,6 @@ CAT_MISSING = (0.0, 0.0, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0
 NEGATIVE_RATE = (0.0, 0.1) + (0.0,) * 11  # I2 holds small negative values in the real data
 ZIPF_EXPONENT = 1.1
 INFORMATIVE_CATS = 10  # categorical fields whose categories carry hidden weight
-LOGIT_STD = 1.6  # spread of the planted logit: the planted model's AUC is about 0.82
 
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 # byte -> its 2 hex digits, and 0..9999 -> its 4 decimal digits, as one uint16 / uint32 each
@@ -110,16 +109,63 @@ def _fmix32(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- Criteo
 
+# Generator version of the Criteo rows (part of the cache directory's name): 2 added field
+# cardinalities shaped like Kaggle's, pairwise interactions and the calibrated ~0.80 ceiling.
+CRITEO_GENERATOR_VERSION = 2
+# Distinct values per categorical field in the Kaggle train.txt (C1..C26); a field keeps
+# min(this, vocab_size) categories, so small fields (C9: 3, C20: 4) stay small as in the real data.
+KAGGLE_CARDINALITY = (1460, 583, 10_131_227, 2_202_608, 305, 24, 12_517, 633, 3, 93_145, 5_683,
+                      8_351_593, 3_194, 27, 14_992, 5_461_306, 10, 5_652, 2_173, 4, 7_046_547, 18,
+                      15, 286_181, 105, 142_572)  # fmt: skip
+TARGET_ORACLE_AUC = 0.80  # expected AUC of the planted logit (the Bayes-optimal score)
+INTERACTION_RANK = 4  # rank of the planted pairwise category interactions
+INTERACTION_PAIRS = 8  # categorical field pairs whose categories interact
+INTERACTION_SHARE = (
+    0.15  # share of the planted logit's variance from the interactions (Kaggle: LR ~0.02 AUC below DLRM)
+)
+
+
+def expected_auc(probability: np.ndarray, score: np.ndarray) -> float:
+    """AUC of ``score`` in expectation over labels drawn as Bernoulli(``probability``).
+
+    Each pair (i, j) counts with weight p_i (1 - p_j) when i scores above j (ties count half):
+    the ceiling any model reaches on rows drawn from the planted model, without label noise.
+    """
+    order = np.argsort(score, kind="mergesort")
+    p = np.asarray(probability, dtype=np.float64)[order]
+    s = np.asarray(score)[order]
+    _, start = np.unique(s, return_index=True)
+    neg = 1.0 - p
+    neg_group = np.add.reduceat(neg, start)
+    pos_group = np.add.reduceat(p, start)
+    neg_below = np.concatenate(([0.0], np.cumsum(neg_group)[:-1]))
+    wins = np.sum(pos_group * neg_below + 0.5 * pos_group * neg_group - 0.5 * np.add.reduceat(p * neg, start))
+    return float(wins / (p.sum() * neg.sum() - np.sum(p * neg)))
+
 
 class CriteoSignal:
-    """The hidden logistic model of the synthetic Criteo data (all drawn from ``seed``)."""
+    """The hidden model of the synthetic Criteo data (all drawn from ``seed``).
+
+    logit = bias + sum_f w_f z_f [integer f present] + sum_f cat_weight_f[c_f] [C_f present]
+            + sum_(f,g) s_fg <u_f[c_f], u_g[c_g]> [both present]
+
+    Integer field f is floor(exp(mu_f + sigma_f z_f)) (I2 sometimes small and negative), empty at the
+    Kaggle rates (I1 45 %, I10 45 %, I12 76 %, ...). Categorical field f has min(vocab_size, Kaggle
+    cardinality) categories drawn from a Zipf law (exponent ZIPF_EXPONENT: a small head holds most
+    occurrences, a long tail of categories is seen a few times). Ten informative fields carry a weight
+    per category; eight field pairs interact through rank-4 category factors (what DLRM's dot
+    interaction can learn and logistic regression cannot). The weights are scaled so that the
+    planted logit's expected AUC is TARGET_ORACLE_AUC (0.80) and the intercept so that 25 % of labels
+    are 1 (Kaggle: 25.6 %). Rare categories and missing fields make the ceiling hard to reach.
+    """
 
     def __init__(self, *, seed: int, vocab_size: int):
         if vocab_size > 1 << 26:
             raise ConfigError(f"config key 'synthetic.vocab_size' = {vocab_size}: expected at most {1 << 26}")
-        rng = np.random.default_rng([seed, 0x5EED])
+        rng = np.random.default_rng([seed, 0x5EED, CRITEO_GENERATOR_VERSION])
         self.seed = seed
         self.vocab_size = vocab_size
+        self.cardinality = np.minimum(np.array(KAGGLE_CARDINALITY, dtype=np.int64), vocab_size)
         self.mu = rng.uniform(0.5, 5.0, 13)
         self.sigma = rng.uniform(0.8, 1.8, 13)
         self.dense_weight = rng.normal(0.0, 0.35, 13)
@@ -127,15 +173,25 @@ class CriteoSignal:
         self.cat_scale = np.zeros(26)
         self.cat_scale[informative] = rng.uniform(0.35, 0.7, INFORMATIVE_CATS)
         self.cat_weight = rng.normal(0.0, 1.0, (26, vocab_size)) * self.cat_scale[:, None]
+        pairs = [(f, g) for f in range(26) for g in range(f + 1, 26)]
+        chosen = rng.choice(len(pairs), INTERACTION_PAIRS, replace=False)
+        self.pairs = np.array([pairs[i] for i in sorted(chosen)], dtype=np.int64)
+        self.factors = rng.normal(0.0, 1.0, (26, vocab_size, INTERACTION_RANK)) / np.sqrt(INTERACTION_RANK)
+        self.pair_scale = np.ones(INTERACTION_PAIRS)
         self.id_salt = np.uint32(rng.integers(0, 1 << 32, dtype=np.uint64))
         self.bias = 0.0
-        # Scale the weights to a fixed logit spread, so that the signal (and the AUC a model can
-        # reach) does not depend on the seed's luck.
-        calibration = self.draw(rng, 20_000)["logit"]
-        scale = LOGIT_STD / calibration.std()
+        # Scale the parts to a fixed interaction share and a fixed ceiling, so that the signal (and the
+        # AUC a model can reach) does not depend on the seed's luck.
+        calibration = self.draw(rng, 40_000)
+        additive, interaction = calibration["additive"], calibration["interaction"]
+        share = np.sqrt(INTERACTION_SHARE / (1 - INTERACTION_SHARE)) * additive.std() / interaction.std()
+        self.pair_scale *= share
+        interaction = interaction * share
+        scale = self._calibrate_scale(additive + interaction)
         self.dense_weight *= scale
         self.cat_weight *= scale
-        self.bias = self._calibrate_bias(calibration * scale)
+        self.pair_scale *= scale
+        self.bias = self._calibrate_bias((additive + interaction) * scale)
 
     def category_ids(self, field: int, ranks: np.ndarray) -> np.ndarray:
         """The 32-bit value written (as hex) for category ``ranks`` of ``field``."""
@@ -149,18 +205,22 @@ class CriteoSignal:
         negative = rng.random((n, 13)) < np.array(NEGATIVE_RATE)
         ints = np.where(negative, -rng.integers(1, 4, (n, 13)), ints)
         informative_z = np.where(int_present & ~negative, z, 0.0)
+        # Zipf law over each field's own categories (inverse CDF of a continuous power law).
         a = 1.0 - ZIPF_EXPONENT
-        top = (self.vocab_size + 1.0) ** a
+        top = (self.cardinality + 1.0) ** a
         ranks = (np.floor((1.0 + rng.random((n, 26)) * (top - 1.0)) ** (1.0 / a)) - 1).astype(np.int64)
-        ranks = np.clip(ranks, 0, self.vocab_size - 1)
+        ranks = np.clip(ranks, 0, self.cardinality - 1)
         cat_present = rng.random((n, 26)) >= np.array(CAT_MISSING)
-        cat_logit = self.cat_weight[np.arange(26), ranks]
-        logit = (
-            self.bias + informative_z @ self.dense_weight + np.where(cat_present, cat_logit, 0.0).sum(axis=1)
-        )
+        cat_logit = np.where(cat_present, self.cat_weight[np.arange(26), ranks], 0.0)
+        additive = informative_z @ self.dense_weight + cat_logit.sum(axis=1)
+        f, g = self.pairs[:, 0], self.pairs[:, 1]
+        both = cat_present[:, f] & cat_present[:, g]
+        products = np.einsum("npk,npk->np", self.factors[f, ranks[:, f]], self.factors[g, ranks[:, g]])
+        interaction = np.where(both, products, 0.0) @ self.pair_scale
+        logit = self.bias + additive + interaction
         label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
         return {"ints": ints, "int_present": int_present, "ranks": ranks, "cat_present": cat_present,
-                "logit": logit, "label": label}  # fmt: skip
+                "logit": logit, "label": label, "additive": additive, "interaction": interaction}  # fmt: skip
 
     @staticmethod
     def _calibrate_bias(logit: np.ndarray) -> float:
@@ -174,6 +234,20 @@ class CriteoSignal:
                 hi = mid
         return (lo + hi) / 2
 
+    @classmethod
+    def _calibrate_scale(cls, logit: np.ndarray) -> float:
+        """The factor on the (centred) logit whose expected AUC, at the calibrated intercept, is the target."""
+        lo, hi = 0.01, 100.0
+        for _ in range(40):
+            mid = np.sqrt(lo * hi)
+            scaled = logit * mid
+            p = 1.0 / (1.0 + np.exp(-(scaled + cls._calibrate_bias(scaled))))
+            if expected_auc(p, scaled) < TARGET_ORACLE_AUC:
+                lo = mid
+            else:
+                hi = mid
+        return float(np.sqrt(lo * hi))
+
     def format(self, rows: dict[str, np.ndarray]) -> bytes:
         n = len(rows["label"])
         label = ((rows["label"] + 48).astype(np.uint8)[:, None], np.ones((n, 1), dtype=bool))
@@ -186,7 +260,9 @@ class CriteoSignal:
 def write_criteo(path: str, *, rows: int, seed: int, vocab_size: int) -> dict[str, Any]:
     """Write ``rows`` lines of synthetic Criteo ``train.txt`` to ``path``.
 
-    Returns facts about the planted model: positive rate and the AUC of the true logits.
+    Returns facts about the planted model (on the first million rows): positive rate, the AUC of the
+    true logits on the drawn labels (``oracle_auc``) and in expectation over labels
+    (``expected_oracle_auc``, about TARGET_ORACLE_AUC).
     """
     signal = CriteoSignal(seed=seed, vocab_size=vocab_size)
     logits, labels = [], []
@@ -200,7 +276,11 @@ def write_criteo(path: str, *, rows: int, seed: int, vocab_size: int) -> dict[st
                 logits.append(drawn["logit"])
                 labels.append(drawn["label"])
     logit, label = np.concatenate(logits), np.concatenate(labels)
-    return {"positive_rate": float(label.mean()), "oracle_auc": auc(label, logit)}
+    return {
+        "positive_rate": float(label.mean()),
+        "oracle_auc": auc(label, logit),
+        "expected_oracle_auc": expected_auc(1.0 / (1.0 + np.exp(-logit)), logit),
+    }
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -346,7 +426,7 @@ def synthetic_path(dataset: str, preproc: Any) -> str:
     s = preproc.synthetic
     if dataset == "criteo":
         name, filename = (
-            f"synthetic_criteo_r{s.rows}_s{s.seed}_v{s.vocab_size}_g{GENERATOR_VERSION}",
+            f"synthetic_criteo_r{s.rows}_s{s.seed}_v{s.vocab_size}_g{CRITEO_GENERATOR_VERSION}",
             "train.txt",
         )
     elif dataset == "movielens":

@@ -63,6 +63,7 @@ from fedrec.federated.codec import SecureCodec
 from fedrec.federated.engine import ClientFailed, ClosedRound, Published, RoundEngine, open_ledger
 from fedrec.federated.ranks import import_modules
 from fedrec.federated.run import one_line, params_digest
+from fedrec.federated.server_opt import check_server_optimizer
 from fedrec.federated.worker import ClientResult, algorithm_params
 from privacy.encryption.context import load_context
 from privacy.ledger import ClientSpend
@@ -245,6 +246,7 @@ class Coordinator:
                 "config key 'fl.secure' must be true for a deployment (encrypted updates, DP-SGD, ledger)"
             )
         refuse_user_dp(config)
+        check_server_optimizer(fl, custom_rule=False, deployment=True)
         if config.privacy is None or config.privacy.noise_multiplier is None:
             raise ConfigError(
                 "config key 'privacy.noise_multiplier' is required for a deployment (each owner's DP-SGD)"

@@ -537,7 +537,7 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
     worker = plan.algorithm_cls(
         "apply", ("trainer",), config=req.config, persistent_storage=None, params=plan.algorithm_params
     )
-    new_params = apply_mean_update(worker, current, decoded.mean, round_idx=req.round_idx)
+    new_params, _ = apply_mean_update(worker, current, decoded.mean, round_idx=req.round_idx)
     sealed = seal_global_model(
         new_params, key=secrets.model_key, run_id=req.run_id, round_idx=req.round_idx + 1
     )

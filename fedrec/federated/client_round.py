@@ -15,6 +15,7 @@ import torch
 
 from fedrec.config.schema import ReconstructionConfig
 from fedrec.errors import ConfigError, FedrecError
+from fedrec.federated.server_opt import ServerOptState, apply_server_rule
 from fedrec.trainers.base_trainer import move_batch
 
 MAX_ATTEMPTS = 1 << 16  # attempts per round encoded in a tag
@@ -78,19 +79,34 @@ def public_initialisation(model: torch.nn.Module, meta: dict[str, Any]) -> None:
             bias.fill_((float(meta["rating_min"]) + float(meta["rating_max"])) / 2.0)
 
 
-def apply_mean_update(algorithm: Any, current: np.ndarray, mean: np.ndarray, *, round_idx: int) -> np.ndarray:
-    """The next global model from the current one and the round's decoded mean update.
+def apply_mean_update(
+    algorithm: Any,
+    current: np.ndarray,
+    mean: np.ndarray,
+    *,
+    round_idx: int,
+    fl: Any = None,
+    state: ServerOptState | None = None,
+) -> tuple[np.ndarray, ServerOptState | None]:
+    """The next global model (and server-optimiser state) from the round's decoded mean update.
 
     The one place (simulation and datasites) where a mean update reaches the global model: the
-    algorithm's server rule (``FederatedWorker.apply_aggregate``: ``w + server_lr * mean`` for FedAvg);
-    a server optimiser plugs in here. Returns float32; a non-finite result is an error.
+    algorithm's server rule (``FederatedWorker.apply_aggregate``: ``w + server_lr * mean`` for FedAvg),
+    or, with ``fl.server_optimizer`` / a server lr schedule, ``server_opt.apply_server_rule`` from the
+    optimiser state after the previous round. Returns float32; a non-finite result is an error.
     """
-    new_params = np.asarray(algorithm.apply_aggregate(current, mean), dtype=np.float32)
+    if fl is None:
+        new_params, state = np.asarray(algorithm.apply_aggregate(current, mean)), None
+    else:
+        new_params, state = apply_server_rule(
+            algorithm, current, mean, fl=fl, round_idx=round_idx, state=state
+        )
+    new_params = np.asarray(new_params, dtype=np.float32)
     if not np.all(np.isfinite(new_params)):
         raise FedrecError(
             f"round {round_idx}: the new global model has NaN or infinite values (lower train.lr?)"
         )
-    return new_params
+    return new_params, state
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
 from fedrec.federated.run import RunSpec, read_global_model, write_global_model
+from fedrec.federated.server_opt import ServerOptState, lr_at, state_path
 from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
 from fedrec.federated.worker import (
     FederatedWorker,
@@ -154,11 +155,22 @@ class RankContext:
         """The local trainer of one client's round (DP-SGD in secure mode), seeded per (round, client, phase)."""
         data = ProcessedData({"train": worker.data}, self.meta)
         seed = client_seed(self.config.seed, worker.round_idx, int(worker.worker_id), phase)
+        # fl.client_lr_schedule: the round's local learning rate (public: a function of the round only).
+        lr = lr_at(
+            self.config.train.lr,
+            self.fl.client_lr_schedule,
+            round_idx=worker.round_idx,
+            rounds=self.fl.rounds,
+        )
+        train = dataclasses.replace(self.config.train, lr=lr)
         if not self.fl.secure:
             return BaseTrainer(
-                worker.model, data, dataclasses.replace(self.config, seed=seed), device=self.device
+                worker.model,
+                data,
+                dataclasses.replace(self.config, seed=seed, train=train),
+                device=self.device,
             )
-        local = dataclasses.replace(self.config, seed=seed, privacy=self.client_privacy)
+        local = dataclasses.replace(self.config, seed=seed, train=train, privacy=self.client_privacy)
         trainer = self.dp_trainer_cls(worker.model, data, local, device=self.device, ledger=False)
         # DPTrainer resets a data-dependent global rating bias; the global model's value is the one to use.
         self.layout.load_into(worker.model, worker.global_model.params)  # type: ignore[union-attr]
@@ -403,8 +415,13 @@ def apply_task(
     digest: str,
     splits: list[str],
     noise: RoundNoise | None = None,
+    server_opt_digest: str | None = None,
 ) -> dict[str, Any]:
     """A key-holding client: decode the round's aggregate, apply the server rule, write and evaluate.
+
+    A stateful server optimiser (fl.server_optimizer) reads its state after the previous round from
+    client storage (checked against ``server_opt_digest``, which the aggregator's checkpoint keeps)
+    and writes the new one beside the new global model: the aggregator never sees either.
 
     Writes the global model of round ``round_idx + 1`` to client storage; returns its digest and the
     evaluation metrics (numbers only: the model itself never goes to the aggregator). With ``noise``
@@ -443,15 +460,28 @@ def apply_task(
         persistent_storage=spec.paths.clients,
         params=context.algorithm_params,
     )
-    new_params = apply_mean_update(worker, current.params, mean, round_idx=round_idx)
+    opt_state = None
+    if server_opt_digest is not None:
+        opt_state = ServerOptState.load(
+            state_path(spec.paths.global_model(round_idx)), digest=server_opt_digest
+        )
+    new_params, opt_state = apply_mean_update(
+        worker, current.params, mean, round_idx=round_idx, fl=context.fl, state=opt_state
+    )
     new_digest = write_global_model(spec.paths.global_model(round_idx + 1), new_params)
+    new_opt_digest = (
+        opt_state.save(state_path(spec.paths.global_model(round_idx + 1))) if opt_state is not None else None
+    )
     context._global = GlobalModel(round_idx + 1, new_params, new_digest)
     metrics = context.evaluate(new_params, splits, tag=attempt_tag(round_idx + 1, 0))
     stale = spec.paths.global_model(round_idx - 1)
     if round_idx >= 1 and os.path.exists(stale):
         os.remove(stale)  # keep the current and the previous round's models
+    if round_idx >= 1 and os.path.exists(state_path(stale)):
+        os.remove(state_path(stale))
     return {
         "digest": new_digest,
+        "server_opt_digest": new_opt_digest,
         "metrics": metrics,
         "seconds": time.perf_counter() - started,
         "num_clients": decoded.num_clients,

@@ -76,6 +76,7 @@ from fedrec.federated.ranks import (
     mpi_world_size,
 )
 from fedrec.federated.run import RunPaths, RunSpec, one_line, read_global_model, write_global_model
+from fedrec.federated.server_opt import check_server_optimizer
 from fedrec.federated.user_dp import (
     RoundNoise,
     UserDPPlan,
@@ -84,7 +85,7 @@ from fedrec.federated.user_dp import (
     max_poisson_sample,
     plan_for_run,
 )
-from fedrec.federated.worker import ClientResult, ParamLayout, algorithm_params
+from fedrec.federated.worker import ClientResult, FederatedWorker, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
@@ -137,13 +138,17 @@ class PoolBackend:
     def publish(self, closed: ClosedRound) -> cf.Future:
         """A key-holding client (the apply task) decodes, applies, writes and evaluates the next model."""
         sim = self.sim
+        server_state = sim.state.server_state  # type: ignore[union-attr]
         future = sim.pool.submit(
             apply_task, sim.spec, closed.round_idx, closed.attempt, closed.payload, sim.digest,
-            list(closed.splits), closed.noise,
+            list(closed.splits), closed.noise, server_state.get("server_opt_digest"),
         )  # fmt: skip
 
         def published(applied: dict[str, Any]) -> Published:
             sim.note_rank_memory(applied["rank"], applied["peak_rss_mb"])
+            # fl.server_optimizer: the digest of the optimiser state the key holder wrote (checkpointed
+            # with the round; the state itself stays in client storage)
+            server_state["server_opt_digest"] = applied.get("server_opt_digest")
             sim.download_bytes = closed.nbytes if sim.codec.secure else sim.layout.nbytes
             return Published(
                 digest=applied["digest"],
@@ -224,6 +229,11 @@ class Simulation:
         except FedrecError as err:
             raise ConfigError(f"config key 'fl.algorithm': {err}") from None
         algorithm_params(algorithm_cls, fl.algorithm_params)
+        check_server_optimizer(
+            fl,
+            custom_rule=algorithm_cls.apply_aggregate is not FederatedWorker.apply_aggregate,
+            deployment=False,
+        )
         check_checkpoint_presence(paths.checkpoint, resume=self.resume, logdir=self.logdir, what="federated")
         world = mpi_world_size()
         if world == 1 and launcher_ranks() > 1:

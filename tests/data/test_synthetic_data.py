@@ -45,7 +45,7 @@ def test_criteo_format_and_missing_fields(tmp_path):
     keys = expected_arrays(rows)["cat"]
     assert (keys == 0).any(axis=0).sum() >= 10  # empty categoricals in several fields
     distinct = [len(np.unique(keys[:, f][keys[:, f] > 0])) for f in range(26)]
-    assert max(distinct) <= 500 and min(distinct) > 100
+    assert max(distinct) <= 500 and min(distinct) == 3  # C9 has 3 values, as in the Kaggle data
     # Zipf-like: the most frequent category of a field is far above uniform.
     _, counts = np.unique(keys[:, 0], return_counts=True)
     assert counts.max() > 20 * len(keys) / 500
