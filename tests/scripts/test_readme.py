@@ -7,8 +7,8 @@ checkout, with only these substitutions (listed in ``adapt``): ``.venv/bin/...``
 formats; ``--devices 0`` -> ``cpu`` without CUDA; ``mpirun -np 4`` -> ``-np 2`` and
 ``--num_workers 1000`` -> 20 (2 cores); ``tensorboard --logdir runs`` gets ``--inspect`` (it reads
 the event files and exits instead of serving); and tiny-size overrides appended to each training
-command (rows, architecture, steps, rounds). ``make demo`` and ``make test`` are not run here (the
-demo takes minutes; make test runs this suite); their scripts are the ones tested below.
+command (rows, architecture, steps, rounds). ``make demo``, ``make test`` and ``make mutants`` are not run here (the
+demo takes minutes; make test runs this suite; CI runs make mutants after it); their scripts are the ones tested below.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
-NOT_RUN = {"make demo", "make test"}
+NOT_RUN = {"make demo", "make test", "make mutants"}
 
 TINY_CRITEO = ["model.preproc.synthetic.vocab_size=20"]
 TINY_DLRM = [
