@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import sys
 import time
 import traceback
@@ -514,6 +515,43 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     return {"protocol": PROTOCOL, "update": payloads, "spend": spend, "noise_source": noise_source(secrets)}
 
 
+#: Distinct aggregates one owner decrypts for one (run, round): the round's attempts retried after a
+#: failure. Each is a release (``decryption`` event in the owner's ledger, recorded before decrypting).
+MAX_DECRYPTIONS_PER_ROUND = 3
+
+
+def record_decryption(ledger_path: str, req: RoundRequest) -> None:
+    """Record this decryption in the owner's ledger before it happens; refuse past the per-round budget.
+
+    Decrypting the same aggregate bytes again (a retried call) releases nothing new and is not counted
+    again; a new aggregate for a (run, round) that already had ``MAX_DECRYPTIONS_PER_ROUND`` is refused,
+    so a coordinator cannot turn the apply step into a decryption oracle queried once per call.
+    """
+    digest = hashlib.sha256(bytes(req.aggregate or b"")).hexdigest()
+    with PrivacyLedger.attach(ledger_path) as ledger:
+        seen = {
+            event.detail.get("aggregate_sha256")
+            for event in ledger.events()
+            if event.kind == "decryption"
+            and event.detail.get("run_id") == req.run_id
+            and event.detail.get("round") == req.round_idx
+        }
+        if digest in seen:
+            return
+        if len(seen) >= MAX_DECRYPTIONS_PER_ROUND:
+            raise DeployError(
+                f"round {req.round_idx} of run {req.run_id!r}: this owner already decrypted {len(seen)} "
+                f"aggregates (MAX_DECRYPTIONS_PER_ROUND={MAX_DECRYPTIONS_PER_ROUND}); refusing another"
+            )
+        ledger.record_event(
+            "decryption",
+            run_id=req.run_id,
+            round=req.round_idx,
+            attempt=req.attempt,
+            aggregate_sha256=digest,
+        )
+
+
 @_logged
 def apply_round(owner: Any, request: Any) -> dict[str, Any]:
     """Decrypt the aggregate, apply the server rule, seal the next global model (on a datasite)."""
@@ -527,6 +565,7 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
         raise DeployError(f"round {req.round_idx}: the apply request carries no aggregate")
     plan = ModelPlan.build(req.config, req.meta)
     current = current_global_model(req, secrets, plan.layout.size)
+    record_decryption(secrets.ledger, req)
     codec = SecureCodec(plan.layout, secret_context=secrets.secret_context)
     decoded = codec.decode_mean(req.aggregate, tag=attempt_tag(req.round_idx, req.attempt))
     if decoded.num_clients < secrets.min_aggregate_clients:
@@ -547,5 +586,6 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
         "global_model": sealed,
         "digest": params_digest(new_params),
         "num_clients": int(decoded.num_clients),
+        # A constant of the configuration (quantum + float64 slack): nothing plaintext-derived goes back.
         "error_bound": float(decoded.error_bound),
     }

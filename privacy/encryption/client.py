@@ -38,7 +38,8 @@ class AggregateResult:
 
     ``total_weight``/``num_clients`` are those of every chunk (they differ only when a client delivered
     some chunks and not others: see ``chunk_weights``/``chunk_clients`` and ``allow_partial``).
-    ``error_bound`` bounds ``|average - plaintext weighted FedAvg of the clipped updates|`` per value.
+    ``error_bound`` bounds ``|average - plaintext weighted FedAvg of the clipped updates|`` per value; it
+    is a constant of the configuration (quantum plus float64 slack), never derived from the plaintext.
     """
 
     average: Any  # np.ndarray (flat, float64) or dict[str, np.ndarray]
@@ -180,7 +181,7 @@ class EncryptionClient:
         chunks = wire.decode_aggregate_body(body, header.chunk_count)
         quantum = spec.quant.quantum
         average = np.empty(self.schema.size, dtype=np.float64)
-        weights, counts, bounds, id_sets = [], [], [], []
+        weights, counts, id_sets = [], [], []
         for index, ((start, stop, n_ct), (ids, vector_bytes)) in enumerate(zip(self._layout, chunks)):
             if not ids:
                 raise EncryptionError(f"aggregate chunk {index}: no client contributed to it")
@@ -204,21 +205,22 @@ class EncryptionClient:
             average[start:stop] = sums * quantum / weight
             weights.append(weight)
             counts.append(k)
-            bounds.append(k * quantum / weight)
             id_sets.append(set(ids))
         if not allow_partial and (len(set(weights)) > 1 or any(s != id_sets[0] for s in id_sets)):
             raise EncryptionError(
                 f"aggregate chunks have different contributors (weights {weights}): a client delivered only "
                 "some chunks; pass allow_partial=True to accept per-chunk averages"
             )
-        # float64 division adds at most one rounding (relative 2**-53) to each value.
-        float_slack = 2.0**-52 * (float(np.abs(average).max()) if average.size else 0.0)
+        # float64 division adds at most one rounding (relative 2**-53) to each value, and |average| is at
+        # most clip + quantum. The bound is a constant of the configuration: nothing derived from the
+        # plaintext may leave with it (a data-dependent slack leaked max|average| to ~7 digits).
+        float_slack = 2.0**-52 * (spec.quant.clip + quantum)
         return AggregateResult(
             average=self.schema.unflatten(average) if as_dict else average,
             total_weight=min(weights),
             num_clients=min(counts),
             clients=tuple(sorted(set.intersection(*id_sets))),
-            error_bound=max(bounds) + float_slack,
+            error_bound=quantum + float_slack,
             chunk_weights=tuple(weights),
             chunk_clients=tuple(counts),
         )

@@ -314,7 +314,8 @@ def test_datasite_code_in_process_is_the_simulation_bit_for_bit(inprocess, simul
     )
     assert digest == simulation.digest
     np.testing.assert_array_equal(params, simulation.params)
-    assert all(0 < b < 1e-6 for b in bounds)
+    # The released bound is one constant of the configuration (about a quantum), not data-derived.
+    assert len(set(bounds)) == 1 and 0 < bounds[0] < 1e-3
 
 
 def test_mock_run_computes_nothing(inprocess):
@@ -524,3 +525,54 @@ def test_a_request_may_not_set_the_owners_noise_source(inprocess):
         tampered["config"]["privacy"]["secure_mode"] = value
         with pytest.raises(DeployError, match=r"privacy\.secure_mode.*the datasite owns its noise source"):
             train_round(env["rows"][1], env["owners"][1], tampered)
+
+
+def test_apply_is_a_recorded_budgeted_release_with_a_constant_error_bound(inprocess):
+    """The decryption-oracle attack (issue 14, item 2): a coordinator asks one owner to apply many
+    chosen aggregates of one round and reads the plaintext-derived ``error_bound`` of each. Now the
+    bound is the same constant for every aggregate, each distinct decryption is a ``decryption`` event
+    in the owner's ledger (recorded before decrypting; a retried identical call is not a new release),
+    and past MAX_DECRYPTIONS_PER_ROUND the owner refuses."""
+    from fedrec.deploy.training import (
+        MAX_DECRYPTIONS_PER_ROUND,
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption.aggregator import StreamingAggregator
+    from privacy.encryption.schema import UpdateSchema
+    from privacy.ledger import PrivacyLedger
+
+    env = inprocess
+    schema = UpdateSchema(env["layout"].entries)
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    outputs = {}
+    for k in (0, 1, 2):
+        request = RoundRequest("run", env["config"], env["meta"], 0, 9, k, None, digest).to_wire()
+        outputs[k] = train_round(env["rows"][k], env["owners"][k], request)["update"]
+
+    def aggregate(clients):
+        aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(0, 9))
+        for k in clients:
+            for payload in outputs[k]:
+                aggregator.add(payload)
+        return RoundRequest(
+            "oracle-run", env["config"], env["meta"], 0, 9, 2, None, digest, aggregator.close().aggregate
+        ).to_wire()
+
+    owner = env["owners"][2]
+    subsets = [[0, 1], [0, 2], [1, 2], [0, 1, 2]][:MAX_DECRYPTIONS_PER_ROUND]
+    bounds = set()
+    for clients in subsets:
+        request = aggregate(clients)
+        bounds.add(apply_round(owner, request)["error_bound"])
+        bounds.add(apply_round(owner, request)["error_bound"])  # a retried call: no new release
+    assert len(bounds) == 1  # one constant, whatever was decrypted
+    with PrivacyLedger.attach(owner["ledger"]) as ledger:
+        events = [e for e in ledger.events() if e.kind == "decryption" and e.detail["run_id"] == "oracle-run"]
+    assert len(events) == len(subsets)
+    with pytest.raises(DeployError, match="MAX_DECRYPTIONS_PER_ROUND"):
+        apply_round(owner, aggregate([0, 1, 2]))
