@@ -5,13 +5,18 @@ symmetric encryption sends ``c1`` as a PRNG seed, which halves the upload, and i
 worst-case bound (21 per coefficient), so exact sums are guaranteed with little modulus to spare and
 several values fit per BFV slot.
 
-Each chunk of the update carries two extra encrypted values, the client's weight and a count of 1, so
-the aggregate holds ``sum_i round(w_i * x_i / quantum)``, ``W = sum_i w_i`` and ``K`` (the number of
-contributors, cross-checked against the aggregator's list). The released average is
-``sum * quantum / W``: the decrypted sum is an integer on the quantum grid (exact for BFV; for CKKS
-rounded to the grid, and refused if its noise exceeds a quarter quantum, following Li and Micciancio,
-2021), and ``|released - plaintext FedAvg of the clipped values| <= K * quantum / W`` (<= quantum, since
-every weight is >= 1), plus float64 rounding of the final division.
+Weights are public: a client quantises its unweighted update and states its integer weight ``w_i`` in
+the clear (payload header); the aggregator multiplies the ciphertexts by it. Each chunk also carries two
+encrypted unit values (1 each), so the aggregate holds ``sum_i w_i * round(x_i / quantum)`` and twice
+``W = sum_i w_i``. The decrypting party recomputes ``W`` from the public weights listed in the
+aggregate, refuses if the decrypted units disagree, and releases ``sum * quantum / W``: the decrypted
+sum is an integer on the quantum grid (exact for BFV; for CKKS rounded to the grid, and refused if its
+noise exceeds a quarter quantum, following Li and Micciancio, 2021), and
+``|released - plaintext FedAvg of the clipped values| <= quantum`` (each client's rounding error is
+below one quantum), plus float64 rounding of the final division. A key holder cannot lie about its
+weight (the encrypted weight field of format version 1 let one claim weight 1 and scale its values, or
+send a negative weight); what it encrypts is still unchecked, so one forged contribution can move the
+average only as far as the per-coordinate clip check on the decrypted sum allows.
 """
 
 from __future__ import annotations
@@ -127,13 +132,13 @@ class EncryptionClient:
         flat = self.schema.flatten(update)
         ints = quantise(
             flat,
-            weight=weight,
+            weight=1,  # the public weight is applied by the aggregator
             clip=float(clip),
             grid_clip=quant.clip,
             precision_bits=quant.precision_bits,
             rng=rng if rng is not None else np.random.default_rng(),
         )
-        meta = np.array([weight, 1], dtype=np.int64)
+        meta = np.ones(META_VALUES, dtype=np.int64)
         payloads = []
         with tempfile.TemporaryDirectory(prefix="fedrec-he-", dir=_scratch_dir()) as scratch:
             path = os.path.join(scratch, "ciphertext")
@@ -149,6 +154,7 @@ class EncryptionClient:
                     chunk_index=index,
                     chunk_count=len(self._layout),
                     num_ciphertexts=n_ct,
+                    weight=weight,
                 )
                 payloads.append(wire.encode(header, wire.join_ciphertexts(ciphertexts)))
         return payloads
@@ -182,7 +188,8 @@ class EncryptionClient:
         quantum = spec.quant.quantum
         average = np.empty(self.schema.size, dtype=np.float64)
         weights, counts, id_sets = [], [], []
-        for index, ((start, stop, n_ct), (ids, vector_bytes)) in enumerate(zip(self._layout, chunks)):
+        for index, ((start, stop, n_ct), (pairs, vector_bytes)) in enumerate(zip(self._layout, chunks)):
+            ids = [client for client, _ in pairs]
             if not ids:
                 raise EncryptionError(f"aggregate chunk {index}: no client contributed to it")
             if len(set(ids)) != len(ids) or len(ids) > spec.quant.max_clients:
@@ -190,15 +197,22 @@ class EncryptionClient:
                     f"aggregate chunk {index}: {len(ids)} contributors, expected unique ids and at most "
                     f"max_clients={spec.quant.max_clients}"
                 )
+            if any(not 1 <= w <= spec.quant.max_weight for _, w in pairs):
+                raise EncryptionError(
+                    f"aggregate chunk {index}: a listed weight is outside [1, max_weight={spec.quant.max_weight}]"
+                )
+            # The divisor is the public total the decrypting party recomputes, never a decrypted value.
+            weight = sum(w for _, w in pairs)
+            k = len(ids)
             values = self._decrypt_chunk(vector_bytes, n_ct, index)
             count = stop - start
-            sums, weight, k = values[:count], int(values[count]), int(values[count + 1])
+            sums, units = values[:count], values[count : count + META_VALUES]
             if values[count + META_VALUES :].any():
                 raise EncryptionError(f"aggregate chunk {index}: padding decrypted to non-zero values")
-            if k != len(ids) or not k <= weight <= k * spec.quant.max_weight:
+            if (units != weight).any():
                 raise EncryptionError(
-                    f"aggregate chunk {index}: decrypted count {k} and weight {weight} disagree with the "
-                    f"{len(ids)} contributors listed (weights must lie in [1, {spec.quant.max_weight}])"
+                    f"aggregate chunk {index}: decrypted unit sums {units.tolist()} disagree with the public "
+                    f"total weight {weight} of the {k} contributors listed"
                 )
             if sums.size and int(np.abs(sums).max()) > weight * 2**spec.quant.precision_bits:
                 raise EncryptionError(f"aggregate chunk {index}: decrypted sums exceed the clip bound")
