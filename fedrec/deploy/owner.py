@@ -351,6 +351,8 @@ class Owner:
                 "model_key": self.keys.model_key,
                 "ledger": ledger,
                 "min_aggregate_clients": self.policy.min_aggregate_clients,
+                "signing_key": self.keys.signing_key,
+                "registered_keys": {str(c): k for c, k in sorted(self.keys.registered_keys.items())},
                 "allowed_modules": list(self.policy.allowed_modules),
                 "reproducible_noise": bool(self.policy.reproducible_noise),
             },

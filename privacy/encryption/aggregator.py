@@ -48,12 +48,20 @@ class StreamingAggregator:
         schema: the update schema the clients encrypt.
         round_idx: the round this aggregator accepts (payloads of other rounds are replays).
         n_threads: TenSEAL threads.
+        role: ``"public"`` (the aggregator); ``"secret"`` only for a key holder that recomputes the
+            sum of signed contributions before decrypting (:mod:`privacy.encryption.signing`).
     """
 
     def __init__(
-        self, public_context: bytes, schema: UpdateSchema, *, round_idx: int, n_threads: int = 1
+        self,
+        public_context: bytes,
+        schema: UpdateSchema,
+        *,
+        round_idx: int,
+        n_threads: int = 1,
+        role: str = "public",
     ) -> None:
-        loaded = load_context(public_context, role="public", n_threads=n_threads)
+        loaded = load_context(public_context, role=role, n_threads=n_threads)
         if not isinstance(schema, UpdateSchema):
             raise EncryptionError(f"schema of type {type(schema).__name__}: expected an UpdateSchema")
         if isinstance(round_idx, bool) or not isinstance(round_idx, int) or not 0 <= round_idx < 2**64:

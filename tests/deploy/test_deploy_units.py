@@ -219,6 +219,8 @@ def inprocess(deploy_cache, tmp_path_factory):
                 "model_key": keys.owners[k].model_key,
                 "ledger": ledger,
                 "min_aggregate_clients": 2,
+                "signing_key": keys.owners[k].signing_key,
+                "registered_keys": {str(c): v for c, v in keys.owners[k].registered_keys.items()},
                 "reproducible_noise": True,  # comparable with the simulation (the attack test turns it off)
             }
         )
@@ -251,12 +253,17 @@ def _run_rounds(env, rounds: int):
     sealed, digest, bounds = None, params_digest(initial_global_model(env["config"], env["meta"])), []
     for r in range(rounds):
         aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(r, 0))
+        contributions = {}
         for k in range(3):
             request = RoundRequest("run", env["config"], env["meta"], r, 0, k, sealed, digest).to_wire()
-            for payload in train_round(env["rows"][k], env["owners"][k], request)["update"]:
+            output = train_round(env["rows"][k], env["owners"][k], request)
+            contributions[k] = (output["update"], output["signature"])
+            for payload in output["update"]:
                 aggregator.add(payload)
         closed = aggregator.close()
-        request = RoundRequest("run", env["config"], env["meta"], r, 0, 0, sealed, digest, closed.aggregate)
+        request = RoundRequest(
+            "run", env["config"], env["meta"], r, 0, 0, sealed, digest, closed.aggregate, contributions
+        )
         applied = apply_round(env["owners"][1], request.to_wire())
         sealed, digest = applied["global_model"], applied["digest"]
         bounds.append(applied["error_bound"])
@@ -284,17 +291,19 @@ def test_owner_refuses_an_aggregate_below_min_aggregate_clients(inprocess):
     outputs = {}
     for k in (0, 1):
         request = RoundRequest("run", env["config"], env["meta"], 0, 7, k, None, digest).to_wire()
-        outputs[k] = train_round(env["rows"][k], env["owners"][k], request)["update"]
+        output = train_round(env["rows"][k], env["owners"][k], request)
+        outputs[k] = (output["update"], output["signature"])
 
     def aggregate(clients):
         aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(0, 7))
         for k in clients:
-            for payload in outputs[k]:
+            for payload in outputs[k][0]:
                 aggregator.add(payload)
         closed = aggregator.close()
         return RoundRequest(
-            "run", env["config"], env["meta"], 0, 7, 2, None, digest, closed.aggregate
-        ).to_wire()
+            "run", env["config"], env["meta"], 0, 7, 2, None, digest, closed.aggregate,
+            {k: outputs[k] for k in clients},
+        ).to_wire()  # fmt: skip
 
     with pytest.raises(DeployError, match="min_aggregate_clients=2"):
         apply_round(env["owners"][2], aggregate([0]))
@@ -447,7 +456,7 @@ def test_datasites_import_only_the_modules_their_owner_allows(inprocess):
         train_round(env["rows"][2], other, request)
     allowed = {**env["owners"][2], "allowed_modules": ["deploy_custom_algo"]}
     output = train_round(env["rows"][2], allowed, request)
-    assert set(output) == {"protocol", "update", "spend", "noise_source"} and output["spend"]["steps"] > 0
+    assert set(output) == {"protocol", "update", "spend", "noise_source", "signature"} and output["spend"]["steps"] > 0
     assert len(sys.modules["deploy_custom_algo"].LOCAL_STEPS) == output["spend"]["steps"]
 
 
@@ -530,9 +539,10 @@ def test_a_request_may_not_set_the_owners_noise_source(inprocess):
 def test_apply_is_a_recorded_budgeted_release_with_a_constant_error_bound(inprocess):
     """The decryption-oracle attack (issue 14, item 2): a coordinator asks one owner to apply many
     chosen aggregates of one round and reads the plaintext-derived ``error_bound`` of each. Now the
-    bound is the same constant for every aggregate, each distinct decryption is a ``decryption`` event
-    in the owner's ledger (recorded before decrypting; a retried identical call is not a new release),
-    and past MAX_DECRYPTIONS_PER_ROUND the owner refuses."""
+    bound is one constant, each distinct decryption is a ``decryption`` event in the owner's ledger
+    (recorded before decrypting; a retried identical call is not a new release), another subset of an
+    attempt already decrypted is refused (two subsets differ by one owner's update), and past
+    MAX_DECRYPTIONS_PER_ROUND attempts of a round the owner refuses."""
     from fedrec.deploy.training import (
         MAX_DECRYPTIONS_PER_ROUND,
         RoundRequest,
@@ -542,37 +552,73 @@ def test_apply_is_a_recorded_budgeted_release_with_a_constant_error_bound(inproc
         train_round,
     )
     from fedrec.federated.private_store import attempt_tag
-    from privacy.encryption.aggregator import StreamingAggregator
-    from privacy.encryption.schema import UpdateSchema
     from privacy.ledger import PrivacyLedger
 
     env = inprocess
-    schema = UpdateSchema(env["layout"].entries)
     digest = params_digest(initial_global_model(env["config"], env["meta"]))
-    outputs = {}
-    for k in (0, 1, 2):
-        request = RoundRequest("run", env["config"], env["meta"], 0, 9, k, None, digest).to_wire()
-        outputs[k] = train_round(env["rows"][k], env["owners"][k], request)["update"]
 
-    def aggregate(clients):
-        aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(0, 9))
+    def signed(attempt, clients):
+        out = {}
         for k in clients:
-            for payload in outputs[k]:
-                aggregator.add(payload)
+            request = RoundRequest("run", env["config"], env["meta"], 0, attempt, k, None, digest).to_wire()
+            output = train_round(env["rows"][k], env["owners"][k], request)
+            out[k] = (output["update"], output["signature"])
         return RoundRequest(
-            "oracle-run", env["config"], env["meta"], 0, 9, 2, None, digest, aggregator.close().aggregate
+            "oracle-run", env["config"], env["meta"], 0, attempt, 2, None, digest, None, out
         ).to_wire()
 
+    assert attempt_tag(0, 20) != attempt_tag(0, 21)
     owner = env["owners"][2]
-    subsets = [[0, 1], [0, 2], [1, 2], [0, 1, 2]][:MAX_DECRYPTIONS_PER_ROUND]
     bounds = set()
-    for clients in subsets:
-        request = aggregate(clients)
-        bounds.add(apply_round(owner, request)["error_bound"])
-        bounds.add(apply_round(owner, request)["error_bound"])  # a retried call: no new release
+    first = signed(20, (0, 1, 2))
+    bounds.add(apply_round(owner, first)["error_bound"])
+    bounds.add(apply_round(owner, first)["error_bound"])  # a retried call: no new release
+    subset = dict(first, contributions=[c for c in first["contributions"] if c["client"] != 2])
+    with pytest.raises(DeployError, match="refusing another subset"):
+        apply_round(owner, subset)
+    for attempt in range(21, 20 + MAX_DECRYPTIONS_PER_ROUND):
+        bounds.add(apply_round(owner, signed(attempt, (0, 1)))["error_bound"])
     assert len(bounds) == 1  # one constant, whatever was decrypted
     with PrivacyLedger.attach(owner["ledger"]) as ledger:
         events = [e for e in ledger.events() if e.kind == "decryption" and e.detail["run_id"] == "oracle-run"]
-    assert len(events) == len(subsets)
+    assert len(events) == MAX_DECRYPTIONS_PER_ROUND
     with pytest.raises(DeployError, match="MAX_DECRYPTIONS_PER_ROUND"):
-        apply_round(owner, aggregate([0, 1, 2]))
+        apply_round(owner, signed(20 + MAX_DECRYPTIONS_PER_ROUND, (0, 1)))
+
+
+def test_apply_refuses_forged_or_unsigned_contributors(inprocess):
+    """The forged-contributor attack (issue 14, item 2): the public context lets a coordinator encrypt
+    updates of its own under made-up client ids to pass min_aggregate_clients. The decrypting owner
+    now recomputes the sum from signed contributions and counts only registered signers."""
+    from fedrec.deploy.training import RoundRequest, apply_round, initial_global_model, params_digest, train_round
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption.client import EncryptionClient
+    from privacy.encryption.schema import UpdateSchema
+
+    env = inprocess
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    request = RoundRequest("run", env["config"], env["meta"], 0, 30, 0, None, digest).to_wire()
+    output = train_round(env["rows"][0], env["owners"][0], request)
+    real = (output["update"], output["signature"])
+    schema = UpdateSchema(env["layout"].entries)
+    # What a coordinator can make: valid ciphertexts (here with a key holder's client) under other ids.
+    forger = EncryptionClient(env["owners"][0]["secret_context"], schema)
+    fake = forger.encrypt_update(np.zeros(schema.size), weight=1, round_idx=attempt_tag(0, 30), client_id=1)
+
+    def ask(contributions):
+        return RoundRequest(
+            "forge-run", env["config"], env["meta"], 0, 30, 2, None, digest, None, contributions
+        ).to_wire()
+
+    owner = env["owners"][2]
+    cases = {
+        "unsigned": ({0: real, 1: (fake, b"\0" * 64)}, "does not verify"),
+        "signature of another owner": ({0: real, 1: (fake, real[1])}, "does not verify"),
+        "unregistered id": ({0: real, 77: (fake, real[1])}, "not a registered owner"),
+        "replayed under another id": ({0: real, 1: real}, "does not verify"),
+        "alone": ({0: real}, "min_aggregate_clients=2"),
+    }
+    for label, (contributions, message) in cases.items():
+        with pytest.raises(DeployError, match=message):
+            apply_round(owner, ask(contributions))
+        assert label
