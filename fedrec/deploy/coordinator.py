@@ -440,6 +440,11 @@ class Coordinator:
                 errors.append(f"client {client}: {one_line(err)}")
                 self.log(f"deploy: round {round_idx}: apply on datasite {client} failed: {one_line(err)}")
                 continue
+            if checked["dropped"]:
+                self.log(
+                    f"deploy: round {round_idx}: datasite {client} left out malformed contributions of "
+                    f"clients {checked['dropped']} and applied the other {checked['num_clients']}"
+                )
             return {**checked, "client": client, "seconds": time.monotonic() - started}
         raise DeployError(f"round {round_idx}: no datasite applied the aggregate ({'; '.join(errors[:3])})")
 

@@ -22,7 +22,7 @@ from privacy.errors import EncryptionError
 
 TRAIN_KEYS = {"protocol", "update", "spend", "noise_source", "signature"}
 SPEND_KEYS = {"client", "round", "attempt", "noise_multiplier", "sample_rate", "steps"}
-APPLY_KEYS = {"protocol", "round", "global_model", "digest", "num_clients", "error_bound"}
+APPLY_KEYS = {"protocol", "round", "global_model", "digest", "num_clients", "error_bound", "dropped"}
 
 
 def expected_spend(config: ExperimentConfig, rows: int) -> dict[str, Any]:
@@ -135,7 +135,10 @@ def validate_apply_output(output: Any, *, round_idx: int, size: int, num_clients
     digest = output["digest"]
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise RejectedOutput("apply output: digest is not a sha256 hex string")
-    if output["round"] != round_idx + 1 or output["num_clients"] != num_clients:
+    dropped = output["dropped"]
+    if not isinstance(dropped, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in dropped):
+        raise RejectedOutput("apply output: dropped must be a list of client ids")
+    if output["round"] != round_idx + 1 or output["num_clients"] + len(dropped) != num_clients:
         raise RejectedOutput(
             f"apply output: round {output['round']!r} of {output['num_clients']!r} clients; expected round "
             f"{round_idx + 1} of {num_clients}"

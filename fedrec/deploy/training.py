@@ -63,6 +63,7 @@ from fedrec.federated.ranks import import_modules
 from fedrec.federated.run import params_digest
 from fedrec.federated.worker import GlobalModel, Neighbour, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
+from privacy.encryption.client import EncryptionClient
 from privacy.encryption.schema import UpdateSchema
 from privacy.encryption.signing import recompute_aggregate, sign_contribution
 from privacy.errors import EncryptionError
@@ -617,14 +618,28 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
     plan = ModelPlan.build(req.config, req.meta)
     current = current_global_model(req, secrets, plan.layout.size)
     tag = attempt_tag(req.round_idx, req.attempt)
+    schema = UpdateSchema(plan.layout.entries)
     try:
+        # Signatures first (a forged contributor refuses the whole request), then each update's format.
         closed, signers = recompute_aggregate(
             secrets.secret_context,
-            UpdateSchema(plan.layout.entries),
+            schema,
             round_idx=tag,
             contributions=req.contributions,
             registered=secrets.registered_keys,
         )
+        checker = EncryptionClient(secrets.secret_context, schema)
+        dropped = sorted(
+            c for c, (payloads, _) in req.contributions.items() if checker.check_contribution(payloads, round_idx=tag)
+        )
+        if dropped:  # isolated: the round goes on without them (only their ids leave)
+            closed, signers = recompute_aggregate(
+                secrets.secret_context,
+                schema,
+                round_idx=tag,
+                contributions={c: v for c, v in req.contributions.items() if c not in dropped},
+                registered=secrets.registered_keys,
+            )
     except EncryptionError as err:
         raise DeployError(f"round {req.round_idx}: contributions refused: {err}") from None
     # Distinct registered owners whose every chunk is in the sum (this owner's own included).
@@ -650,6 +665,7 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
         "global_model": sealed,
         "digest": params_digest(new_params),
         "num_clients": int(decoded.num_clients),
+        "dropped": dropped,  # malformed contributions left out (their client ids only)
         # A constant of the configuration (quantum + float64 slack): nothing plaintext-derived goes back.
         "error_bound": float(decoded.error_bound),
     }

@@ -239,6 +239,39 @@ class EncryptionClient:
             chunk_clients=tuple(counts),
         )
 
+    def check_contribution(self, payloads: list[bytes], *, round_idx: int) -> str | None:
+        """Why one client's update is malformed, or None: for the decrypting party, before it decrypts.
+
+        Decrypts each chunk of this one update inside the caller and keeps only the verdict: the units
+        must be 1, the padding 0, every value within one client's grid bound ``2**precision_bits``
+        (the clip; no key holder can scale its values past it), and SEAL must load and decrypt it. This
+        isolates a contribution that passes every header check but would poison the aggregate's
+        decryption (a spliced ciphertext, forged units, values beyond the clip). The decrypted values
+        never leave this method.
+        """
+        quant = self.spec.quant
+        try:
+            if not payloads or len(payloads) != len(self._layout):
+                return f"{len(payloads) if payloads else 0} chunks, expected {len(self._layout)}"
+            max_ct = max_ciphertext_bytes(self.spec)
+            for index, ((start, stop, n_ct), payload) in enumerate(zip(self._layout, payloads)):
+                header, body = wire.decode(payload, max_body=n_ct * (max_ct + 4))
+                wire.check_binding(header, self.spec, self.schema, round_idx)
+                if header.kind != wire.KIND_UPDATE or header.chunk_index != index or header.num_ciphertexts != n_ct:
+                    return f"chunk {index}: header does not match the layout"
+                pieces = wire.split_ciphertexts(body, n_ct, max_ciphertext=max_ct)
+                scale = None if self.spec.params.scheme == "bfv" else 2.0**self.spec.params.scale_bits
+                proto = wire.tenseal_vector_proto(pieces, self.spec.params.slots, scale=scale)
+                values = self._decrypt_chunk(proto, n_ct, index)
+                count = stop - start
+                if (values[count : count + META_VALUES] != 1).any() or values[count + META_VALUES :].any():
+                    return f"chunk {index}: unit or padding values are not the format's"
+                if count and int(np.abs(values[:count]).max()) > 2**quant.precision_bits:
+                    return f"chunk {index}: values beyond the clip"
+        except EncryptionError as err:
+            return str(err)
+        return None
+
     def _encrypt_values(self, values: np.ndarray, n_ct: int, path: str) -> list[bytes]:
         params = self.spec.params
         slots = params.slots

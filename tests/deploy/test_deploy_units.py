@@ -622,3 +622,58 @@ def test_apply_refuses_forged_or_unsigned_contributors(inprocess):
         with pytest.raises(DeployError, match=message):
             apply_round(owner, ask(contributions))
         assert label
+
+
+def test_apply_drops_a_malformed_signed_contribution_and_applies_the_rest(inprocess):
+    """A key-holding owner signs a contribution that passes every header check but would poison the
+    aggregate (issue 14, item 4): forged unit values (the old negative-weight attack) or values 172x
+    past the clip. The decrypting owner checks each update's format before decrypting the sum, leaves
+    the bad one out (only its id leaves) and applies the others: the run goes on."""
+    import os
+    import tempfile
+
+    from fedrec.deploy.outputs import validate_apply_output
+    from fedrec.deploy.training import RoundRequest, apply_round, initial_global_model, params_digest, train_round
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption import wire
+    from privacy.encryption.client import EncryptionClient
+    from privacy.encryption.params import META_VALUES
+    from privacy.encryption.schema import UpdateSchema
+    from privacy.encryption.signing import sign_contribution
+
+    env = inprocess
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    tag = attempt_tag(0, 40)
+    honest = {}
+    for k in (0, 1):
+        request = RoundRequest("run", env["config"], env["meta"], 0, 40, k, None, digest).to_wire()
+        output = train_round(env["rows"][k], env["owners"][k], request)
+        honest[k] = (output["update"], output["signature"])
+    schema = UpdateSchema(env["layout"].entries)
+    client = EncryptionClient(env["owners"][2]["secret_context"], schema)
+    bound = 2**client.spec.quant.precision_bits
+
+    def forged(values: int, units: int):
+        payloads = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for index, (start, stop, n_ct) in enumerate(client._layout):
+                ints = np.concatenate([np.full(stop - start, values), np.full(META_VALUES, units)])
+                body = wire.join_ciphertexts(client._encrypt_values(ints, n_ct, os.path.join(scratch, "ct")))
+                header = wire.Header(
+                    kind=wire.KIND_UPDATE, scheme=client.spec.params.scheme, param_hash=client.spec.param_hash,
+                    schema_hash=schema.hash, round_idx=tag, client_id=2, chunk_index=index,
+                    chunk_count=len(client._layout), num_ciphertexts=n_ct, weight=1,
+                )  # fmt: skip
+                payloads.append(wire.encode(header, body))
+        return payloads, sign_contribution(env["owners"][2]["signing_key"], payloads)
+
+    clean = None
+    for run_id, bad in (("drop-units", forged(0, -485)), ("drop-scaled", forged(min(172 * bound, 2**20), 1))):
+        request = RoundRequest(
+            run_id, env["config"], env["meta"], 0, 40, 1, None, digest, None, {**honest, 2: bad}
+        ).to_wire()
+        applied = apply_round(env["owners"][1], request)
+        assert applied["dropped"] == [2] and applied["num_clients"] == 2
+        validate_apply_output(applied, round_idx=0, size=env["layout"].size, num_clients=3)
+        clean = clean or applied["digest"]
+        assert applied["digest"] == clean  # exactly the round of the two honest owners
