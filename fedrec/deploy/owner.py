@@ -278,6 +278,11 @@ class Owner:
             url=f"http://{self.host}", port=self.port, email=ADMIN_EMAIL, password=password, cache=False
         )
         self.admin.settings.allow_guest_signup(enable=False)
+        # No anonymous sessions at all: a guest could otherwise list the dataset, read its row count and
+        # schema, and download the mock (issue 14, item 9). Only the accounts created below can log in.
+        result = self.admin.settings.update(allow_guest_sessions=False)
+        if type(result).__name__ == "SyftError":
+            raise DeployError(f"{self.path(ADMIN_FILE)}: PySyft refused to disable guest sessions: {result}")
         self._create_accounts()
         self._upload(sy, arrays, meta, ledger)
         from fedrec.data.base import write_json_atomic
