@@ -136,7 +136,9 @@ def validate_apply_output(output: Any, *, round_idx: int, size: int, num_clients
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise RejectedOutput("apply output: digest is not a sha256 hex string")
     dropped = output["dropped"]
-    if not isinstance(dropped, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in dropped):
+    if not isinstance(dropped, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in dropped
+    ):
         raise RejectedOutput("apply output: dropped must be a list of client ids")
     if output["round"] != round_idx + 1 or output["num_clients"] + len(dropped) != num_clients:
         raise RejectedOutput(

@@ -630,7 +630,9 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
         )
         checker = EncryptionClient(secrets.secret_context, schema)
         dropped = sorted(
-            c for c, (payloads, _) in req.contributions.items() if checker.check_contribution(payloads, round_idx=tag)
+            c
+            for c, (payloads, _) in req.contributions.items()
+            if checker.check_contribution(payloads, round_idx=tag)
         )
         if dropped:  # isolated: the round goes on without them (only their ids leave)
             closed, signers = recompute_aggregate(

@@ -257,7 +257,11 @@ class EncryptionClient:
             for index, ((start, stop, n_ct), payload) in enumerate(zip(self._layout, payloads)):
                 header, body = wire.decode(payload, max_body=n_ct * (max_ct + 4))
                 wire.check_binding(header, self.spec, self.schema, round_idx)
-                if header.kind != wire.KIND_UPDATE or header.chunk_index != index or header.num_ciphertexts != n_ct:
+                if (
+                    header.kind != wire.KIND_UPDATE
+                    or header.chunk_index != index
+                    or header.num_ciphertexts != n_ct
+                ):
                     return f"chunk {index}: header does not match the layout"
                 pieces = wire.split_ciphertexts(body, n_ct, max_ciphertext=max_ct)
                 scale = None if self.spec.params.scheme == "bfv" else 2.0**self.spec.params.scale_bits

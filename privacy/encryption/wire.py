@@ -205,7 +205,10 @@ def decode_aggregate_body(body: memoryview, chunk_count: int) -> list[tuple[list
         if offset + 2 * n * _U64.size + _U64.size > len(body):
             raise EncryptionError(f"aggregate chunk {index}: truncated in its {n} contributor ids")
         ids = [
-            (_U64.unpack_from(body, offset + 2 * i * _U64.size)[0], _U64.unpack_from(body, offset + (2 * i + 1) * _U64.size)[0])
+            (
+                _U64.unpack_from(body, offset + 2 * i * _U64.size)[0],
+                _U64.unpack_from(body, offset + (2 * i + 1) * _U64.size)[0],
+            )
             for i in range(n)
         ]
         offset += 2 * n * _U64.size

@@ -456,7 +456,10 @@ def test_datasites_import_only_the_modules_their_owner_allows(inprocess):
         train_round(env["rows"][2], other, request)
     allowed = {**env["owners"][2], "allowed_modules": ["deploy_custom_algo"]}
     output = train_round(env["rows"][2], allowed, request)
-    assert set(output) == {"protocol", "update", "spend", "noise_source", "signature"} and output["spend"]["steps"] > 0
+    assert (
+        set(output) == {"protocol", "update", "spend", "noise_source", "signature"}
+        and output["spend"]["steps"] > 0
+    )
     assert len(sys.modules["deploy_custom_algo"].LOCAL_STEPS) == output["spend"]["steps"]
 
 
@@ -590,7 +593,13 @@ def test_apply_refuses_forged_or_unsigned_contributors(inprocess):
     """The forged-contributor attack (issue 14, item 2): the public context lets a coordinator encrypt
     updates of its own under made-up client ids to pass min_aggregate_clients. The decrypting owner
     now recomputes the sum from signed contributions and counts only registered signers."""
-    from fedrec.deploy.training import RoundRequest, apply_round, initial_global_model, params_digest, train_round
+    from fedrec.deploy.training import (
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
     from fedrec.federated.private_store import attempt_tag
     from privacy.encryption.client import EncryptionClient
     from privacy.encryption.schema import UpdateSchema
@@ -633,7 +642,13 @@ def test_apply_drops_a_malformed_signed_contribution_and_applies_the_rest(inproc
     import tempfile
 
     from fedrec.deploy.outputs import validate_apply_output
-    from fedrec.deploy.training import RoundRequest, apply_round, initial_global_model, params_digest, train_round
+    from fedrec.deploy.training import (
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
     from fedrec.federated.private_store import attempt_tag
     from privacy.encryption import wire
     from privacy.encryption.client import EncryptionClient

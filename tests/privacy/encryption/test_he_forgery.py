@@ -95,11 +95,15 @@ def test_scaled_values_are_bounded_by_the_aggregate_clip_check(bfv_keys, honest)
     client, schema, _, payloads = honest
     total = sum(HONEST_WEIGHTS) + 1
     over = np.full(schema.size, 2 * total * 2**PRECISION_BITS, dtype=np.int64)
-    closed = _aggregate(bfv_keys, schema, [*payloads, forge(client, over, [1] * META_VALUES, weight=1, client_id=9)])
+    closed = _aggregate(
+        bfv_keys, schema, [*payloads, forge(client, over, [1] * META_VALUES, weight=1, client_id=9)]
+    )
     with pytest.raises(EncryptionError, match="exceed the clip bound"):
         client.decrypt_aggregate(closed.aggregate, round_idx=0)
     under = np.full(schema.size, 172 * 2**PRECISION_BITS, dtype=np.int64)
-    closed = _aggregate(bfv_keys, schema, [*payloads, forge(client, under, [1] * META_VALUES, weight=1, client_id=9)])
+    closed = _aggregate(
+        bfv_keys, schema, [*payloads, forge(client, under, [1] * META_VALUES, weight=1, client_id=9)]
+    )
     result = client.decrypt_aggregate(closed.aggregate, round_idx=0)
     assert result.total_weight == total  # the divisor is still the public one
     assert np.abs(result.average).max() <= CLIP
