@@ -278,8 +278,8 @@ class Owner:
             url=f"http://{self.host}", port=self.port, email=ADMIN_EMAIL, password=password, cache=False
         )
         self.admin.settings.allow_guest_signup(enable=False)
-        # No anonymous sessions at all: a guest could otherwise list the dataset, read its row count and
-        # schema, and download the mock (issue 14, item 9). Only the accounts created below can log in.
+        # No anonymous sessions (issue 14, item 9). PySyft 0.9.5 enforces this only for queued API calls:
+        # a guest's blocking calls (dataset list, mock) still succeed; docs/threat-model.md says so.
         result = self.admin.settings.update(allow_guest_sessions=False)
         if type(result).__name__ == "SyftError":
             raise DeployError(f"{self.path(ADMIN_FILE)}: PySyft refused to disable guest sessions: {result}")
