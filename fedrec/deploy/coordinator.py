@@ -134,6 +134,8 @@ class DatasiteBackend:
             co.codec.add(running, payloads)  # type: ignore[union-attr]
         except Exception as err:  # SEAL refused a ciphertext: the earlier chunks are in (allow_partial)
             raise ClientFailed("rejected", f"RejectedOutput: update: {one_line(err)}") from None
+        # The signed contribution, shown to the decrypting owner, who recomputes the sum from these.
+        co.contributions.setdefault((round_idx, attempt), {})[client] = (payloads, output["signature"])
         return ClientResult(
             client_id=client,
             num_examples=rows,
@@ -157,6 +159,8 @@ class DatasiteBackend:
             if closed.round_idx >= 1 and os.path.exists(stale):
                 os.remove(stale)  # keep the current and the previous round's models
             co.sealed_global, co.download_bytes = sealed, len(sealed)
+            for key in [k for k in co.contributions if k[0] <= closed.round_idx]:
+                del co.contributions[key]
             co.state.server_state["sealed_sha256"] = hashlib.sha256(sealed).hexdigest()
             return Published(
                 digest=applied["digest"],
@@ -289,6 +293,8 @@ class Coordinator:
         self.download_bytes = 0
         self.sealed_global: bytes | None = None
         self.noise_sources: dict[int, str] = {}  # datasite -> where its DP noise came from (its output)
+        # (round, attempt) -> client -> (payloads, signature): what the decrypting owner is shown.
+        self.contributions: dict[tuple[int, int], dict[int, tuple[list[bytes], bytes]]] = {}
         self.final: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup
@@ -370,7 +376,13 @@ class Coordinator:
 
     # ------------------------------------------------------------------ per-client work
     def round_request(
-        self, client: int, round_idx: int, attempt: int, *, aggregate: bytes | None = None
+        self,
+        client: int,
+        round_idx: int,
+        attempt: int,
+        *,
+        aggregate: bytes | None = None,
+        contributions: dict[int, tuple[list[bytes], bytes]] | None = None,
     ) -> dict:
         return RoundRequest(
             run_id=self.run_id,
@@ -382,6 +394,7 @@ class Coordinator:
             global_model=self.sealed_global,
             global_digest=self.state.global_digest,
             aggregate=aggregate,
+            contributions=contributions,
         ).to_wire()
 
     def train_on(self, client: int, request: dict) -> Any:
@@ -404,7 +417,13 @@ class Coordinator:
         errors = []
         for client in order:
             datasite = self.datasites[client]
-            request = self.round_request(client, round_idx, closed.attempt, aggregate=closed.payload)
+            request = self.round_request(
+                client,
+                round_idx,
+                closed.attempt,
+                aggregate=closed.payload,
+                contributions=self.contributions.get((round_idx, closed.attempt), {}),
+            )
 
             def apply(ds: DatasiteClient = datasite, req: dict = request) -> Any:
                 if not ds.connected:
@@ -423,6 +442,11 @@ class Coordinator:
                 errors.append(f"client {client}: {one_line(err)}")
                 self.log(f"deploy: round {round_idx}: apply on datasite {client} failed: {one_line(err)}")
                 continue
+            if checked["dropped"]:
+                self.log(
+                    f"deploy: round {round_idx}: datasite {client} left out malformed contributions of "
+                    f"clients {checked['dropped']} and applied the other {checked['num_clients']}"
+                )
             return {**checked, "client": client, "seconds": time.monotonic() - started}
         raise DeployError(f"round {round_idx}: no datasite applied the aggregate ({'; '.join(errors[:3])})")
 

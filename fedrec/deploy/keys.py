@@ -22,23 +22,36 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fedrec.deploy.errors import DeployError
 from fedrec.deploy.sealed import MODEL_KEY_BYTES, new_model_key
+from privacy.encryption.signing import PUBLIC_KEY_BYTES, new_signing_key, public_key
+from privacy.errors import EncryptionError
 
 KEYS_FORMAT = "fedrec-owner-keys"
-KEYS_VERSION = 1
+KEYS_VERSION = 2  # 2: Ed25519 signing key and the federation's registered public keys
 
 
 class OwnerKeys:
     """One owner's secret material and federation identity (a plain class: no printer walks into keys)."""
 
-    __slots__ = ("client_id", "model_key", "secret_context")
+    __slots__ = ("client_id", "model_key", "registered_keys", "secret_context", "signing_key")
 
-    def __init__(self, *, client_id: int, secret_context: bytes, model_key: bytes) -> None:
+    def __init__(
+        self,
+        *,
+        client_id: int,
+        secret_context: bytes,
+        model_key: bytes,
+        signing_key: bytes | None = None,
+        registered_keys: Mapping[int, bytes] | None = None,
+    ) -> None:
+        """``signing_key``: this owner's Ed25519 key (default: a fresh one); ``registered_keys``: every
+        owner's public key as the key authority registered them at join (default: this owner's only)."""
+
         if isinstance(client_id, bool) or not isinstance(client_id, int) or client_id < 0:
             raise DeployError(f"owner keys: client_id={client_id!r}, expected an integer >= 0")
         if not isinstance(model_key, bytes) or len(model_key) != MODEL_KEY_BYTES:
@@ -48,6 +61,17 @@ class OwnerKeys:
         self.client_id = client_id
         self.secret_context = secret_context
         self.model_key = model_key
+        try:
+            self.signing_key = new_signing_key() if signing_key is None else bytes(signing_key)
+            own = public_key(self.signing_key)
+        except (EncryptionError, TypeError, ValueError) as err:
+            raise DeployError(f"owner keys: bad signing key ({err})") from None
+        registered = {int(c): bytes(k) for c, k in (registered_keys or {client_id: own}).items()}
+        if registered.get(client_id) != own or any(len(k) != PUBLIC_KEY_BYTES for k in registered.values()):
+            raise DeployError(
+                f"owner keys: client {client_id}'s signing key is not the one registered for it"
+            )
+        self.registered_keys = registered
 
     def __repr__(self) -> str:
         return f"OwnerKeys(client_id={self.client_id})"
@@ -60,6 +84,10 @@ class OwnerKeys:
             "client_id": self.client_id,
             "secret_context": base64.b64encode(self.secret_context).decode("ascii"),
             "model_key": base64.b64encode(self.model_key).decode("ascii"),
+            "signing_key": base64.b64encode(self.signing_key).decode("ascii"),
+            "registered_keys": {
+                str(c): base64.b64encode(k).decode("ascii") for c, k in sorted(self.registered_keys.items())
+            },
         }
         write_private_json(path, data)
 
@@ -74,6 +102,10 @@ class OwnerKeys:
                 client_id=int(data["client_id"]),
                 secret_context=base64.b64decode(data["secret_context"], validate=True),
                 model_key=base64.b64decode(data["model_key"], validate=True),
+                signing_key=base64.b64decode(data["signing_key"], validate=True),
+                registered_keys={
+                    int(c): base64.b64decode(k, validate=True) for c, k in data["registered_keys"].items()
+                },
             )
         except FileNotFoundError:
             raise DeployError(f"{path}: no owner key file") from None
@@ -115,8 +147,17 @@ def generate_federation_keys(
         precision_bits=precision_bits,
     )
     model_key = new_model_key()
+    # Each owner's Ed25519 signing key, registered with every owner at join (verifiable contributors).
+    signing = {int(c): new_signing_key() for c in client_ids}
+    registered = {c: public_key(k) for c, k in signing.items()}
     owners = tuple(
-        OwnerKeys(client_id=int(c), secret_context=keys.secret_context, model_key=model_key)
+        OwnerKeys(
+            client_id=int(c),
+            secret_context=keys.secret_context,
+            model_key=model_key,
+            signing_key=signing[int(c)],
+            registered_keys=registered,
+        )
         for c in client_ids
     )
     return FederationKeys(public_context=keys.public_context, owners=owners)

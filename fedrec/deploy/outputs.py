@@ -17,10 +17,12 @@ from fedrec.deploy.sealed import OVERHEAD, sealed_round
 from fedrec.deploy.training import NOISE_SOURCES, PROTOCOL
 from privacy.encryption import wire
 from privacy.encryption.client import max_ciphertext_bytes
+from privacy.encryption.signing import SIGNATURE_BYTES
 from privacy.errors import EncryptionError
 
+TRAIN_KEYS = {"protocol", "update", "spend", "noise_source", "signature"}
 SPEND_KEYS = {"client", "round", "attempt", "noise_multiplier", "sample_rate", "steps"}
-APPLY_KEYS = {"protocol", "round", "global_model", "digest", "num_clients", "error_bound"}
+APPLY_KEYS = {"protocol", "round", "global_model", "digest", "num_clients", "error_bound", "dropped"}
 
 
 def expected_spend(config: ExperimentConfig, rows: int) -> dict[str, Any]:
@@ -60,11 +62,12 @@ def validate_train_output(
     for this client. Bodies are parsed once, by the aggregator's ``add`` (SEAL framing and loading),
     which refuses a bad chunk without touching its sum.
     """
-    if not isinstance(output, dict) or set(output) != {"protocol", "update", "spend", "noise_source"}:
+    if not isinstance(output, dict) or set(output) != TRAIN_KEYS:
         keys = sorted(output) if isinstance(output, dict) else type(output).__name__
-        raise RejectedOutput(
-            f"output {keys}: expected a dict with exactly protocol, update, spend, noise_source"
-        )
+        raise RejectedOutput(f"output {keys}: expected a dict with exactly {sorted(TRAIN_KEYS)}")
+    signature = output["signature"]
+    if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+        raise RejectedOutput(f"output signature: expected {SIGNATURE_BYTES} bytes (Ed25519)")
     if output["noise_source"] not in NOISE_SOURCES:
         raise RejectedOutput(
             f"output noise_source {output['noise_source']!r}: expected one of {sorted(NOISE_SOURCES)}"
@@ -132,7 +135,12 @@ def validate_apply_output(output: Any, *, round_idx: int, size: int, num_clients
     digest = output["digest"]
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise RejectedOutput("apply output: digest is not a sha256 hex string")
-    if output["round"] != round_idx + 1 or output["num_clients"] != num_clients:
+    dropped = output["dropped"]
+    if not isinstance(dropped, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in dropped
+    ):
+        raise RejectedOutput("apply output: dropped must be a list of client ids")
+    if output["round"] != round_idx + 1 or output["num_clients"] + len(dropped) != num_clients:
         raise RejectedOutput(
             f"apply output: round {output['round']!r} of {output['num_clients']!r} clients; expected round "
             f"{round_idx + 1} of {num_clients}"

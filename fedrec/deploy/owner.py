@@ -278,6 +278,11 @@ class Owner:
             url=f"http://{self.host}", port=self.port, email=ADMIN_EMAIL, password=password, cache=False
         )
         self.admin.settings.allow_guest_signup(enable=False)
+        # No anonymous sessions (issue 14, item 9). PySyft 0.9.5 enforces this only for queued API calls:
+        # a guest's blocking calls (dataset list, mock) still succeed; docs/threat-model.md says so.
+        result = self.admin.settings.update(allow_guest_sessions=False)
+        if type(result).__name__ == "SyftError":
+            raise DeployError(f"{self.path(ADMIN_FILE)}: PySyft refused to disable guest sessions: {result}")
         self._create_accounts()
         self._upload(sy, arrays, meta, ledger)
         from fedrec.data.base import write_json_atomic
@@ -351,6 +356,8 @@ class Owner:
                 "model_key": self.keys.model_key,
                 "ledger": ledger,
                 "min_aggregate_clients": self.policy.min_aggregate_clients,
+                "signing_key": self.keys.signing_key,
+                "registered_keys": {str(c): k for c, k in sorted(self.keys.registered_keys.items())},
                 "allowed_modules": list(self.policy.allowed_modules),
                 "reproducible_noise": bool(self.policy.reproducible_noise),
             },

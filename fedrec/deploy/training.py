@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import sys
 import time
 import traceback
@@ -62,6 +63,10 @@ from fedrec.federated.ranks import import_modules
 from fedrec.federated.run import params_digest
 from fedrec.federated.worker import GlobalModel, Neighbour, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
+from privacy.encryption.client import EncryptionClient
+from privacy.encryption.schema import UpdateSchema
+from privacy.encryption.signing import recompute_aggregate, sign_contribution
+from privacy.errors import EncryptionError
 from privacy.ledger import PrivacyLedger
 
 PROTOCOL = 1
@@ -122,6 +127,8 @@ class OwnerSecrets:
     model_key: bytes
     ledger: str
     min_aggregate_clients: int
+    signing_key: bytes  # this owner's Ed25519 key: signs its encrypted updates
+    registered_keys: dict[int, bytes]  # every owner's public key, registered at join
     allowed_modules: tuple[str, ...] = ()  # the owner policy's allowed_modules (absent: none)
     reproducible_noise: bool = False  # the owner policy's reproducible_noise (absent: own CSPRNG)
 
@@ -136,6 +143,8 @@ class OwnerSecrets:
                 model_key=bytes(owner["model_key"]),
                 ledger=str(owner["ledger"]),
                 min_aggregate_clients=int(owner["min_aggregate_clients"]),
+                signing_key=bytes(owner["signing_key"]),
+                registered_keys={int(c): bytes(k) for c, k in dict(owner["registered_keys"]).items()},
                 allowed_modules=tuple(str(m) for m in owner.get("allowed_modules") or ()),
                 reproducible_noise=owner.get("reproducible_noise", False) is True,
             )
@@ -165,7 +174,10 @@ class RoundRequest:
     client_id: int
     global_model: bytes | None  # sealed model of round_idx; None in round 0 (built from the config)
     global_digest: str | None
-    aggregate: bytes | None = None  # the apply step: the round's encrypted aggregate
+    aggregate: bytes | None = None  # the apply step: the round's encrypted aggregate (informational)
+    # The apply step: every contribution in the aggregate as the coordinator received it, signed by its
+    # owner: ``client id -> (payloads, signature)``. The decrypting owner recomputes the sum from these.
+    contributions: dict[int, tuple[list[bytes], bytes]] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The request as plain data; the owner-owned ``privacy.secure_mode`` is left out."""
@@ -183,6 +195,12 @@ class RoundRequest:
             "global_model": self.global_model,
             "global_digest": self.global_digest,
             "aggregate": self.aggregate,
+            "contributions": None
+            if self.contributions is None
+            else [
+                {"client": int(c), "update": list(p), "signature": sig}
+                for c, (p, sig) in sorted(self.contributions.items())
+            ],
         }
 
     @classmethod
@@ -222,7 +240,28 @@ class RoundRequest:
             global_model=data.get("global_model"),
             global_digest=data.get("global_digest"),
             aggregate=data.get("aggregate"),
+            contributions=_contributions(data.get("contributions")),
         )
+
+
+def _contributions(value: Any) -> dict[int, tuple[list[bytes], bytes]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise DeployError("round request key 'contributions': expected a list")
+    out: dict[int, tuple[list[bytes], bytes]] = {}
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) != {"client", "update", "signature"}:
+            raise DeployError("round request contribution: expected client, update and signature")
+        client, update, signature = item["client"], item["update"], item["signature"]
+        if isinstance(client, bool) or not isinstance(client, int) or client in out:
+            raise DeployError(f"round request contribution client {client!r}: expected a unique integer")
+        if not isinstance(update, list) or not all(isinstance(p, bytes) for p in update):
+            raise DeployError(f"round request contribution of client {client}: update must be a bytes list")
+        if not isinstance(signature, bytes):
+            raise DeployError(f"round request contribution of client {client}: signature must be bytes")
+        out[client] = (list(update), signature)
+    return out
 
 
 def import_requested_modules(request: Any, secrets: OwnerSecrets) -> None:
@@ -511,29 +550,110 @@ def train_round(data: Any, owner: Any, request: Any) -> dict[str, Any]:
     payloads = encrypt_update(
         req.config, plan.layout, update, secrets.secret_context, tag=attempt_tag(req.round_idx, req.attempt)
     )
-    return {"protocol": PROTOCOL, "update": payloads, "spend": spend, "noise_source": noise_source(secrets)}
+    return {
+        "protocol": PROTOCOL,
+        "update": payloads,
+        "spend": spend,
+        "noise_source": noise_source(secrets),
+        "signature": sign_contribution(secrets.signing_key, payloads),
+    }
+
+
+#: Distinct aggregates one owner decrypts for one (run, round): the round's attempts retried after a
+#: failure. Each is a release (``decryption`` event in the owner's ledger, recorded before decrypting).
+MAX_DECRYPTIONS_PER_ROUND = 3
+
+
+def record_decryption(ledger_path: str, req: RoundRequest, signers: tuple[int, ...], digest: str) -> None:
+    """Record this decryption in the owner's ledger before it happens; refuse past the per-round budget.
+
+    Decrypting the same contributions again (a retried call) releases nothing new and is not counted
+    again. Refused: another contributor set for an attempt already decrypted (two subsets of one
+    attempt's updates differ by one owner's update), and a new aggregate for a (run, round) that
+    already had ``MAX_DECRYPTIONS_PER_ROUND``; so a coordinator cannot use the apply step as a
+    decryption oracle queried once per call.
+    """
+    with PrivacyLedger.attach(ledger_path) as ledger:
+        earlier = [
+            event.detail
+            for event in ledger.events()
+            if event.kind == "decryption"
+            and event.detail.get("run_id") == req.run_id
+            and event.detail.get("round") == req.round_idx
+        ]
+        if any(d.get("aggregate_sha256") == digest for d in earlier):
+            return
+        for d in earlier:
+            if d.get("attempt") == req.attempt and d.get("signers") != list(signers):
+                raise DeployError(
+                    f"round {req.round_idx} attempt {req.attempt}: this owner already decrypted the "
+                    f"aggregate of clients {d.get('signers')}; refusing another subset {list(signers)}"
+                )
+        if len(earlier) >= MAX_DECRYPTIONS_PER_ROUND:
+            raise DeployError(
+                f"round {req.round_idx} of run {req.run_id!r}: this owner already decrypted {len(earlier)} "
+                f"aggregates (MAX_DECRYPTIONS_PER_ROUND={MAX_DECRYPTIONS_PER_ROUND}); refusing another"
+            )
+        ledger.record_event(
+            "decryption",
+            run_id=req.run_id,
+            round=req.round_idx,
+            attempt=req.attempt,
+            signers=list(signers),
+            aggregate_sha256=digest,
+        )
 
 
 @_logged
 def apply_round(owner: Any, request: Any) -> dict[str, Any]:
-    """Decrypt the aggregate, apply the server rule, seal the next global model (on a datasite)."""
+    """Verify the signed contributions, recompute and decrypt their sum, apply, seal (on a datasite)."""
     if is_mock_run(owner):
         return dict(MOCK_RUN_OUTPUT)
 
     secrets = OwnerSecrets.from_asset(plain(owner))
     import_requested_modules(plain(request), secrets)
     req = RoundRequest.from_wire(plain(request))
-    if req.aggregate is None:
-        raise DeployError(f"round {req.round_idx}: the apply request carries no aggregate")
+    if not req.contributions:
+        raise DeployError(f"round {req.round_idx}: the apply request carries no signed contributions")
     plan = ModelPlan.build(req.config, req.meta)
     current = current_global_model(req, secrets, plan.layout.size)
-    codec = SecureCodec(plan.layout, secret_context=secrets.secret_context)
-    decoded = codec.decode_mean(req.aggregate, tag=attempt_tag(req.round_idx, req.attempt))
-    if decoded.num_clients < secrets.min_aggregate_clients:
-        raise DeployError(
-            f"round {req.round_idx}: aggregate of {decoded.num_clients} client(s), below this owner's "
-            f"min_aggregate_clients={secrets.min_aggregate_clients}; not applied"
+    tag = attempt_tag(req.round_idx, req.attempt)
+    schema = UpdateSchema(plan.layout.entries)
+    try:
+        # Signatures first (a forged contributor refuses the whole request), then each update's format.
+        closed, signers = recompute_aggregate(
+            secrets.secret_context,
+            schema,
+            round_idx=tag,
+            contributions=req.contributions,
+            registered=secrets.registered_keys,
         )
+        checker = EncryptionClient(secrets.secret_context, schema)
+        dropped = sorted(
+            c
+            for c, (payloads, _) in req.contributions.items()
+            if checker.check_contribution(payloads, round_idx=tag)
+        )
+        if dropped:  # isolated: the round goes on without them (only their ids leave)
+            closed, signers = recompute_aggregate(
+                secrets.secret_context,
+                schema,
+                round_idx=tag,
+                contributions={c: v for c, v in req.contributions.items() if c not in dropped},
+                registered=secrets.registered_keys,
+            )
+    except EncryptionError as err:
+        raise DeployError(f"round {req.round_idx}: contributions refused: {err}") from None
+    # Distinct registered owners whose every chunk is in the sum (this owner's own included).
+    if len(signers) < secrets.min_aggregate_clients:
+        raise DeployError(
+            f"round {req.round_idx}: aggregate of {len(signers)} signed registered client(s), below this "
+            f"owner's min_aggregate_clients={secrets.min_aggregate_clients}; not decrypted"
+        )
+    digest = hashlib.sha256(closed.aggregate).hexdigest()
+    record_decryption(secrets.ledger, req, signers, digest)
+    codec = SecureCodec(plan.layout, secret_context=secrets.secret_context)
+    decoded = codec.decode_mean(closed.aggregate, tag=tag)
     worker = plan.algorithm_cls(
         "apply", ("trainer",), config=req.config, persistent_storage=None, params=plan.algorithm_params
     )
@@ -547,5 +667,7 @@ def apply_round(owner: Any, request: Any) -> dict[str, Any]:
         "global_model": sealed,
         "digest": params_digest(new_params),
         "num_clients": int(decoded.num_clients),
+        "dropped": dropped,  # malformed contributions left out (their client ids only)
+        # A constant of the configuration (quantum + float64 slack): nothing plaintext-derived goes back.
         "error_bound": float(decoded.error_bound),
     }

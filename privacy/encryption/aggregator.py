@@ -6,6 +6,12 @@ Every payload is fully validated (header binding, round, duplicate, headroom, SE
 ciphertext shape) before anything is added, and the sum is replaced only by a freshly computed one, so a
 rejected payload leaves the aggregate exactly as it was. Failures are errors (``EncryptionError``) the
 caller records as data, in the spirit of Flower's ``aggregate_fit(results, failures)``.
+
+Weights are public: each update's header carries its FedAvg weight in the clear (in [1, max_weight]),
+and the aggregator multiplies the ciphertexts by it (double-and-add of ciphertexts: exact in BFV and
+CKKS, no scale change, noise grows by the weight, which the parameter planner budgets). A key holder
+can therefore neither claim a weight other than the one applied nor send a negative one; the aggregate
+lists every contributor with its weight, and the decrypting party divides by their public total.
 """
 
 from __future__ import annotations
@@ -42,12 +48,20 @@ class StreamingAggregator:
         schema: the update schema the clients encrypt.
         round_idx: the round this aggregator accepts (payloads of other rounds are replays).
         n_threads: TenSEAL threads.
+        role: ``"public"`` (the aggregator); ``"secret"`` only for a key holder that recomputes the
+            sum of signed contributions before decrypting (:mod:`privacy.encryption.signing`).
     """
 
     def __init__(
-        self, public_context: bytes, schema: UpdateSchema, *, round_idx: int, n_threads: int = 1
+        self,
+        public_context: bytes,
+        schema: UpdateSchema,
+        *,
+        round_idx: int,
+        n_threads: int = 1,
+        role: str = "public",
     ) -> None:
-        loaded = load_context(public_context, role="public", n_threads=n_threads)
+        loaded = load_context(public_context, role=role, n_threads=n_threads)
         if not isinstance(schema, UpdateSchema):
             raise EncryptionError(f"schema of type {type(schema).__name__}: expected an UpdateSchema")
         if isinstance(round_idx, bool) or not isinstance(round_idx, int) or not 0 <= round_idx < 2**64:
@@ -61,6 +75,7 @@ class StreamingAggregator:
         self._max_ciphertext = max_ciphertext_bytes(self.spec)
         self._sums: list[Any] = [None] * len(self._layout)
         self._contributors: list[list[int]] = [[] for _ in self._layout]
+        self._weights: dict[int, int] = {}
         self._closed = False
 
     @property
@@ -113,15 +128,28 @@ class StreamingAggregator:
                 f"chunk {index} already holds max_clients={self.spec.quant.max_clients} updates: one more "
                 "could wrap the encrypted sum around"
             )
+        weight = header.weight
+        if not 1 <= weight <= self.spec.quant.max_weight:
+            raise EncryptionError(
+                f"client {header.client_id} chunk {index}: public weight {weight} outside "
+                f"[1, max_weight={self.spec.quant.max_weight}]"
+            )
+        if self._weights.get(header.client_id, weight) != weight:
+            raise EncryptionError(
+                f"client {header.client_id} chunk {index}: weight {weight} differs from the "
+                f"{self._weights[header.client_id]} of its earlier chunks"
+            )
         pieces = wire.split_ciphertexts(body, expected_cts, max_ciphertext=self._max_ciphertext)
         vector = self._load(pieces, index)
         current = self._sums[index]
         try:
-            total = vector if current is None else current + vector
+            weighted = scale_by(vector, weight)
+            total = weighted if current is None else current + weighted
         except (ValueError, RuntimeError, TypeError) as err:
             raise EncryptionError(f"chunk {index}: TenSEAL could not add it ({err})") from None
         self._sums[index] = total
         contributors.append(header.client_id)
+        self._weights[header.client_id] = weight
         return header.client_id
 
     def close(self) -> ClosedRound:
@@ -131,7 +159,8 @@ class StreamingAggregator:
         everyone = set().union(*map(set, self._contributors))
         chunks = []
         for vector, contributors in zip(self._sums, self._contributors):
-            chunks.append((sorted(contributors), b"" if vector is None else vector.serialize()))
+            pairs = [(client, self._weights[client]) for client in sorted(contributors)]
+            chunks.append((pairs, b"" if vector is None else vector.serialize()))
         header = wire.Header(
             kind=wire.KIND_AGGREGATE,
             scheme=self.spec.params.scheme,
@@ -178,3 +207,17 @@ class StreamingAggregator:
                     f"of these parameters (size {ct.size()}, ntt {ct.is_ntt_form()}, scale {ct.scale})"
                 )
         return vector
+
+
+def scale_by(vector: Any, weight: int) -> Any:
+    """``weight * vector`` by double-and-add of ciphertexts (exact integer multiple, same scale/level)."""
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise EncryptionError(f"weight={weight!r}: expected a positive integer")
+    result, power = None, vector
+    while True:
+        if weight & 1:
+            result = power if result is None else result + power
+        weight >>= 1
+        if not weight:
+            return result
+        power = power + power

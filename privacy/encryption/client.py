@@ -5,13 +5,18 @@ symmetric encryption sends ``c1`` as a PRNG seed, which halves the upload, and i
 worst-case bound (21 per coefficient), so exact sums are guaranteed with little modulus to spare and
 several values fit per BFV slot.
 
-Each chunk of the update carries two extra encrypted values, the client's weight and a count of 1, so
-the aggregate holds ``sum_i round(w_i * x_i / quantum)``, ``W = sum_i w_i`` and ``K`` (the number of
-contributors, cross-checked against the aggregator's list). The released average is
-``sum * quantum / W``: the decrypted sum is an integer on the quantum grid (exact for BFV; for CKKS
-rounded to the grid, and refused if its noise exceeds a quarter quantum, following Li and Micciancio,
-2021), and ``|released - plaintext FedAvg of the clipped values| <= K * quantum / W`` (<= quantum, since
-every weight is >= 1), plus float64 rounding of the final division.
+Weights are public: a client quantises its unweighted update and states its integer weight ``w_i`` in
+the clear (payload header); the aggregator multiplies the ciphertexts by it. Each chunk also carries two
+encrypted unit values (1 each), so the aggregate holds ``sum_i w_i * round(x_i / quantum)`` and twice
+``W = sum_i w_i``. The decrypting party recomputes ``W`` from the public weights listed in the
+aggregate, refuses if the decrypted units disagree, and releases ``sum * quantum / W``: the decrypted
+sum is an integer on the quantum grid (exact for BFV; for CKKS rounded to the grid, and refused if its
+noise exceeds a quarter quantum, following Li and Micciancio, 2021), and
+``|released - plaintext FedAvg of the clipped values| <= quantum`` (each client's rounding error is
+below one quantum), plus float64 rounding of the final division. A key holder cannot lie about its
+weight (the encrypted weight field of format version 1 let one claim weight 1 and scale its values, or
+send a negative weight); what it encrypts is still unchecked, so one forged contribution can move the
+average only as far as the per-coordinate clip check on the decrypted sum allows.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ class AggregateResult:
 
     ``total_weight``/``num_clients`` are those of every chunk (they differ only when a client delivered
     some chunks and not others: see ``chunk_weights``/``chunk_clients`` and ``allow_partial``).
-    ``error_bound`` bounds ``|average - plaintext weighted FedAvg of the clipped updates|`` per value.
+    ``error_bound`` bounds ``|average - plaintext weighted FedAvg of the clipped updates|`` per value; it
+    is a constant of the configuration (quantum plus float64 slack), never derived from the plaintext.
     """
 
     average: Any  # np.ndarray (flat, float64) or dict[str, np.ndarray]
@@ -126,13 +132,13 @@ class EncryptionClient:
         flat = self.schema.flatten(update)
         ints = quantise(
             flat,
-            weight=weight,
+            weight=1,  # the public weight is applied by the aggregator
             clip=float(clip),
             grid_clip=quant.clip,
             precision_bits=quant.precision_bits,
             rng=rng if rng is not None else np.random.default_rng(),
         )
-        meta = np.array([weight, 1], dtype=np.int64)
+        meta = np.ones(META_VALUES, dtype=np.int64)
         payloads = []
         with tempfile.TemporaryDirectory(prefix="fedrec-he-", dir=_scratch_dir()) as scratch:
             path = os.path.join(scratch, "ciphertext")
@@ -148,6 +154,7 @@ class EncryptionClient:
                     chunk_index=index,
                     chunk_count=len(self._layout),
                     num_ciphertexts=n_ct,
+                    weight=weight,
                 )
                 payloads.append(wire.encode(header, wire.join_ciphertexts(ciphertexts)))
         return payloads
@@ -180,8 +187,9 @@ class EncryptionClient:
         chunks = wire.decode_aggregate_body(body, header.chunk_count)
         quantum = spec.quant.quantum
         average = np.empty(self.schema.size, dtype=np.float64)
-        weights, counts, bounds, id_sets = [], [], [], []
-        for index, ((start, stop, n_ct), (ids, vector_bytes)) in enumerate(zip(self._layout, chunks)):
+        weights, counts, id_sets = [], [], []
+        for index, ((start, stop, n_ct), (pairs, vector_bytes)) in enumerate(zip(self._layout, chunks)):
+            ids = [client for client, _ in pairs]
             if not ids:
                 raise EncryptionError(f"aggregate chunk {index}: no client contributed to it")
             if len(set(ids)) != len(ids) or len(ids) > spec.quant.max_clients:
@@ -189,39 +197,84 @@ class EncryptionClient:
                     f"aggregate chunk {index}: {len(ids)} contributors, expected unique ids and at most "
                     f"max_clients={spec.quant.max_clients}"
                 )
+            if any(not 1 <= w <= spec.quant.max_weight for _, w in pairs):
+                raise EncryptionError(
+                    f"aggregate chunk {index}: a listed weight is outside [1, max_weight={spec.quant.max_weight}]"
+                )
+            # The divisor is the public total the decrypting party recomputes, never a decrypted value.
+            weight = sum(w for _, w in pairs)
+            k = len(ids)
             values = self._decrypt_chunk(vector_bytes, n_ct, index)
             count = stop - start
-            sums, weight, k = values[:count], int(values[count]), int(values[count + 1])
+            sums, units = values[:count], values[count : count + META_VALUES]
             if values[count + META_VALUES :].any():
                 raise EncryptionError(f"aggregate chunk {index}: padding decrypted to non-zero values")
-            if k != len(ids) or not k <= weight <= k * spec.quant.max_weight:
+            if (units != weight).any():
                 raise EncryptionError(
-                    f"aggregate chunk {index}: decrypted count {k} and weight {weight} disagree with the "
-                    f"{len(ids)} contributors listed (weights must lie in [1, {spec.quant.max_weight}])"
+                    f"aggregate chunk {index}: decrypted unit sums {units.tolist()} disagree with the public "
+                    f"total weight {weight} of the {k} contributors listed"
                 )
             if sums.size and int(np.abs(sums).max()) > weight * 2**spec.quant.precision_bits:
                 raise EncryptionError(f"aggregate chunk {index}: decrypted sums exceed the clip bound")
             average[start:stop] = sums * quantum / weight
             weights.append(weight)
             counts.append(k)
-            bounds.append(k * quantum / weight)
             id_sets.append(set(ids))
         if not allow_partial and (len(set(weights)) > 1 or any(s != id_sets[0] for s in id_sets)):
             raise EncryptionError(
                 f"aggregate chunks have different contributors (weights {weights}): a client delivered only "
                 "some chunks; pass allow_partial=True to accept per-chunk averages"
             )
-        # float64 division adds at most one rounding (relative 2**-53) to each value.
-        float_slack = 2.0**-52 * (float(np.abs(average).max()) if average.size else 0.0)
+        # float64 division adds at most one rounding (relative 2**-53) to each value, and |average| is at
+        # most clip + quantum. The bound is a constant of the configuration: nothing derived from the
+        # plaintext may leave with it (a data-dependent slack leaked max|average| to ~7 digits).
+        float_slack = 2.0**-52 * (spec.quant.clip + quantum)
         return AggregateResult(
             average=self.schema.unflatten(average) if as_dict else average,
             total_weight=min(weights),
             num_clients=min(counts),
             clients=tuple(sorted(set.intersection(*id_sets))),
-            error_bound=max(bounds) + float_slack,
+            error_bound=quantum + float_slack,
             chunk_weights=tuple(weights),
             chunk_clients=tuple(counts),
         )
+
+    def check_contribution(self, payloads: list[bytes], *, round_idx: int) -> str | None:
+        """Why one client's update is malformed, or None: for the decrypting party, before it decrypts.
+
+        Decrypts each chunk of this one update inside the caller and keeps only the verdict: the units
+        must be 1, the padding 0, every value within one client's grid bound ``2**precision_bits``
+        (the clip; no key holder can scale its values past it), and SEAL must load and decrypt it. This
+        isolates a contribution that passes every header check but would poison the aggregate's
+        decryption (a spliced ciphertext, forged units, values beyond the clip). The decrypted values
+        never leave this method.
+        """
+        quant = self.spec.quant
+        try:
+            if not payloads or len(payloads) != len(self._layout):
+                return f"{len(payloads) if payloads else 0} chunks, expected {len(self._layout)}"
+            max_ct = max_ciphertext_bytes(self.spec)
+            for index, ((start, stop, n_ct), payload) in enumerate(zip(self._layout, payloads)):
+                header, body = wire.decode(payload, max_body=n_ct * (max_ct + 4))
+                wire.check_binding(header, self.spec, self.schema, round_idx)
+                if (
+                    header.kind != wire.KIND_UPDATE
+                    or header.chunk_index != index
+                    or header.num_ciphertexts != n_ct
+                ):
+                    return f"chunk {index}: header does not match the layout"
+                pieces = wire.split_ciphertexts(body, n_ct, max_ciphertext=max_ct)
+                scale = None if self.spec.params.scheme == "bfv" else 2.0**self.spec.params.scale_bits
+                proto = wire.tenseal_vector_proto(pieces, self.spec.params.slots, scale=scale)
+                values = self._decrypt_chunk(proto, n_ct, index)
+                count = stop - start
+                if (values[count : count + META_VALUES] != 1).any() or values[count + META_VALUES :].any():
+                    return f"chunk {index}: unit or padding values are not the format's"
+                if count and int(np.abs(values[:count]).max()) > 2**quant.precision_bits:
+                    return f"chunk {index}: values beyond the clip"
+        except EncryptionError as err:
+            return str(err)
+        return None
 
     def _encrypt_values(self, values: np.ndarray, n_ct: int, path: str) -> list[bytes]:
         params = self.spec.params

@@ -5,14 +5,16 @@ Pure arithmetic (no keys), so property tests can drive it directly.
 * Security: SEAL's ``CoeffModulus::MaxBitCount`` for 128-bit classical security, from the
   HomomorphicEncryption.org standard (Albrecht et al., "Homomorphic Encryption Security Standard", 2018):
   N=4096 allows log q <= 109, 8192 <= 218, 16384 <= 438.
-* Quantisation: a client clips each value to [-clip, clip], multiplies by its integer weight and rounds
-  stochastically to the grid ``quantum = clip * 2**-precision_bits``. One client's integer is then at most
+* Quantisation: a client clips each value to [-clip, clip] and rounds stochastically to the grid
+  ``quantum = clip * 2**-precision_bits``; the aggregator multiplies it by the client's public integer
+  weight. One client's weighted integer is then at most
   ``max_weight * 2**precision_bits`` in magnitude, a sum of ``max_clients`` of them at most
   ``sum_bound``; packing base ``2 * sum_bound + 1`` means balanced digits never carry into each other.
 * BFV exactness (Fan and Vercauteren, 2012): clients encrypt with the secret key (symmetric RLWE), so a
   fresh ciphertext satisfies ``c0 + c1*s = round(q*m/t) + e`` with SEAL's centred-binomial error
-  ``|e_i| <= 21``. A sum of K ciphertexts decrypts exactly when ``K * (21 + 1/2) * t / q < 1/2``; we demand
-  ``q >= 2 * 43 * K * t`` (one extra bit for the RNS decryption's rounding). This is a worst-case
+  ``|e_i| <= 21``. A sum of K ciphertexts decrypts exactly when ``K * (21 + 1/2) * t / q < 1/2``; the
+  aggregator multiplies each by a public weight of at most W (double-and-add: K * W fresh ciphertexts'
+  worth of noise), so we demand ``q >= 2 * 43 * K * W * t`` (one extra bit for the RNS decryption's rounding). This is a worst-case
   guarantee, not a high-probability estimate; public-key encryption's worst case (``e0 + e1*s + u*e``,
   about ``2 * N * 21``) would cost ~12 more bits of modulus (typical noise differs by ~2 bits only).
 * CKKS (Cheon, Kim, Kim and Song, 2017) carries one quantised integer per slot; decryptions are rounded
@@ -44,7 +46,8 @@ PLAIN_MODULUS_MAX_BITS = 60
 PRIME_MAX_BITS = 60
 #: CKKS carries integers below 2**36: decoding to float64 keeps an absolute error far under 1/4 there.
 CKKS_MAX_VALUE_BITS = 36
-#: Two values per ciphertext chunk are reserved: the client's weight and a count of 1.
+#: Two values per ciphertext chunk are reserved: encrypted units (1 each; the aggregate's decrypt to the
+#: total public weight, a consistency check for the decrypting party).
 META_VALUES = 2
 DEFAULT_CIPHERTEXTS_PER_CHUNK = 256
 SPEC_FORMAT = 1
@@ -250,6 +253,8 @@ def check_security(params: SchemeParams) -> None:
 def check_headroom(params: SchemeParams, quant: QuantSpec) -> None:
     """Reject parameters where a sum of max_clients updates could wrap around or lose exactness."""
     base, k = quant.digit_base, quant.max_clients
+    # The aggregator multiplies each ciphertext by its public weight (<= max_weight): noise grows by it.
+    k = k * quant.max_weight
     if params.scheme == "bfv":
         t = params.plain_modulus
         if base**params.digits_per_slot > t:
@@ -261,19 +266,21 @@ def check_headroom(params: SchemeParams, quant: QuantSpec) -> None:
         if params.data_modulus < BFV_NOISE_FACTOR * k * t:
             raise EncryptionError(
                 f"data modulus of {params.data_modulus.bit_length()} bits is below the "
-                f"{(BFV_NOISE_FACTOR * k * t).bit_length()} bits a sum of max_clients={k} ciphertexts with "
+                f"{(BFV_NOISE_FACTOR * k * t).bit_length()} bits a sum of max_clients={quant.max_clients} "
+                f"ciphertexts each scaled by up to max_weight={quant.max_weight} with "
                 f"plain_modulus={t} needs to decrypt exactly"
             )
     else:
         if base.bit_length() > CKKS_MAX_VALUE_BITS:
             raise EncryptionError(
-                f"ckks sums need {base.bit_length()} bits (max_clients={k}, max_weight={quant.max_weight}, "
+                f"ckks sums need {base.bit_length()} bits (max_clients={quant.max_clients}, max_weight={quant.max_weight}, "
                 f"precision_bits={quant.precision_bits}): expected at most {CKKS_MAX_VALUE_BITS}"
             )
         noise_bound = 8 * params.poly_modulus_degree * k * (SEAL_ERROR_BOUND + 1)
         if 2**params.scale_bits < noise_bound:
             raise EncryptionError(
-                f"scale_bits={params.scale_bits}: a sum of max_clients={k} ckks ciphertexts needs at least "
+                f"scale_bits={params.scale_bits}: a sum of max_clients={quant.max_clients} ckks ciphertexts "
+                f"each scaled by up to max_weight={quant.max_weight} needs at least "
                 f"{noise_bound.bit_length()} bits so that its noise stays below 1/8 of the quantum"
             )
         if params.data_modulus < 4 * (quant.sum_bound + 1) * 2**params.scale_bits:
@@ -287,7 +294,8 @@ def plan_bfv(quant: QuantSpec, *, poly_modulus_degree: int | None = None) -> Sch
     """Choose BFV parameters that minimise wire bytes per value for this grid and headroom.
 
     Tries every digit count per slot whose base fits a plain modulus below 2**60, picks the smallest
-    batching prime t above ``digit_base**digits``, the smallest data modulus with ``q >= 86 * K * t``
+    batching prime t above ``digit_base**digits``, the smallest data modulus with ``q >= 86 * K * W * t`` (K = max_clients ciphertexts, each scaled by a
+    public weight of at most W = max_weight)
     and fills the rest of the 128-bit budget with the special prime (never sent on the wire).
     """
     degrees = (poly_modulus_degree,) if poly_modulus_degree is not None else (4096, 8192, 16384)
@@ -299,7 +307,8 @@ def plan_bfv(quant: QuantSpec, *, poly_modulus_degree: int | None = None) -> Sch
             need_t = max(quant.digit_base**digits, 2 * n + 1)
             if need_t.bit_length() > PLAIN_MODULUS_MAX_BITS:
                 break
-            params = _bfv_candidate(n, digits, need_t, quant.max_clients)
+            # Noise: max_clients ciphertexts, each multiplied by a public weight of up to max_weight.
+            params = _bfv_candidate(n, digits, need_t, quant.max_clients * quant.max_weight)
             if params is None:
                 continue
             cost = _estimated_bytes_per_slot(params) / digits

@@ -4,15 +4,19 @@ No pickle anywhere: headers are ``struct``-packed fields, ciphertexts are SEAL's
 (parsed by SEAL with the receiver's context, which validates them), and the only container format
 is TenSEAL's ``BFVVectorProto``/``CKKSVectorProto`` message (written here by hand: two or three fields).
 
-Header (little-endian, 108 bytes)::
+Header (little-endian, 112 bytes)::
 
     magic "FRHE" | version u16 | kind u8 (1 update, 2 aggregate) | scheme u8 (1 bfv, 2 ckks)
     | parameter hash 32 B | schema hash 32 B | round u64 | client id u64
-    | chunk index u32 | chunk count u32 | ciphertext count u32 | body length u64
+    | chunk index u32 | chunk count u32 | ciphertext count u32 | weight u32 | body length u64
+
+``weight`` is the sender's public FedAvg weight (an update's example count, capped; 0 in an aggregate).
+It travels in the clear and the aggregator multiplies the ciphertexts by it, so no key holder can
+claim one weight and encrypt another (format version 2: version 1 carried the weight encrypted).
 
 Update body: per ciphertext ``u32 length`` + SEAL ciphertext (seeded: ``c1`` travels as a PRNG seed).
-Aggregate body: per chunk ``u32 contributors`` + their ids (``u64`` each) + ``u64 length`` + the
-TenSEAL vector bytes of that chunk's encrypted sum.
+Aggregate body: per chunk ``u32 contributors`` + per contributor its id and public weight (``u64``
+each) + ``u64 length`` + the TenSEAL vector bytes of that chunk's encrypted weighted sum.
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ from privacy.encryption.schema import UpdateSchema
 from privacy.errors import EncryptionError
 
 MAGIC = b"FRHE"
-VERSION = 1
+VERSION = 2
 KIND_UPDATE = 1
 KIND_AGGREGATE = 2
 SCHEME_CODES = {"bfv": 1, "ckks": 2}
 SCHEME_NAMES = {code: name for name, code in SCHEME_CODES.items()}
 
-_HEADER = struct.Struct("<4sHBB32s32sQQIIIQ")
+_HEADER = struct.Struct("<4sHBB32s32sQQIIIIQ")
 HEADER_SIZE = _HEADER.size
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -50,6 +54,7 @@ class Header(NamedTuple):
     chunk_index: int
     chunk_count: int
     num_ciphertexts: int
+    weight: int = 0
 
 
 def encode(header: Header, body: bytes) -> bytes:
@@ -60,6 +65,7 @@ def encode(header: Header, body: bytes) -> bytes:
         ("chunk_index", header.chunk_index, 32),
         ("chunk_count", header.chunk_count, 32),
         ("num_ciphertexts", header.num_ciphertexts, 32),
+        ("weight", header.weight, 32),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**bits:
             raise EncryptionError(f"{name}={value!r}: expected an integer in [0, 2**{bits})")
@@ -75,6 +81,7 @@ def encode(header: Header, body: bytes) -> bytes:
         header.chunk_index,
         header.chunk_count,
         header.num_ciphertexts,
+        header.weight,
         len(body),
     )
     return packed + body
@@ -93,7 +100,7 @@ def decode(payload: bytes, *, max_body: int) -> tuple[Header, memoryview]:
         raise EncryptionError(f"payload of {len(view)} bytes: shorter than the {HEADER_SIZE}-byte header")
     fields = _HEADER.unpack_from(view, 0)
     magic, version, kind, scheme, param_hash, schema_hash, round_idx, client_id = fields[:8]
-    chunk_index, chunk_count, num_ciphertexts, body_length = fields[8:]
+    chunk_index, chunk_count, num_ciphertexts, weight, body_length = fields[8:]
     if magic != MAGIC:
         raise EncryptionError(f"payload magic {bytes(magic)!r}: expected {MAGIC!r}")
     if version != VERSION:
@@ -110,7 +117,7 @@ def decode(payload: bytes, *, max_body: int) -> tuple[Header, memoryview]:
         raise EncryptionError(f"payload body of {body_length} bytes: expected at most {max_body}")
     header = Header(
         kind, SCHEME_NAMES[scheme], bytes(param_hash), bytes(schema_hash), round_idx, client_id,
-        chunk_index, chunk_count, num_ciphertexts,
+        chunk_index, chunk_count, num_ciphertexts, weight,
     )  # fmt: skip
     return header, view[HEADER_SIZE:]
 
@@ -175,18 +182,19 @@ def check_seal_object(data: bytes, what: str) -> None:
         raise EncryptionError(f"{what}: SEAL header says {size} bytes, got {len(data)}")
 
 
-def encode_aggregate_body(chunks: list[tuple[list[int], bytes]]) -> bytes:
-    """Aggregate body: per chunk its contributors and the TenSEAL vector bytes of its sum."""
+def encode_aggregate_body(chunks: list[tuple[list[tuple[int, int]], bytes]]) -> bytes:
+    """Aggregate body: per chunk its ``(contributor, public weight)`` pairs and its sum's vector bytes."""
     parts = []
     for contributors, vector in chunks:
         parts.append(_U32.pack(len(contributors)))
-        parts.extend(_U64.pack(c) for c in contributors)
+        for client, weight in contributors:
+            parts.append(_U64.pack(client) + _U64.pack(weight))
         parts.append(_U64.pack(len(vector)))
         parts.append(vector)
     return b"".join(parts)
 
 
-def decode_aggregate_body(body: memoryview, chunk_count: int) -> list[tuple[list[int], bytes]]:
+def decode_aggregate_body(body: memoryview, chunk_count: int) -> list[tuple[list[tuple[int, int]], bytes]]:
     """Inverse of :func:`encode_aggregate_body`."""
     out, offset = [], 0
     for index in range(chunk_count):
@@ -194,10 +202,16 @@ def decode_aggregate_body(body: memoryview, chunk_count: int) -> list[tuple[list
             raise EncryptionError(f"aggregate chunk {index}: truncated before its contributor count")
         (n,) = _U32.unpack_from(body, offset)
         offset += _U32.size
-        if offset + n * _U64.size + _U64.size > len(body):
+        if offset + 2 * n * _U64.size + _U64.size > len(body):
             raise EncryptionError(f"aggregate chunk {index}: truncated in its {n} contributor ids")
-        ids = [_U64.unpack_from(body, offset + i * _U64.size)[0] for i in range(n)]
-        offset += n * _U64.size
+        ids = [
+            (
+                _U64.unpack_from(body, offset + 2 * i * _U64.size)[0],
+                _U64.unpack_from(body, offset + (2 * i + 1) * _U64.size)[0],
+            )
+            for i in range(n)
+        ]
+        offset += 2 * n * _U64.size
         (length,) = _U64.unpack_from(body, offset)
         offset += _U64.size
         if offset + length > len(body):

@@ -101,13 +101,46 @@ def test_guest_sign_up_is_off(federation):
     from fedrec.deploy.datasite import split_url as _split_url
 
     host, port = _split_url(federation.specs[1].url)
-    guest = sy.login_as_guest(url=host, port=port)
-    with pytest.raises(Exception, match=r"(?i)permission|not allowed|disabled"):
+    with pytest.raises(Exception, match=r"(?i)permission|not allowed|disabled|allow guest sessions"):
+        guest = sy.login_as_guest(url=host, port=port)
         result = guest.register(
             name="x", email="walkin@fedrec.org", password="walk-in-pw", password_verify="walk-in-pw"
         )
         if type(result).__name__ == "SyftError":
             raise RuntimeError(str(result))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PySyft 0.9.5 enforces allow_guest_sessions=False only for queued API calls (server.py "
+    "add_api_call_to_queue); blocking guest calls still list datasets and return the mock (issue 14 item 9 open)",
+)
+def test_guest_sessions_are_off(federation):
+    """Anonymous guests (issue 14, item 9) can list the dataset, read its row count and schema, and
+    download the mock. The owner sets allow_guest_sessions=False, which 0.9.5 does not enforce on these
+    calls: strict xfail, so this flips to a failure the day the guests are really refused."""
+    import syft as sy
+
+    from fedrec.deploy.datasite import split_url as _split_url
+    from fedrec.deploy.owner import DATASET_NAME
+
+    host, port = _split_url(federation.specs[1].url)
+
+    def as_guest(read):
+        guest = sy.login_as_guest(url=host, port=port)
+        result = read(guest)
+        if result is None or type(result).__name__ == "SyftError":
+            raise RuntimeError(str(result))
+        return result
+
+    for label, read in {
+        "list datasets": lambda g: g.datasets.get_all(),
+        "dataset by name": lambda g: g.datasets[DATASET_NAME],
+        "mock": lambda g: g.datasets[DATASET_NAME].assets[0].mock,
+    }.items():
+        with pytest.raises(Exception, match=r"(?i)guest sessions|permission|not allowed"):
+            as_guest(read)
+        assert label
 
 
 def test_unapproved_code_cannot_read_private_data(federation):

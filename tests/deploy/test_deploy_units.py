@@ -219,6 +219,8 @@ def inprocess(deploy_cache, tmp_path_factory):
                 "model_key": keys.owners[k].model_key,
                 "ledger": ledger,
                 "min_aggregate_clients": 2,
+                "signing_key": keys.owners[k].signing_key,
+                "registered_keys": {str(c): v for c, v in keys.owners[k].registered_keys.items()},
                 "reproducible_noise": True,  # comparable with the simulation (the attack test turns it off)
             }
         )
@@ -251,12 +253,17 @@ def _run_rounds(env, rounds: int):
     sealed, digest, bounds = None, params_digest(initial_global_model(env["config"], env["meta"])), []
     for r in range(rounds):
         aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(r, 0))
+        contributions = {}
         for k in range(3):
             request = RoundRequest("run", env["config"], env["meta"], r, 0, k, sealed, digest).to_wire()
-            for payload in train_round(env["rows"][k], env["owners"][k], request)["update"]:
+            output = train_round(env["rows"][k], env["owners"][k], request)
+            contributions[k] = (output["update"], output["signature"])
+            for payload in output["update"]:
                 aggregator.add(payload)
         closed = aggregator.close()
-        request = RoundRequest("run", env["config"], env["meta"], r, 0, 0, sealed, digest, closed.aggregate)
+        request = RoundRequest(
+            "run", env["config"], env["meta"], r, 0, 0, sealed, digest, closed.aggregate, contributions
+        )
         applied = apply_round(env["owners"][1], request.to_wire())
         sealed, digest = applied["global_model"], applied["digest"]
         bounds.append(applied["error_bound"])
@@ -284,17 +291,19 @@ def test_owner_refuses_an_aggregate_below_min_aggregate_clients(inprocess):
     outputs = {}
     for k in (0, 1):
         request = RoundRequest("run", env["config"], env["meta"], 0, 7, k, None, digest).to_wire()
-        outputs[k] = train_round(env["rows"][k], env["owners"][k], request)["update"]
+        output = train_round(env["rows"][k], env["owners"][k], request)
+        outputs[k] = (output["update"], output["signature"])
 
     def aggregate(clients):
         aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(0, 7))
         for k in clients:
-            for payload in outputs[k]:
+            for payload in outputs[k][0]:
                 aggregator.add(payload)
         closed = aggregator.close()
         return RoundRequest(
-            "run", env["config"], env["meta"], 0, 7, 2, None, digest, closed.aggregate
-        ).to_wire()
+            "run", env["config"], env["meta"], 0, 7, 2, None, digest, closed.aggregate,
+            {k: outputs[k] for k in clients},
+        ).to_wire()  # fmt: skip
 
     with pytest.raises(DeployError, match="min_aggregate_clients=2"):
         apply_round(env["owners"][2], aggregate([0]))
@@ -314,7 +323,8 @@ def test_datasite_code_in_process_is_the_simulation_bit_for_bit(inprocess, simul
     )
     assert digest == simulation.digest
     np.testing.assert_array_equal(params, simulation.params)
-    assert all(0 < b < 1e-6 for b in bounds)
+    # The released bound is one constant of the configuration (about a quantum), not data-derived.
+    assert len(set(bounds)) == 1 and 0 < bounds[0] < 1e-3
 
 
 def test_mock_run_computes_nothing(inprocess):
@@ -446,7 +456,10 @@ def test_datasites_import_only_the_modules_their_owner_allows(inprocess):
         train_round(env["rows"][2], other, request)
     allowed = {**env["owners"][2], "allowed_modules": ["deploy_custom_algo"]}
     output = train_round(env["rows"][2], allowed, request)
-    assert set(output) == {"protocol", "update", "spend", "noise_source"} and output["spend"]["steps"] > 0
+    assert (
+        set(output) == {"protocol", "update", "spend", "noise_source", "signature"}
+        and output["spend"]["steps"] > 0
+    )
     assert len(sys.modules["deploy_custom_algo"].LOCAL_STEPS) == output["spend"]["steps"]
 
 
@@ -524,3 +537,158 @@ def test_a_request_may_not_set_the_owners_noise_source(inprocess):
         tampered["config"]["privacy"]["secure_mode"] = value
         with pytest.raises(DeployError, match=r"privacy\.secure_mode.*the datasite owns its noise source"):
             train_round(env["rows"][1], env["owners"][1], tampered)
+
+
+def test_apply_is_a_recorded_budgeted_release_with_a_constant_error_bound(inprocess):
+    """The decryption-oracle attack (issue 14, item 2): a coordinator asks one owner to apply many
+    chosen aggregates of one round and reads the plaintext-derived ``error_bound`` of each. Now the
+    bound is one constant, each distinct decryption is a ``decryption`` event in the owner's ledger
+    (recorded before decrypting; a retried identical call is not a new release), another subset of an
+    attempt already decrypted is refused (two subsets differ by one owner's update), and past
+    MAX_DECRYPTIONS_PER_ROUND attempts of a round the owner refuses."""
+    from fedrec.deploy.training import (
+        MAX_DECRYPTIONS_PER_ROUND,
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.ledger import PrivacyLedger
+
+    env = inprocess
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+
+    def signed(attempt, clients):
+        out = {}
+        for k in clients:
+            request = RoundRequest("run", env["config"], env["meta"], 0, attempt, k, None, digest).to_wire()
+            output = train_round(env["rows"][k], env["owners"][k], request)
+            out[k] = (output["update"], output["signature"])
+        return RoundRequest(
+            "oracle-run", env["config"], env["meta"], 0, attempt, 2, None, digest, None, out
+        ).to_wire()
+
+    assert attempt_tag(0, 20) != attempt_tag(0, 21)
+    owner = env["owners"][2]
+    bounds = set()
+    first = signed(20, (0, 1, 2))
+    bounds.add(apply_round(owner, first)["error_bound"])
+    bounds.add(apply_round(owner, first)["error_bound"])  # a retried call: no new release
+    subset = dict(first, contributions=[c for c in first["contributions"] if c["client"] != 2])
+    with pytest.raises(DeployError, match="refusing another subset"):
+        apply_round(owner, subset)
+    for attempt in range(21, 20 + MAX_DECRYPTIONS_PER_ROUND):
+        bounds.add(apply_round(owner, signed(attempt, (0, 1)))["error_bound"])
+    assert len(bounds) == 1  # one constant, whatever was decrypted
+    with PrivacyLedger.attach(owner["ledger"]) as ledger:
+        events = [e for e in ledger.events() if e.kind == "decryption" and e.detail["run_id"] == "oracle-run"]
+    assert len(events) == MAX_DECRYPTIONS_PER_ROUND
+    with pytest.raises(DeployError, match="MAX_DECRYPTIONS_PER_ROUND"):
+        apply_round(owner, signed(20 + MAX_DECRYPTIONS_PER_ROUND, (0, 1)))
+
+
+def test_apply_refuses_forged_or_unsigned_contributors(inprocess):
+    """The forged-contributor attack (issue 14, item 2): the public context lets a coordinator encrypt
+    updates of its own under made-up client ids to pass min_aggregate_clients. The decrypting owner
+    now recomputes the sum from signed contributions and counts only registered signers."""
+    from fedrec.deploy.training import (
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption.client import EncryptionClient
+    from privacy.encryption.schema import UpdateSchema
+
+    env = inprocess
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    request = RoundRequest("run", env["config"], env["meta"], 0, 30, 0, None, digest).to_wire()
+    output = train_round(env["rows"][0], env["owners"][0], request)
+    real = (output["update"], output["signature"])
+    schema = UpdateSchema(env["layout"].entries)
+    # What a coordinator can make: valid ciphertexts (here with a key holder's client) under other ids.
+    forger = EncryptionClient(env["owners"][0]["secret_context"], schema)
+    fake = forger.encrypt_update(np.zeros(schema.size), weight=1, round_idx=attempt_tag(0, 30), client_id=1)
+
+    def ask(contributions):
+        return RoundRequest(
+            "forge-run", env["config"], env["meta"], 0, 30, 2, None, digest, None, contributions
+        ).to_wire()
+
+    owner = env["owners"][2]
+    cases = {
+        "unsigned": ({0: real, 1: (fake, b"\0" * 64)}, "does not verify"),
+        "signature of another owner": ({0: real, 1: (fake, real[1])}, "does not verify"),
+        "unregistered id": ({0: real, 77: (fake, real[1])}, "not a registered owner"),
+        "replayed under another id": ({0: real, 1: real}, "does not verify"),
+        "alone": ({0: real}, "min_aggregate_clients=2"),
+    }
+    for label, (contributions, message) in cases.items():
+        with pytest.raises(DeployError, match=message):
+            apply_round(owner, ask(contributions))
+        assert label
+
+
+def test_apply_drops_a_malformed_signed_contribution_and_applies_the_rest(inprocess):
+    """A key-holding owner signs a contribution that passes every header check but would poison the
+    aggregate (issue 14, item 4): forged unit values (the old negative-weight attack) or values 172x
+    past the clip. The decrypting owner checks each update's format before decrypting the sum, leaves
+    the bad one out (only its id leaves) and applies the others: the run goes on."""
+    import os
+    import tempfile
+
+    from fedrec.deploy.outputs import validate_apply_output
+    from fedrec.deploy.training import (
+        RoundRequest,
+        apply_round,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
+    from fedrec.federated.private_store import attempt_tag
+    from privacy.encryption import wire
+    from privacy.encryption.client import EncryptionClient
+    from privacy.encryption.params import META_VALUES
+    from privacy.encryption.schema import UpdateSchema
+    from privacy.encryption.signing import sign_contribution
+
+    env = inprocess
+    digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    tag = attempt_tag(0, 40)
+    honest = {}
+    for k in (0, 1):
+        request = RoundRequest("run", env["config"], env["meta"], 0, 40, k, None, digest).to_wire()
+        output = train_round(env["rows"][k], env["owners"][k], request)
+        honest[k] = (output["update"], output["signature"])
+    schema = UpdateSchema(env["layout"].entries)
+    client = EncryptionClient(env["owners"][2]["secret_context"], schema)
+    bound = 2**client.spec.quant.precision_bits
+
+    def forged(values: int, units: int):
+        payloads = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for index, (start, stop, n_ct) in enumerate(client._layout):
+                ints = np.concatenate([np.full(stop - start, values), np.full(META_VALUES, units)])
+                body = wire.join_ciphertexts(client._encrypt_values(ints, n_ct, os.path.join(scratch, "ct")))
+                header = wire.Header(
+                    kind=wire.KIND_UPDATE, scheme=client.spec.params.scheme, param_hash=client.spec.param_hash,
+                    schema_hash=schema.hash, round_idx=tag, client_id=2, chunk_index=index,
+                    chunk_count=len(client._layout), num_ciphertexts=n_ct, weight=1,
+                )  # fmt: skip
+                payloads.append(wire.encode(header, body))
+        return payloads, sign_contribution(env["owners"][2]["signing_key"], payloads)
+
+    clean = None
+    for run_id, bad in (("drop-units", forged(0, -485)), ("drop-scaled", forged(min(172 * bound, 2**20), 1))):
+        request = RoundRequest(
+            run_id, env["config"], env["meta"], 0, 40, 1, None, digest, None, {**honest, 2: bad}
+        ).to_wire()
+        applied = apply_round(env["owners"][1], request)
+        assert applied["dropped"] == [2] and applied["num_clients"] == 2
+        validate_apply_output(applied, round_idx=0, size=env["layout"].size, num_clients=3)
+        clean = clean or applied["digest"]
+        assert applied["digest"] == clean  # exactly the round of the two honest owners

@@ -69,12 +69,17 @@ def test_extreme_sums_with_unequal_weights_match_plaintext_fedavg(extreme):
     assert np.abs(result.average - expected).max() <= 1e-12
 
 
-def test_noise_budget_is_sized_for_max_clients_ciphertexts():
-    """Same digit base, more ciphertexts summed: parameters planned for one client are refused for 1024."""
-    one = QuantSpec(clip=CLIP, precision_bits=PRECISION_BITS, max_clients=1, max_weight=1024)
+def test_noise_budget_is_sized_for_max_clients_ciphertexts_scaled_by_max_weight():
+    """Same digit base, more noise: parameters planned for one unweighted client are refused for 1024
+    ciphertexts, and for one ciphertext the aggregator multiplies by a public weight of up to 1024."""
+    one = QuantSpec(clip=CLIP, precision_bits=PRECISION_BITS + 10, max_clients=1, max_weight=1)
     many = QuantSpec(clip=CLIP, precision_bits=PRECISION_BITS, max_clients=1024, max_weight=1)
-    assert one.digit_base == many.digit_base  # the packing check alone cannot tell them apart
+    weighted = QuantSpec(clip=CLIP, precision_bits=PRECISION_BITS, max_clients=1, max_weight=1024)
+    assert one.digit_base == many.digit_base == weighted.digit_base  # packing alone cannot tell them apart
     params = plan_bfv(one)
     check_headroom(params, one)
     with pytest.raises(EncryptionError, match="max_clients=1024"):
         check_headroom(params, many)
+    with pytest.raises(EncryptionError, match="max_weight=1024"):
+        check_headroom(params, weighted)
+    check_headroom(plan_bfv(weighted), weighted)
