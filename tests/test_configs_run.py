@@ -47,6 +47,10 @@ def tiny_overrides(name: str, cache: Path) -> list[str]:
     else:
         out += ["model.preproc.synthetic.rows=3000", "model.preproc.synthetic.vocab_size=20"]
     out += ["train.max_steps=3", "train.eval_batch_size=512"]
+    if config.privacy is not None and config.privacy.epsilon_budget is not None:
+        # a batch sized for ~86k-row silos would sample most of a tiny client's rows each step: a
+        # tiny batch keeps the sampling rate, and so the spend, inside the file's own budget
+        out.append("train.batch_size=16")
     if config.fl is not None:
         out += ["fl.rounds=1", "fl.client_num_per_round=3", "fl.local_steps=2", "fl.eval_every=1"]
         if config.fl.num_workers is not None:
