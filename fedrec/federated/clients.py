@@ -42,7 +42,7 @@ from fedrec.federated.client_round import (
 from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
-from fedrec.federated.run import RunSpec, read_global_model, write_global_model
+from fedrec.federated.run import RunPaths, RunSpec, read_global_model, write_global_model
 from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
 from fedrec.federated.worker import (
     FederatedWorker,
@@ -139,8 +139,7 @@ class RankContext:
         authority runs after the ranks are set up)."""
         if self._codec is None:
             if self.fl.secure:
-                with open(self.paths.secret_context, "rb") as fh:
-                    self._codec = SecureCodec(self.layout, secret_context=fh.read())
+                self._codec = SecureCodec(self.layout, secret_context=checked_secret_context(self.paths))
             else:
                 self._codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
         return self._codec
@@ -349,6 +348,7 @@ def client_task(
         )
     if noise is not None:
         context.check_round_recorded(noise)
+    codec = context.codec  # secure: the key pair is read and proven here, before any training or spend
     worker = context.trainer_worker(client_id, round_idx, attempt, digest)
     asyncio.run(worker.run())
     update = worker.update
@@ -358,7 +358,7 @@ def client_task(
     if noise is not None:
         noised, clipped = privatize(update.delta, noise, seed=spec.config.seed, client_id=client_id)
         if context.fl.secure:
-            bound = context.codec.clip()
+            bound = codec.clip()
             largest = float(np.max(np.abs(noised))) if noised.size else 0.0
             if largest > bound:
                 # Clamping a coordinate would change the Gaussian mechanism the ledger accounts.
@@ -379,7 +379,7 @@ def client_task(
         )
     tag = attempt_tag(round_idx, attempt)
     rng = quantisation_rng(spec.config.seed, round_idx, client_id)
-    payload, nbytes = context.codec.encode(update, tag=tag, rng=rng)
+    payload, nbytes = codec.encode(update, tag=tag, rng=rng)
     return TaskResult(
         client_id=client_id,
         payload=payload,
@@ -459,6 +459,31 @@ def apply_task(
         "rank": world_rank(),
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def checked_secret_context(paths: RunPaths) -> bytes:
+    """The clients' secret context bytes, once it is shown to pair with the run's public context.
+
+    Both files are read with one-line errors naming them (missing, unreadable, wrong role, other
+    parameters), and the pair is proven (a vector encrypted under the public key decrypts under the
+    secret one): a deleted public.ctx or a swapped secret.ctx stops the run before any spend.
+
+    Raises:
+        EncryptionError: a file is missing or refused, or the two contexts are not one key pair.
+    """
+    from privacy.encryption.context import check_key_pair, read_context_file
+
+    secret = read_context_file(paths.secret_context, role="secret")
+    public = read_context_file(paths.public_context, role="public")
+    check_key_pair(secret, public)
+    with open(paths.secret_context, "rb") as fh:
+        return fh.read()
+
+
+def key_check_task(spec: RunSpec) -> bool:
+    """Start-up check on the client side: the secret and public contexts are one key pair."""
+    checked_secret_context(spec.paths)
+    return True
 
 
 def keygen_task(spec: RunSpec, *, max_clients: int, max_weight: int) -> bytes:

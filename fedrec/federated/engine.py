@@ -156,12 +156,20 @@ def open_ledger(
     """The run's privacy ledger (the aggregator owns it; clients attach or report their spends).
 
     On resume ``position`` is the checkpoint's ledger position: a ledger holding fewer rows (replaced
-    or truncated) is an error.
+    or truncated) is an error, and so is a missing one (a fresh ledger would forget every spend before
+    the checkpoint).
     """
+    from privacy.errors import LedgerError
     from privacy.ledger import PrivacyLedger, ledger_path
 
+    path = ledger_path(logdir)
+    if position and not os.path.exists(path):
+        raise LedgerError(
+            f"--resume: the checkpoint was written with privacy ledger {position.get('ledger_id')} but {path} "
+            "does not exist; a resume without the run's ledger would forget the spends already made (restore it)"
+        )
     ledger = PrivacyLedger.open(
-        ledger_path(logdir),
+        path,
         delta=delta,
         accountant=accountant if accountant in ("rdp", "prv") else "rdp",
         client_epsilon_budget=client_budget,
@@ -569,7 +577,11 @@ class RoundEngine:
             return None
         from privacy.ledger import ledger_path
 
-        summary: dict[str, Any] = {"ledger": ledger_path(self.logdir)}
+        summary: dict[str, Any] = {
+            "ledger": ledger_path(self.logdir),
+            # the report checks the ledger against it (rewound, replaced or copied in)
+            "ledger_position": self.ledger.position() if self.ledger is not None else None,
+        }
         if self.client_privacy is not None:
             summary.update(
                 example_privacy_summary(

@@ -63,7 +63,14 @@ from fedrec.federated.checkpoint import (
     save_checkpoint,
 )
 from fedrec.federated.client_round import public_initialisation
-from fedrec.federated.clients import TaskResult, apply_task, client_privacy_config, client_task, keygen_task
+from fedrec.federated.clients import (
+    TaskResult,
+    apply_task,
+    client_privacy_config,
+    client_task,
+    key_check_task,
+    keygen_task,
+)
 from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.engine import ClientFailed, ClosedRound, Published, RoundEngine, chained, open_ledger
 from fedrec.federated.private_store import PrivateRowStore
@@ -86,6 +93,7 @@ from fedrec.federated.user_dp import (
 )
 from fedrec.federated.worker import ClientResult, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
+from privacy.encryption.context import read_context_file
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
 
@@ -334,6 +342,7 @@ class Simulation:
     def _prepare_secure(self, partition: Partition) -> None:
         fl, paths = self.fl, self.paths
         if self.resume:
+            read_context_file(paths.public_context, role="public")  # one-line error: missing, wrong role
             with open(paths.public_context, "rb") as fh:
                 public = fh.read()
             digest = hashlib.sha256(public).hexdigest()
@@ -352,6 +361,9 @@ class Simulation:
             with open(paths.public_context, "wb") as fh:
                 fh.write(public)
             self.state.public_context_digest = hashlib.sha256(public).hexdigest()  # type: ignore[union-attr]
+        # The clients' secret and the run's public context must be one key pair: checked once here,
+        # before round 0 (a swapped secret.ctx or a deleted public.ctx is one line, not 20 spends).
+        self.pool.submit(_key_check_call, self.spec).result(timeout=APPLY_TIMEOUT_FLOOR)
         self.codec = SecureCodec(self.layout, public_context=public)
 
     def _open_ledger(self) -> None:
@@ -416,6 +428,8 @@ class Simulation:
             self.stuck_workers = bool(self.engine.stuck)
             if self.pool is not None:
                 self.pool.shutdown(stuck=self.stuck_workers)
+            if self.ledger is not None:  # checkpoints the WAL: the file alone is the whole ledger
+                self.ledger.close()
         return self.final
 
 
@@ -429,6 +443,10 @@ def run_fingerprint(config: ExperimentConfig) -> str:
         train=dataclasses.replace(config.train, progress=True),
     )
     return config_fingerprint(normalised)
+
+
+def _key_check_call(spec: RunSpec) -> bool:
+    return key_check_task(spec)
 
 
 def _keygen_call(spec: RunSpec, max_clients: int, max_weight: int) -> bytes:
