@@ -42,7 +42,7 @@ from fedrec.federated.client_round import (
 from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
-from fedrec.federated.run import RunPaths, RunSpec, read_global_model, write_global_model
+from fedrec.federated.run import RunPaths, RunSpec, one_line, read_global_model, write_global_model
 from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
 from fedrec.federated.worker import (
     FederatedWorker,
@@ -369,6 +369,8 @@ def client_task(
                 )
         update = dataclasses.replace(update, delta=noised.astype(np.float32), weight=1.0)
     if context.fl.secure:
+        # What encode would refuse is refused now, before the spend: no spend for work never sent.
+        codec.check_encodable(update)
         # Durable before the update leaves this client (BudgetExceededError: it never leaves).
         context.ledger.record_client_spend(
             client=client_id,
@@ -379,7 +381,16 @@ def client_task(
         )
     tag = attempt_tag(round_idx, attempt)
     rng = quantisation_rng(spec.config.seed, round_idx, client_id)
-    payload, nbytes = codec.encode(update, tag=tag, rng=rng)
+    try:
+        payload, nbytes = codec.encode(update, tag=tag, rng=rng)
+    except Exception as err:
+        if not context.fl.secure:
+            raise
+        # The spend stays recorded (the ledger is an upper bound); say so, in one line.
+        raise FedrecError(
+            f"client {client_id}: round {round_idx}: encoding failed after the spend was recorded "
+            f"(counted, nothing sent): {one_line(err)}"
+        ) from None
     return TaskResult(
         client_id=client_id,
         payload=payload,

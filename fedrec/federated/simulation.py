@@ -91,7 +91,7 @@ from fedrec.federated.user_dp import (
     max_poisson_sample,
     plan_for_run,
 )
-from fedrec.federated.worker import ClientResult, ParamLayout, algorithm_params
+from fedrec.federated.worker import ClientResult, FederatedWorker, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
 from privacy.encryption.context import read_context_file
 
@@ -292,6 +292,7 @@ class Simulation:
             # attempt after a crash is then an independent sample, as the ledger accounts it).
             self.user_dp_sample_key = os.urandom(32) if self.user_dp.secure_mode else None
         if fl.secure:
+            check_weights_encodable(fl, algorithm_cls, partition.sizes(), user_dp=self.user_dp is not None)
             self.client_privacy = client_privacy_config(config, partition)
             public_initialisation(model, data.meta)
         fingerprint = run_fingerprint(config)
@@ -443,6 +444,30 @@ def run_fingerprint(config: ExperimentConfig) -> str:
         train=dataclasses.replace(config.train, progress=True),
     )
     return config_fingerprint(normalised)
+
+
+def check_weights_encodable(
+    fl: Any, algorithm_cls: type[FederatedWorker], sizes: np.ndarray, *, user_dp: bool
+) -> None:
+    """Refuse, at start-up, an ``fl.encryption.max_weight`` below the weight some client would send.
+
+    With FedAvg's weights (a client's number of examples) every client's weight is known here; an
+    algorithm with its own ``client_weight`` is checked by each client before its spend instead.
+    Under fl.user_dp every client weighs 1.
+
+    Raises:
+        ConfigError: names the key, its value and the largest client.
+    """
+    max_weight = fl.encryption.max_weight
+    if not max_weight or user_dp or algorithm_cls.client_weight is not FederatedWorker.client_weight:
+        return
+    largest = int(np.max(sizes)) if len(sizes) else 0
+    if largest > max_weight:
+        raise ConfigError(
+            f"config key 'fl.encryption.max_weight' = {max_weight}: below the largest client's weight "
+            f"({largest} examples; FedAvg weighs a client by its examples); raise it or set it to null "
+            "(the largest client's size)"
+        )
 
 
 def _key_check_call(spec: RunSpec) -> bool:

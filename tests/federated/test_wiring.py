@@ -15,9 +15,12 @@ import shutil
 import pytest
 from fl_helpers import TINY_DLRM, _with_cache, train_fl, write_config
 
+from fedrec import registry
 from fedrec.config.loader import build_experiment
+from fedrec.errors import ConfigError
+from fedrec.federated.algorithms.fed_avg import FedAvgWorker
 from fedrec.federated.run import RunPaths
-from fedrec.federated.simulation import Simulation
+from fedrec.federated.simulation import Simulation, SimulationError
 from privacy.errors import EncryptionError, LedgerError
 from privacy.ledger import PrivacyLedger, ledger_path
 
@@ -111,3 +114,36 @@ def test_bad_context_files_stop_the_run_before_any_spend(one_secure_round, tmp_p
         run(config, target, resume=True)
     assert "\n" not in str(raised.value)
     assert spends(target) == before  # nothing recorded for round 1
+
+
+# ---------------------------------------------------------------- no spend for work never sent
+
+
+@registry.load("fl_algo", "_test_heavy_weight")
+class HeavyWeight(FedAvgWorker):
+    """Weights no key pair can encode: only each client's own check (before its spend) can see it."""
+
+    def client_weight(self, num_examples: int) -> float:
+        return float(num_examples * 1000)
+
+
+def test_max_weight_below_the_largest_client_is_a_config_error_before_anything_is_written(
+    tiny_config, tmp_path
+):
+    config = secure(tiny_config)
+    config["fl"]["encryption"] = {"max_weight": 10}
+    with pytest.raises(
+        ConfigError, match=r"'fl.encryption.max_weight' = 10: below the largest client"
+    ) as raised:
+        run(config, tmp_path)
+    assert "\n" not in str(raised.value)
+    assert not os.path.exists(ledger_path(str(tmp_path)))
+    assert not os.path.exists(RunPaths(str(tmp_path)).checkpoint)
+
+
+def test_an_unencodable_weight_is_refused_by_the_client_before_its_spend(tiny_config, tmp_path):
+    config = secure(tiny_config, algorithm="_test_heavy_weight", max_round_retries=1)
+    with pytest.raises(SimulationError, match=r"outside \[1, fl\.encryption\.max_weight") as raised:
+        run(config, tmp_path)
+    assert "nothing is recorded or sent" in str(raised.value)
+    assert spends(tmp_path) == 0  # two attempts of 8 clients, nothing recorded
