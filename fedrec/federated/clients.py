@@ -40,6 +40,7 @@ from fedrec.federated.client_round import (
     ridge_user_rows,
 )
 from fedrec.federated.codec import PlainCodec, SecureCodec
+from fedrec.federated.engine import ClientOutOfBudget
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
 from fedrec.federated.run import RunPaths, RunSpec, one_line, read_global_model, write_global_model
@@ -52,6 +53,7 @@ from fedrec.federated.worker import (
     algorithm_params,
 )
 from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
+from privacy.ledger import BudgetExceededError
 
 # --------------------------------------------------------------------------------------------------
 # Rank side: per-process context and the tasks
@@ -372,13 +374,17 @@ def client_task(
         # What encode would refuse is refused now, before the spend: no spend for work never sent.
         codec.check_encodable(update)
         # Durable before the update leaves this client (BudgetExceededError: it never leaves).
-        context.ledger.record_client_spend(
-            client=client_id,
-            round=round_idx,
-            noise_multiplier=update.extra["noise_multiplier"],
-            sample_rate=update.extra["sample_rate"],
-            steps=update.extra["dp_steps"],
-        )
+        try:
+            context.ledger.record_client_spend(
+                client=client_id,
+                round=round_idx,
+                noise_multiplier=update.extra["noise_multiplier"],
+                sample_rate=update.extra["sample_rate"],
+                steps=update.extra["dp_steps"],
+            )
+        except BudgetExceededError as err:
+            record_out_of_budget(context.ledger, client_id, round_idx, update.extra)
+            raise ClientOutOfBudget(f"client {client_id}: round {round_idx}: {one_line(err)}") from None
     tag = attempt_tag(round_idx, attempt)
     rng = quantisation_rng(spec.config.seed, round_idx, client_id)
     try:
@@ -470,6 +476,20 @@ def apply_task(
         "rank": world_rank(),
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def record_out_of_budget(ledger: Any, client_id: int, round_idx: int, extra: dict[str, Any]) -> None:
+    """Record (once) that the ledger refused ``client_id``'s spend: the report lists it, and when."""
+    if str(client_id) in ledger.excluded_clients():
+        return
+    ledger.record_exclusion(
+        client=client_id,
+        round=round_idx,
+        reason=(
+            f"budget: the round's spend (noise {extra['noise_multiplier']:g}, rate {extra['sample_rate']:.4g}, "
+            f"{extra['dp_steps']} steps) would exceed privacy.epsilon_budget"
+        ),
+    )
 
 
 def checked_secret_context(paths: RunPaths) -> bytes:

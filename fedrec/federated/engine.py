@@ -58,6 +58,7 @@ from fedrec.progress import RoundProgress
 from privacy.report.tensorboard import log_ledger_epsilon
 
 FAILURE_REASONS = ("error", "timeout", "rejected", "refused")
+BUDGET_SUBSTITUTE_SALT = 0xB5  # keys fl.on_budget_exhausted=continue's replacement draws
 
 
 class ClientFailed(Exception):
@@ -69,6 +70,14 @@ class ClientFailed(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class ClientOutOfBudget(FedrecError):
+    """A sampled client's ledger refused its spend (privacy.epsilon_budget): it trained, sent nothing."""
+
+
+class BudgetStop(Exception):
+    """The run ends cleanly here: sampled clients cannot pay for another round (fl.on_budget_exhausted)."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +280,13 @@ class RoundEngine:
         self.final: dict[str, Any] | None = None
         epsilons = ledger.epsilons() if ledger is not None else {}
         self.max_epsilon = max(epsilons.values(), default=0.0)
+        # client -> round its ledger first refused a spend (privacy.epsilon_budget); resumed from the ledger
+        self.exhausted: dict[int, int] = {}
+        if ledger is not None:
+            for item in ledger.exclusions():
+                if item.reason.startswith("budget") and str(item.client).isdigit():
+                    self.exhausted.setdefault(int(item.client), int(item.round))
+        self.budget_stop: str | None = None  # why the run ended at the budget (fl.on_budget_exhausted)
 
     @property
     def error(self) -> type[FedrecError]:
@@ -320,6 +336,10 @@ class RoundEngine:
                         f"{self.user_dp.plan.epsilon_budget:g}; stopping after {self.state.round_idx} rounds"
                     )
                     break
+                except BudgetStop as stop:
+                    self.budget_stop = str(stop)
+                    self.log(f"{stop}; the model of round {self.state.round_idx} is kept")
+                    break
                 done += 1
                 bar.update(record)  # a bar on a terminal, one line per round otherwise (mpirun)
                 if self.backend.log_rounds:
@@ -347,9 +367,18 @@ class RoundEngine:
                     f"fl.max_round_retries={fl.max_round_retries}); first failure: "
                     f"{last.failures[0].message if last.failures else 'none'}"
                 )
+            known = len(self.exhausted)
             await aggregator.run()
             assert aggregator.last_results is not None
             attempts.append(aggregator.last_results)
+            newly = len(self.exhausted) - known
+            if aggregator.round_idx == round_idx and newly and self.fl.on_budget_exhausted == "stop":
+                self._stop_at_budget(
+                    round_idx,
+                    f"round {round_idx}: {newly} sampled client(s) cannot afford the round within "
+                    f"privacy.epsilon_budget (fl.on_budget_exhausted=stop); stopping after "
+                    f"{self.state.round_idx} rounds",
+                )
         results = attempts[-1]
         noise = self.user_dp.noise if self.user_dp else None
         if noise is not None:
@@ -393,7 +422,99 @@ class RoundEngine:
         save_checkpoint(self.checkpoint, state)  # the round is committed here
         self._log_round(record)
         self.write_summary(final=None)
+        if self.exhausted and self.fl.on_budget_exhausted == "stop" and state.round_idx < fl.rounds:
+            raise BudgetStop(
+                f"round {round_idx}: {len(self.exhausted)} client(s) out of privacy.epsilon_budget "
+                f"(fl.on_budget_exhausted=stop); stopping after {state.round_idx} rounds"
+            )
         return record
+
+    def _stop_at_budget(self, round_idx: int, message: str) -> None:
+        """End the run cleanly at the budget, unless no round was ever affordable (a config error)."""
+        if self.state.round_idx == 0:
+            raise self.error(
+                f"round {round_idx}: no round is affordable: sampled clients' spends exceed "
+                f"privacy.epsilon_budget from the first round (BudgetExceededError); nothing was sent"
+            )
+        raise BudgetStop(message)
+
+    def _affordable_sample(self, sampled: list[int], round_idx: int, attempt: int) -> list[int]:
+        """Leave out (continue: replace) sampled clients whose next spend the ledger would refuse.
+
+        A client's next spend is its last one (same data, same config); the ledger excludes a client
+        it would take past privacy.epsilon_budget, recording the round and the epsilon it would
+        reach, before any client trains. ``stop`` ends the run here (BudgetStop); ``continue`` draws
+        replacements among the clients that can still pay (not under fl.user_dp, whose Poisson
+        sample is what its accountant assumes: there the exhausted clients are only left out).
+        """
+        if (
+            self.ledger is None
+            or self.client_privacy is None
+            or self.ledger.info.client_epsilon_budget is None
+        ):
+            return sampled
+        newly = self._exclude_unaffordable(sampled, round_idx)
+        if newly and self.fl.on_budget_exhausted == "stop":
+            self._stop_at_budget(
+                round_idx,
+                f"round {round_idx}: {newly} sampled client(s) cannot afford the round within "
+                f"privacy.epsilon_budget (fl.on_budget_exhausted=stop); stopping after "
+                f"{self.state.round_idx} rounds",
+            )
+        if self.user_dp is not None:
+            return [c for c in sampled if c not in self.exhausted]
+        while any(c in self.exhausted for c in sampled):
+            sampled = self._substitute_exhausted(sampled, round_idx, attempt)
+            self._exclude_unaffordable(sampled, round_idx)
+        return sampled
+
+    def _exclude_unaffordable(self, clients: Sequence[int], round_idx: int) -> int:
+        """Ask the ledger to admit each client's next spend (its last one); returns how many it excluded."""
+        newly = 0
+        for client in clients:
+            if client in self.exhausted:
+                continue
+            history = self.ledger.client_history(client)
+            if not history:
+                continue  # a first spend: refused by the client's own ledger record if it is too large
+            sigma, rate, steps = history[-1]
+            admitted = self.ledger.admit_clients(
+                [client], round=round_idx, noise_multiplier=sigma, sample_rate=rate, steps=steps
+            )
+            if not admitted:
+                self.exhausted[client] = round_idx
+                newly += 1
+        return newly
+
+    def _substitute_exhausted(self, sampled: list[int], round_idx: int, attempt: int) -> list[int]:
+        """fl.on_budget_exhausted=continue: replace clients known to be out of budget by clients that can pay.
+
+        Replacements are drawn uniformly (keyed on seed, round and attempt) among the clients neither
+        sampled nor exhausted; fewer such clients than the sample needs ends the run (BudgetStop).
+        """
+        out = [c for c in sampled if c not in self.exhausted]
+        need = len(sampled) - len(out)
+        if not need:
+            return sampled
+        population = len(self.sizes)
+        if population - len(self.exhausted) < len(sampled):
+            self._stop_at_budget(
+                round_idx,
+                f"round {round_idx}: only {population - len(self.exhausted)} of {population} clients can still "
+                f"pay, fewer than fl.client_num_per_round = {len(sampled)}; stopping after "
+                f"{self.state.round_idx} rounds",
+            )
+        rng = np.random.default_rng([self.config.seed, round_idx, attempt, BUDGET_SUBSTITUTE_SALT])
+        taken = set(out) | set(sampled)
+        candidates = [c for c in range(population) if c not in taken and c not in self.exhausted]
+        if len(candidates) < need:
+            self._stop_at_budget(
+                round_idx,
+                f"round {round_idx}: only {len(out) + len(candidates)} of {population} clients can still pay, "
+                f"fewer than fl.client_num_per_round = {len(sampled)}; stopping after {self.state.round_idx} rounds",
+            )
+        out.extend(int(c) for c in rng.choice(candidates, size=need, replace=False))
+        return sorted(out)
 
     async def _publish(self, closed: ClosedRound) -> Published:
         future = self.backend.publish(closed)
@@ -413,6 +534,7 @@ class RoundEngine:
         """Run the sampled clients' tasks and stream their outputs into one running sum."""
         round_idx, attempt = worker.round_idx, worker.attempt
         timeout = self.fl.client_timeout
+        neighbour_ids = self._affordable_sample([int(c) for c in neighbour_ids], round_idx, attempt)
         noise = self.user_dp.open_round(round_idx, attempt, neighbour_ids) if self.user_dp else None
         running = self.codec.new_sum(attempt_tag(round_idx, attempt))
         queue = deque(int(c) for c in neighbour_ids)
@@ -466,6 +588,9 @@ class RoundEngine:
             output = waiter.result()
         except cf.BrokenExecutor as err:
             raise self.error(f"the worker pool broke: {one_line(err)}") from None
+        except ClientOutOfBudget as err:  # its ledger refused the spend: nothing was sent
+            self.exhausted.setdefault(client, round_idx)
+            return ClientFailure(client, "refused", one_line(err), elapsed)
         except Exception as err:  # a client's failure is data, not an exception unwinding the round
             return ClientFailure(client, "error", one_line(err), elapsed)
         try:
@@ -602,7 +727,14 @@ class RoundEngine:
             "val": last.get("val"),
             "epsilon": last.get("epsilon"),
             "user_epsilon": self.ledger.user_level_epsilon() if self.user_dp and self.ledger else None,
-            "stopped_at_budget": bool(self.user_dp and self.user_dp.stopped_at_budget),
+            "stopped_at_budget": bool(self.user_dp and self.user_dp.stopped_at_budget)
+            or bool(self.budget_stop),
+            "budget_exhausted": {
+                "policy": self.fl.on_budget_exhausted,
+                "stopped": self.budget_stop,
+                "clients": len(self.exhausted),
+                "first_refused_round": {str(c): r for c, r in sorted(self.exhausted.items())},
+            },
             "final_model_digest": state.global_digest,
             **self.backend.final_fields(),
         }

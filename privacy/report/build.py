@@ -132,7 +132,13 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
             "remaining_min": min(remaining),
             "remaining_median": float(statistics.median(remaining)),
             "remaining_max": max(remaining),
-            "clients_exhausted": sum(1 for r in remaining if r <= 0),
+            # out of budget: nothing left, or the ledger refused a next spend (excluded at the budget)
+            "clients_exhausted": sum(
+                1
+                for c in per_client
+                if c["remaining_budget"] <= 0
+                or (c["client"] in excluded_at and excluded_at[c["client"]].reason.startswith("budget"))
+            ),
         }
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
