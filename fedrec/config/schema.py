@@ -179,6 +179,10 @@ class FaultInjectionConfig:
     hang_clients: list[int] = field(default_factory=list)  # these clients sleep hang_seconds first
     hang_seconds: float = 0.0  # see hang_clients
     kill_clients: list[int] = field(default_factory=list)  # these clients SIGKILL their own rank
+    scale_clients: list[int] = field(
+        default_factory=list
+    )  # these clients send their update times scale_factor (after any clipping): a malicious client
+    scale_factor: float = 100.0  # see scale_clients
     rounds: list[int] | None = None  # restrict the faults to these rounds; null = every round
 
     def validate(self, path: str) -> None:

@@ -320,6 +320,18 @@ def inject_faults(spec: RunSpec, round_idx: int, client_id: int) -> None:
         time.sleep(faults.hang_seconds)
 
 
+def scaled_by_fault(spec: RunSpec, round_idx: int, client_id: int, update: Any) -> Any:
+    """``fl.faults.scale_clients``: a malicious client multiplies what it sends (after any clipping)."""
+    assert spec.config.fl is not None
+    faults = spec.config.fl.faults
+    if client_id not in faults.scale_clients or (
+        faults.rounds is not None and round_idx not in faults.rounds
+    ):
+        return update
+    delta = (np.asarray(update.delta, dtype=np.float64) * faults.scale_factor).astype(np.float32)
+    return dataclasses.replace(update, delta=delta)
+
+
 def _peak_rss_mb() -> float:
     from fedrec.experiment import peak_rss_mb
 
@@ -370,6 +382,7 @@ def client_task(
                     f"{bound:g}; the update is not sent (raise fl.encryption.clip)"
                 )
         update = dataclasses.replace(update, delta=noised.astype(np.float32), weight=1.0)
+    update = scaled_by_fault(spec, round_idx, client_id, update)
     if context.fl.secure:
         # What encode would refuse is refused now, before the spend: no spend for work never sent.
         codec.check_encodable(update)

@@ -598,6 +598,8 @@ class RoundEngine:
                 client, output, running, round_idx=round_idx, attempt=attempt, elapsed=elapsed
             )
         except ClientFailed as failed:
+            if failed.reason == "rejected":
+                self.log(f"round {round_idx}: client {client}: update rejected: {failed.message}")
             return ClientFailure(client, failed.reason, failed.message, elapsed)
         if self.user_dp is not None:
             self.user_dp.note_clipped(result.clipped)
@@ -643,6 +645,8 @@ class RoundEngine:
             "failed_attempts": [
                 {"completed": len(a.results), "sampled": len(a.sampled)} for a in attempts[:-1]
             ],
+            # updates the server refused to add (bad payload, norm above the plaintext bound)
+            "rejected": sum(1 for a in attempts for f in a.failures if f.reason == "rejected"),
             "round_seconds": seconds,
             "apply_seconds": float(published.seconds),
             "client_updates_per_second": len(results.results) / seconds if seconds > 0 else 0.0,

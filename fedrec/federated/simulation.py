@@ -90,6 +90,7 @@ from fedrec.federated.user_dp import (
     check_resumed_plan,
     max_poisson_sample,
     plan_for_run,
+    update_norm_bound,
 )
 from fedrec.federated.worker import ClientResult, FederatedWorker, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
@@ -124,6 +125,8 @@ class PoolBackend:
         sim, timeout = self.sim, self.sim.fl.client_timeout
         if output.seconds > timeout:
             raise ClientFailed("timeout", f"took {output.seconds:.1f}s > fl.client_timeout={timeout}s")
+        if not sim.codec.secure:
+            self.check_plain_update(client, output)
         try:
             sim.codec.add(running, output.payload)
         except Exception as err:
@@ -141,6 +144,36 @@ class PoolBackend:
             rank=output.rank,
             clipped=output.clipped,
         )
+
+    def norm_bound(self) -> float | None:
+        """Plain mode: the largest L2 norm of an update the server accepts (None: no bound).
+
+        ``fl.max_update_norm``, and with fl.user_dp the attempt's clip_norm with room for the noise
+        share (:func:`~fedrec.federated.user_dp.update_norm_bound`), whichever is smaller. Encrypted
+        updates cannot be seen: there the per-coordinate ``fl.encryption.clip`` is the only bound.
+        """
+        sim = self.sim
+        bounds = [sim.fl.max_update_norm] if sim.fl.max_update_norm is not None else []
+        rounds = sim.user_dp_rounds
+        if rounds is not None and rounds.noise is not None:
+            bounds.append(update_norm_bound(rounds.noise, sim.layout.size))
+        return min(bounds) if bounds else None
+
+    def check_plain_update(self, client: int, output: TaskResult) -> None:
+        """Reject (a 'rejected' failure) a plaintext update above the norm bound, or a forged fl.user_dp weight."""
+        delta, weight = output.payload
+        if self.sim.user_dp_rounds is not None and weight != 1.0:
+            raise ClientFailed("rejected", f"weight {weight!r}: under fl.user_dp every client weighs 1")
+        bound = self.norm_bound()
+        if bound is None:
+            return
+        norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
+        if not norm <= bound:  # NaN is rejected too
+            raise ClientFailed(
+                "rejected",
+                f"update L2 norm {norm:.4g} above the server's bound {bound:.4g} "
+                "(fl.max_update_norm, or fl.user_dp.clip_norm with room for the noise)",
+            )
 
     def publish(self, closed: ClosedRound) -> cf.Future:
         """A key-holding client (the apply task) decodes, applies, writes and evaluates the next model."""
