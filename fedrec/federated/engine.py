@@ -58,6 +58,8 @@ from fedrec.progress import RoundProgress
 from privacy.report.tensorboard import log_ledger_epsilon
 
 FAILURE_REASONS = ("error", "timeout", "rejected", "refused")
+SEEDED_SOURCE = "config seed: replayable by anyone who holds the config (epsilon does not hold against them)"
+CSPRNG_SOURCE = "OS CSPRNG"
 BUDGET_SUBSTITUTE_SALT = 0xB5  # keys fl.on_budget_exhausted=continue's replacement draws
 
 
@@ -293,8 +295,32 @@ class RoundEngine:
         return self.backend.error
 
     # ------------------------------------------------------------------ the run
+    def noise_sources(self) -> dict[str, str]:
+        """Where each party's privacy-protecting randomness comes from: party -> source.
+
+        The backend names its parties (``noise_sources()``), or reports per datasite in its privacy
+        fields (``noise_source``, filled in as outputs arrive).
+        """
+        own = getattr(self.backend, "noise_sources", None)
+        if callable(own):
+            return dict(own())
+        reported = self.backend.privacy_fields().get("noise_source") or {}
+        return {f"datasite {party} (DP-SGD noise, Poisson batches)": text for party, text in reported.items()}
+
+    def warn_seeded(self) -> None:
+        """A seeded run says so loudly: one line on stdout (and the log) per seeded party."""
+        for party, source in self.noise_sources().items():
+            if "seed" in source:
+                line = (
+                    f"WARNING: {party}: privacy noise from the {source}; set privacy.secure_mode / "
+                    "fl.user_dp.secure_mode for a run whose epsilon holds against the config's holders"
+                )
+                print(line, flush=True)
+                self.log(line)
+
     def run(self, *, max_rounds: int | None = None) -> dict[str, Any]:
         """Run the remaining rounds (at most ``max_rounds`` now); returns the final summary."""
+        self.warn_seeded()
         self.writer = open_writer(self.logdir)
         try:
             asyncio.run(self._rounds(max_rounds))
@@ -749,5 +775,9 @@ class RoundEngine:
         results: dict[str, Any] = {"rounds": self.state.history, "final": final}
         if error is not None:
             results["error"] = error
-        section = {**self.backend.summary_fields(), "privacy": self.privacy_summary()}
+        section = {
+            **self.backend.summary_fields(),
+            "privacy": self.privacy_summary(),
+            "noise_source": self.noise_sources(),  # party -> where its privacy noise comes from
+        }
         return write_summary(self.logdir, self.config, results, **{self.backend.summary_key: section})

@@ -72,7 +72,16 @@ from fedrec.federated.clients import (
     keygen_task,
 )
 from fedrec.federated.codec import PlainCodec, SecureCodec
-from fedrec.federated.engine import ClientFailed, ClosedRound, Published, RoundEngine, chained, open_ledger
+from fedrec.federated.engine import (
+    CSPRNG_SOURCE,
+    SEEDED_SOURCE,
+    ClientFailed,
+    ClosedRound,
+    Published,
+    RoundEngine,
+    chained,
+    open_ledger,
+)
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import (
     InProcessPool,
@@ -144,6 +153,21 @@ class PoolBackend:
             rank=output.rank,
             clipped=output.clipped,
         )
+
+    def noise_sources(self) -> dict[str, str]:
+        """The simulation's parties and where their privacy noise comes from (none without DP)."""
+        sim, sources = self.sim, {}
+        if sim.fl.secure and sim.config.privacy is not None:
+            sources["clients (DP-SGD noise, Poisson batches)"] = (
+                CSPRNG_SOURCE if sim.config.privacy.secure_mode else SEEDED_SOURCE
+            )
+        if sim.fl.user_dp is not None:
+            secure = sim.fl.user_dp.secure_mode
+            sources["clients (user-level noise shares)"] = CSPRNG_SOURCE if secure else SEEDED_SOURCE
+            sources["aggregator (user-level client sample)"] = (
+                "a secret key from the OS CSPRNG" if secure else SEEDED_SOURCE
+            )
+        return sources
 
     def norm_bound(self) -> float | None:
         """Plain mode: the largest L2 norm of an update the server accepts (None: no bound).
