@@ -288,7 +288,9 @@ def update_norm_bound(noise: RoundNoise, size: int) -> float:
     1-Lipschitz function), so S + s (sqrt(size) + 10) bounds it. A plaintext server rejects more.
     """
     std = noise_share_std(
-        noise_multiplier=noise.noise_multiplier, clip_norm=noise.clip_norm, min_survivors=noise.min_survivors
+        min_survivors=noise.min_survivors,
+        noise_multiplier=noise.noise_multiplier,
+        clip_norm=noise.clip_norm,
     )
     return float(noise.clip_norm + std * (math.sqrt(size) + NORM_BOUND_SIGMAS))
 
