@@ -375,6 +375,9 @@ class RoundEngine:
                         f"{record['round_seconds']:.1f}s"
                         + (f", epsilon {epsilon:.4g}" if epsilon is not None else "")
                     )
+                if self.budget_stop:  # the round completed, but clients ran out: stop here
+                    self.log(f"{self.budget_stop}; the model of round {self.state.round_idx} is kept")
+                    break
         finally:
             bar.close()
         self.final = self._final_summary()
@@ -449,7 +452,7 @@ class RoundEngine:
         self._log_round(record)
         self.write_summary(final=None)
         if self.exhausted and self.fl.on_budget_exhausted == "stop" and state.round_idx < fl.rounds:
-            raise BudgetStop(
+            self.budget_stop = (
                 f"round {round_idx}: {len(self.exhausted)} client(s) out of privacy.epsilon_budget "
                 f"(fl.on_budget_exhausted=stop); stopping after {state.round_idx} rounds"
             )
