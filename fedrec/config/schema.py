@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -179,6 +180,10 @@ class FaultInjectionConfig:
     hang_clients: list[int] = field(default_factory=list)  # these clients sleep hang_seconds first
     hang_seconds: float = 0.0  # see hang_clients
     kill_clients: list[int] = field(default_factory=list)  # these clients SIGKILL their own rank
+    scale_clients: list[int] = field(
+        default_factory=list
+    )  # these clients send their update times scale_factor (after any clipping): a malicious client
+    scale_factor: float = 100.0  # see scale_clients
     rounds: list[int] | None = None  # restrict the faults to these rounds; null = every round
 
     def validate(self, path: str) -> None:
@@ -285,6 +290,12 @@ class FLConfig:
     client_timeout: float = 600.0  # seconds; a slower client is dropped from its round
     min_completion_rate: float = 0.8  # fraction of sampled clients that must return, else retry
     max_round_retries: int = 3  # retries of a round before the run stops with an error
+    on_budget_exhausted: Literal["stop", "continue"] = (
+        "stop"  # secure mode, a sampled client out of privacy.epsilon_budget: stop = end cleanly after the last round that completed; continue = sample among clients that can still pay
+    )
+    max_update_norm: float | None = (
+        None  # plain mode: the server rejects an update whose L2 norm exceeds it (a 'rejected' failure); null = no bound (with fl.user_dp the bound is clip_norm with room for the noise)
+    )
     eval_every: int = 1  # rounds between validations (the last round always evaluates)
     fixed_point_bits: int = 24  # plain mode: updates are summed as exact integers in units of 2^-bits
     encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)  # secure mode only
@@ -311,6 +322,19 @@ class FLConfig:
         if self.max_round_retries < 0:
             raise ConfigError(
                 f"config key '{path}.max_round_retries' = {self.max_round_retries!r}: expected >= 0"
+            )
+        if self.max_update_norm is not None and not (
+            isinstance(self.max_update_norm, int | float) and 0 < self.max_update_norm < math.inf
+        ):
+            raise ConfigError(
+                f"config key '{path}.max_update_norm' = {self.max_update_norm!r}: expected a finite number > 0 "
+                "or null"
+            )
+        if self.max_update_norm is not None and self.secure:
+            raise ConfigError(
+                f"config key '{path}.max_update_norm' = {self.max_update_norm!r}: the server cannot see encrypted "
+                "updates (fl.secure = true); the per-coordinate fl.encryption.clip is the bound there "
+                "(docs/threat-model.md); set it to null"
             )
         if self.dirichlet_alpha <= 0:
             raise ConfigError(

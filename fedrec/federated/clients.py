@@ -40,9 +40,10 @@ from fedrec.federated.client_round import (
     ridge_user_rows,
 )
 from fedrec.federated.codec import PlainCodec, SecureCodec
+from fedrec.federated.engine import ClientOutOfBudget
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
-from fedrec.federated.run import RunSpec, read_global_model, write_global_model
+from fedrec.federated.run import RunPaths, RunSpec, one_line, read_global_model, write_global_model
 from fedrec.federated.server_opt import ServerOptState, lr_at, state_path
 from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
 from fedrec.federated.worker import (
@@ -53,6 +54,7 @@ from fedrec.federated.worker import (
     algorithm_params,
 )
 from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
+from privacy.ledger import BudgetExceededError
 
 # --------------------------------------------------------------------------------------------------
 # Rank side: per-process context and the tasks
@@ -140,8 +142,7 @@ class RankContext:
         authority runs after the ranks are set up)."""
         if self._codec is None:
             if self.fl.secure:
-                with open(self.paths.secret_context, "rb") as fh:
-                    self._codec = SecureCodec(self.layout, secret_context=fh.read())
+                self._codec = SecureCodec(self.layout, secret_context=checked_secret_context(self.paths))
             else:
                 self._codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
         return self._codec
@@ -331,6 +332,18 @@ def inject_faults(spec: RunSpec, round_idx: int, client_id: int) -> None:
         time.sleep(faults.hang_seconds)
 
 
+def scaled_by_fault(spec: RunSpec, round_idx: int, client_id: int, update: Any) -> Any:
+    """``fl.faults.scale_clients``: a malicious client multiplies what it sends (after any clipping)."""
+    assert spec.config.fl is not None
+    faults = spec.config.fl.faults
+    if client_id not in faults.scale_clients or (
+        faults.rounds is not None and round_idx not in faults.rounds
+    ):
+        return update
+    delta = (np.asarray(update.delta, dtype=np.float64) * faults.scale_factor).astype(np.float32)
+    return dataclasses.replace(update, delta=delta)
+
+
 def _peak_rss_mb() -> float:
     from fedrec.experiment import peak_rss_mb
 
@@ -361,6 +374,7 @@ def client_task(
         )
     if noise is not None:
         context.check_round_recorded(noise)
+    codec = context.codec  # secure: the key pair is read and proven here, before any training or spend
     worker = context.trainer_worker(client_id, round_idx, attempt, digest)
     asyncio.run(worker.run())
     update = worker.update
@@ -370,7 +384,7 @@ def client_task(
     if noise is not None:
         noised, clipped = privatize(update.delta, noise, seed=spec.config.seed, client_id=client_id)
         if context.fl.secure:
-            bound = context.codec.clip()
+            bound = codec.clip()
             largest = float(np.max(np.abs(noised))) if noised.size else 0.0
             if largest > bound:
                 # Clamping a coordinate would change the Gaussian mechanism the ledger accounts.
@@ -380,18 +394,34 @@ def client_task(
                     f"{bound:g}; the update is not sent (raise fl.encryption.clip)"
                 )
         update = dataclasses.replace(update, delta=noised.astype(np.float32), weight=1.0)
+    update = scaled_by_fault(spec, round_idx, client_id, update)
     if context.fl.secure:
+        # What encode would refuse is refused now, before the spend: no spend for work never sent.
+        codec.check_encodable(update)
         # Durable before the update leaves this client (BudgetExceededError: it never leaves).
-        context.ledger.record_client_spend(
-            client=client_id,
-            round=round_idx,
-            noise_multiplier=update.extra["noise_multiplier"],
-            sample_rate=update.extra["sample_rate"],
-            steps=update.extra["dp_steps"],
-        )
+        try:
+            context.ledger.record_client_spend(
+                client=client_id,
+                round=round_idx,
+                noise_multiplier=update.extra["noise_multiplier"],
+                sample_rate=update.extra["sample_rate"],
+                steps=update.extra["dp_steps"],
+            )
+        except BudgetExceededError as err:
+            record_out_of_budget(context.ledger, client_id, round_idx, update.extra)
+            raise ClientOutOfBudget(f"client {client_id}: round {round_idx}: {one_line(err)}") from None
     tag = attempt_tag(round_idx, attempt)
     rng = quantisation_rng(spec.config.seed, round_idx, client_id)
-    payload, nbytes = context.codec.encode(update, tag=tag, rng=rng)
+    try:
+        payload, nbytes = codec.encode(update, tag=tag, rng=rng)
+    except Exception as err:
+        if not context.fl.secure:
+            raise
+        # The spend stays recorded (the ledger is an upper bound); say so, in one line.
+        raise FedrecError(
+            f"client {client_id}: round {round_idx}: encoding failed after the spend was recorded "
+            f"(counted, nothing sent): {one_line(err)}"
+        ) from None
     return TaskResult(
         client_id=client_id,
         payload=payload,
@@ -489,6 +519,45 @@ def apply_task(
         "rank": world_rank(),
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def record_out_of_budget(ledger: Any, client_id: int, round_idx: int, extra: dict[str, Any]) -> None:
+    """Record (once) that the ledger refused ``client_id``'s spend: the report lists it, and when."""
+    if str(client_id) in ledger.excluded_clients():
+        return
+    ledger.record_exclusion(
+        client=client_id,
+        round=round_idx,
+        reason=(
+            f"budget: the round's spend (noise {extra['noise_multiplier']:g}, rate {extra['sample_rate']:.4g}, "
+            f"{extra['dp_steps']} steps) would exceed privacy.epsilon_budget"
+        ),
+    )
+
+
+def checked_secret_context(paths: RunPaths) -> bytes:
+    """The clients' secret context bytes, once it is shown to pair with the run's public context.
+
+    Both files are read with one-line errors naming them (missing, unreadable, wrong role, other
+    parameters), and the pair is proven (a vector encrypted under the public key decrypts under the
+    secret one): a deleted public.ctx or a swapped secret.ctx stops the run before any spend.
+
+    Raises:
+        EncryptionError: a file is missing or refused, or the two contexts are not one key pair.
+    """
+    from privacy.encryption.context import check_key_pair, read_context_file
+
+    secret = read_context_file(paths.secret_context, role="secret")
+    public = read_context_file(paths.public_context, role="public")
+    check_key_pair(secret, public)
+    with open(paths.secret_context, "rb") as fh:
+        return fh.read()
+
+
+def key_check_task(spec: RunSpec) -> bool:
+    """Start-up check on the client side: the secret and public contexts are one key pair."""
+    checked_secret_context(spec.paths)
+    return True
 
 
 def keygen_task(spec: RunSpec, *, max_clients: int, max_weight: int) -> bytes:

@@ -14,6 +14,7 @@ simulation's final model does not depend on the number of ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,28 @@ class SecureCodec:
 
     def clip(self) -> float:
         return float(self._encryption_client().spec.quant.clip)
+
+    def check_encodable(self, update: ClientUpdate) -> None:
+        """Refuse, before any spend is recorded, an update :meth:`encode` would refuse.
+
+        Raises:
+            EncryptionError: a weight outside [1, max_weight], a wrong size or a non-finite value.
+        """
+        from privacy.errors import EncryptionError
+
+        max_weight = self._encryption_client().spec.quant.max_weight
+        weight = round(update.weight) if math.isfinite(update.weight) else update.weight
+        if not 1 <= weight <= max_weight:
+            raise EncryptionError(
+                f"client {update.client_id}: weight {update.weight:g} outside [1, fl.encryption.max_weight = "
+                f"{max_weight}]; nothing is recorded or sent (raise fl.encryption.max_weight)"
+            )
+        delta = np.asarray(update.delta)
+        if delta.size != self.layout.size or not np.all(np.isfinite(delta)):
+            raise EncryptionError(
+                f"client {update.client_id}: update of {delta.size} values for a model of {self.layout.size}, "
+                "or non-finite values; nothing is recorded or sent"
+            )
 
     # aggregator
     def new_sum(self, tag: int) -> Any:

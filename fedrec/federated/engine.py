@@ -58,6 +58,9 @@ from fedrec.progress import RoundProgress
 from privacy.report.tensorboard import log_ledger_epsilon
 
 FAILURE_REASONS = ("error", "timeout", "rejected", "refused")
+SEEDED_SOURCE = "config seed: replayable by anyone who holds the config (epsilon does not hold against them)"
+CSPRNG_SOURCE = "OS CSPRNG"
+BUDGET_SUBSTITUTE_SALT = 0xB5  # keys fl.on_budget_exhausted=continue's replacement draws
 
 
 class ClientFailed(Exception):
@@ -69,6 +72,14 @@ class ClientFailed(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class ClientOutOfBudget(FedrecError):
+    """A sampled client's ledger refused its spend (privacy.epsilon_budget): it trained, sent nothing."""
+
+
+class BudgetStop(Exception):
+    """The run ends cleanly here: sampled clients cannot pay for another round (fl.on_budget_exhausted)."""
 
 
 @dataclass(frozen=True)
@@ -156,12 +167,20 @@ def open_ledger(
     """The run's privacy ledger (the aggregator owns it; clients attach or report their spends).
 
     On resume ``position`` is the checkpoint's ledger position: a ledger holding fewer rows (replaced
-    or truncated) is an error.
+    or truncated) is an error, and so is a missing one (a fresh ledger would forget every spend before
+    the checkpoint).
     """
+    from privacy.errors import LedgerError
     from privacy.ledger import PrivacyLedger, ledger_path
 
+    path = ledger_path(logdir)
+    if position and not os.path.exists(path):
+        raise LedgerError(
+            f"--resume: the checkpoint was written with privacy ledger {position.get('ledger_id')} but {path} "
+            "does not exist; a resume without the run's ledger would forget the spends already made (restore it)"
+        )
     ledger = PrivacyLedger.open(
-        ledger_path(logdir),
+        path,
         delta=delta,
         accountant=accountant if accountant in ("rdp", "prv") else "rdp",
         client_epsilon_budget=client_budget,
@@ -263,14 +282,45 @@ class RoundEngine:
         self.final: dict[str, Any] | None = None
         epsilons = ledger.epsilons() if ledger is not None else {}
         self.max_epsilon = max(epsilons.values(), default=0.0)
+        # client -> round its ledger first refused a spend (privacy.epsilon_budget); resumed from the ledger
+        self.exhausted: dict[int, int] = {}
+        if ledger is not None:
+            for item in ledger.exclusions():
+                if item.reason.startswith("budget") and str(item.client).isdigit():
+                    self.exhausted.setdefault(int(item.client), int(item.round))
+        self.budget_stop: str | None = None  # why the run ended at the budget (fl.on_budget_exhausted)
 
     @property
     def error(self) -> type[FedrecError]:
         return self.backend.error
 
     # ------------------------------------------------------------------ the run
+    def noise_sources(self) -> dict[str, str]:
+        """Where each party's privacy-protecting randomness comes from: party -> source.
+
+        The backend names its parties (``noise_sources()``), or reports per datasite in its privacy
+        fields (``noise_source``, filled in as outputs arrive).
+        """
+        own = getattr(self.backend, "noise_sources", None)
+        if callable(own):
+            return dict(own())
+        reported = self.backend.privacy_fields().get("noise_source") or {}
+        return {f"datasite {party} (DP-SGD noise, Poisson batches)": text for party, text in reported.items()}
+
+    def warn_seeded(self) -> None:
+        """A seeded run says so loudly: one line on stdout (and the log) per seeded party."""
+        for party, source in self.noise_sources().items():
+            if "seed" in source:
+                line = (
+                    f"WARNING: {party}: privacy noise from the {source}; set privacy.secure_mode / "
+                    "fl.user_dp.secure_mode for a run whose epsilon holds against the config's holders"
+                )
+                print(line, flush=True)
+                self.log(line)
+
     def run(self, *, max_rounds: int | None = None) -> dict[str, Any]:
         """Run the remaining rounds (at most ``max_rounds`` now); returns the final summary."""
+        self.warn_seeded()
         self.writer = open_writer(self.logdir)
         try:
             asyncio.run(self._rounds(max_rounds))
@@ -312,6 +362,10 @@ class RoundEngine:
                         f"{self.user_dp.plan.epsilon_budget:g}; stopping after {self.state.round_idx} rounds"
                     )
                     break
+                except BudgetStop as stop:
+                    self.budget_stop = str(stop)
+                    self.log(f"{stop}; the model of round {self.state.round_idx} is kept")
+                    break
                 done += 1
                 bar.update(record)  # a bar on a terminal, one line per round otherwise (mpirun)
                 if self.backend.log_rounds:
@@ -321,6 +375,9 @@ class RoundEngine:
                         f"{record['round_seconds']:.1f}s"
                         + (f", epsilon {epsilon:.4g}" if epsilon is not None else "")
                     )
+                if self.budget_stop:  # the round completed, but clients ran out: stop here
+                    self.log(f"{self.budget_stop}; the model of round {self.state.round_idx} is kept")
+                    break
         finally:
             bar.close()
         self.final = self._final_summary()
@@ -339,9 +396,18 @@ class RoundEngine:
                     f"fl.max_round_retries={fl.max_round_retries}); first failure: "
                     f"{last.failures[0].message if last.failures else 'none'}"
                 )
+            known = len(self.exhausted)
             await aggregator.run()
             assert aggregator.last_results is not None
             attempts.append(aggregator.last_results)
+            newly = len(self.exhausted) - known
+            if aggregator.round_idx == round_idx and newly and self.fl.on_budget_exhausted == "stop":
+                self._stop_at_budget(
+                    round_idx,
+                    f"round {round_idx}: {newly} sampled client(s) cannot afford the round within "
+                    f"privacy.epsilon_budget (fl.on_budget_exhausted=stop); stopping after "
+                    f"{self.state.round_idx} rounds",
+                )
         results = attempts[-1]
         noise = self.user_dp.noise if self.user_dp else None
         if noise is not None:
@@ -385,7 +451,99 @@ class RoundEngine:
         save_checkpoint(self.checkpoint, state)  # the round is committed here
         self._log_round(record)
         self.write_summary(final=None)
+        if self.exhausted and self.fl.on_budget_exhausted == "stop" and state.round_idx < fl.rounds:
+            self.budget_stop = (
+                f"round {round_idx}: {len(self.exhausted)} client(s) out of privacy.epsilon_budget "
+                f"(fl.on_budget_exhausted=stop); stopping after {state.round_idx} rounds"
+            )
         return record
+
+    def _stop_at_budget(self, round_idx: int, message: str) -> None:
+        """End the run cleanly at the budget, unless no round was ever affordable (a config error)."""
+        if self.state.round_idx == 0:
+            raise self.error(
+                f"round {round_idx}: no round is affordable: sampled clients' spends exceed "
+                f"privacy.epsilon_budget from the first round (BudgetExceededError); nothing was sent"
+            )
+        raise BudgetStop(message)
+
+    def _affordable_sample(self, sampled: list[int], round_idx: int, attempt: int) -> list[int]:
+        """Leave out (continue: replace) sampled clients whose next spend the ledger would refuse.
+
+        A client's next spend is its last one (same data, same config); the ledger excludes a client
+        it would take past privacy.epsilon_budget, recording the round and the epsilon it would
+        reach, before any client trains. ``stop`` ends the run here (BudgetStop); ``continue`` draws
+        replacements among the clients that can still pay (not under fl.user_dp, whose Poisson
+        sample is what its accountant assumes: there the exhausted clients are only left out).
+        """
+        if (
+            self.ledger is None
+            or self.client_privacy is None
+            or self.ledger.info.client_epsilon_budget is None
+        ):
+            return sampled
+        newly = self._exclude_unaffordable(sampled, round_idx)
+        if newly and self.fl.on_budget_exhausted == "stop":
+            self._stop_at_budget(
+                round_idx,
+                f"round {round_idx}: {newly} sampled client(s) cannot afford the round within "
+                f"privacy.epsilon_budget (fl.on_budget_exhausted=stop); stopping after "
+                f"{self.state.round_idx} rounds",
+            )
+        if self.user_dp is not None:
+            return [c for c in sampled if c not in self.exhausted]
+        while any(c in self.exhausted for c in sampled):
+            sampled = self._substitute_exhausted(sampled, round_idx, attempt)
+            self._exclude_unaffordable(sampled, round_idx)
+        return sampled
+
+    def _exclude_unaffordable(self, clients: Sequence[int], round_idx: int) -> int:
+        """Ask the ledger to admit each client's next spend (its last one); returns how many it excluded."""
+        newly = 0
+        for client in clients:
+            if client in self.exhausted:
+                continue
+            history = self.ledger.client_history(client)
+            if not history:
+                continue  # a first spend: refused by the client's own ledger record if it is too large
+            sigma, rate, steps = history[-1]
+            admitted = self.ledger.admit_clients(
+                [client], round=round_idx, noise_multiplier=sigma, sample_rate=rate, steps=steps
+            )
+            if not admitted:
+                self.exhausted[client] = round_idx
+                newly += 1
+        return newly
+
+    def _substitute_exhausted(self, sampled: list[int], round_idx: int, attempt: int) -> list[int]:
+        """fl.on_budget_exhausted=continue: replace clients known to be out of budget by clients that can pay.
+
+        Replacements are drawn uniformly (keyed on seed, round and attempt) among the clients neither
+        sampled nor exhausted; fewer such clients than the sample needs ends the run (BudgetStop).
+        """
+        out = [c for c in sampled if c not in self.exhausted]
+        need = len(sampled) - len(out)
+        if not need:
+            return sampled
+        population = len(self.sizes)
+        if population - len(self.exhausted) < len(sampled):
+            self._stop_at_budget(
+                round_idx,
+                f"round {round_idx}: only {population - len(self.exhausted)} of {population} clients can still "
+                f"pay, fewer than fl.client_num_per_round = {len(sampled)}; stopping after "
+                f"{self.state.round_idx} rounds",
+            )
+        rng = np.random.default_rng([self.config.seed, round_idx, attempt, BUDGET_SUBSTITUTE_SALT])
+        taken = set(out) | set(sampled)
+        candidates = [c for c in range(population) if c not in taken and c not in self.exhausted]
+        if len(candidates) < need:
+            self._stop_at_budget(
+                round_idx,
+                f"round {round_idx}: only {len(out) + len(candidates)} of {population} clients can still pay, "
+                f"fewer than fl.client_num_per_round = {len(sampled)}; stopping after {self.state.round_idx} rounds",
+            )
+        out.extend(int(c) for c in rng.choice(candidates, size=need, replace=False))
+        return sorted(out)
 
     async def _publish(self, closed: ClosedRound) -> Published:
         future = self.backend.publish(closed)
@@ -405,6 +563,7 @@ class RoundEngine:
         """Run the sampled clients' tasks and stream their outputs into one running sum."""
         round_idx, attempt = worker.round_idx, worker.attempt
         timeout = self.fl.client_timeout
+        neighbour_ids = self._affordable_sample([int(c) for c in neighbour_ids], round_idx, attempt)
         noise = self.user_dp.open_round(round_idx, attempt, neighbour_ids) if self.user_dp else None
         running = self.codec.new_sum(attempt_tag(round_idx, attempt))
         queue = deque(int(c) for c in neighbour_ids)
@@ -458,6 +617,9 @@ class RoundEngine:
             output = waiter.result()
         except cf.BrokenExecutor as err:
             raise self.error(f"the worker pool broke: {one_line(err)}") from None
+        except ClientOutOfBudget as err:  # its ledger refused the spend: nothing was sent
+            self.exhausted.setdefault(client, round_idx)
+            return ClientFailure(client, "refused", one_line(err), elapsed)
         except Exception as err:  # a client's failure is data, not an exception unwinding the round
             return ClientFailure(client, "error", one_line(err), elapsed)
         try:
@@ -465,6 +627,8 @@ class RoundEngine:
                 client, output, running, round_idx=round_idx, attempt=attempt, elapsed=elapsed
             )
         except ClientFailed as failed:
+            if failed.reason == "rejected":
+                self.log(f"round {round_idx}: client {client}: update rejected: {failed.message}")
             return ClientFailure(client, failed.reason, failed.message, elapsed)
         if self.user_dp is not None:
             self.user_dp.note_clipped(result.clipped)
@@ -510,6 +674,8 @@ class RoundEngine:
             "failed_attempts": [
                 {"completed": len(a.results), "sampled": len(a.sampled)} for a in attempts[:-1]
             ],
+            # updates the server refused to add (bad payload, norm above the plaintext bound)
+            "rejected": sum(1 for a in attempts for f in a.failures if f.reason == "rejected"),
             "round_seconds": seconds,
             "apply_seconds": float(published.seconds),
             "client_updates_per_second": len(results.results) / seconds if seconds > 0 else 0.0,
@@ -569,7 +735,11 @@ class RoundEngine:
             return None
         from privacy.ledger import ledger_path
 
-        summary: dict[str, Any] = {"ledger": ledger_path(self.logdir)}
+        summary: dict[str, Any] = {
+            "ledger": ledger_path(self.logdir),
+            # the report checks the ledger against it (rewound, replaced or copied in)
+            "ledger_position": self.ledger.position() if self.ledger is not None else None,
+        }
         if self.client_privacy is not None:
             summary.update(
                 example_privacy_summary(
@@ -590,7 +760,14 @@ class RoundEngine:
             "val": last.get("val"),
             "epsilon": last.get("epsilon"),
             "user_epsilon": self.ledger.user_level_epsilon() if self.user_dp and self.ledger else None,
-            "stopped_at_budget": bool(self.user_dp and self.user_dp.stopped_at_budget),
+            "stopped_at_budget": bool(self.user_dp and self.user_dp.stopped_at_budget)
+            or bool(self.budget_stop),
+            "budget_exhausted": {
+                "policy": self.fl.on_budget_exhausted,
+                "stopped": self.budget_stop,
+                "clients": len(self.exhausted),
+                "first_refused_round": {str(c): r for c, r in sorted(self.exhausted.items())},
+            },
             "final_model_digest": state.global_digest,
             **self.backend.final_fields(),
         }
@@ -601,5 +778,9 @@ class RoundEngine:
         results: dict[str, Any] = {"rounds": self.state.history, "final": final}
         if error is not None:
             results["error"] = error
-        section = {**self.backend.summary_fields(), "privacy": self.privacy_summary()}
+        section = {
+            **self.backend.summary_fields(),
+            "privacy": self.privacy_summary(),
+            "noise_source": self.noise_sources(),  # party -> where its privacy noise comes from
+        }
         return write_summary(self.logdir, self.config, results, **{self.backend.summary_key: section})

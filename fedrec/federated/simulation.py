@@ -63,9 +63,25 @@ from fedrec.federated.checkpoint import (
     save_checkpoint,
 )
 from fedrec.federated.client_round import public_initialisation
-from fedrec.federated.clients import TaskResult, apply_task, client_privacy_config, client_task, keygen_task
+from fedrec.federated.clients import (
+    TaskResult,
+    apply_task,
+    client_privacy_config,
+    client_task,
+    key_check_task,
+    keygen_task,
+)
 from fedrec.federated.codec import PlainCodec, SecureCodec
-from fedrec.federated.engine import ClientFailed, ClosedRound, Published, RoundEngine, chained, open_ledger
+from fedrec.federated.engine import (
+    CSPRNG_SOURCE,
+    SEEDED_SOURCE,
+    ClientFailed,
+    ClosedRound,
+    Published,
+    RoundEngine,
+    chained,
+    open_ledger,
+)
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import (
     InProcessPool,
@@ -84,9 +100,11 @@ from fedrec.federated.user_dp import (
     check_resumed_plan,
     max_poisson_sample,
     plan_for_run,
+    update_norm_bound,
 )
 from fedrec.federated.worker import ClientResult, FederatedWorker, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
+from privacy.encryption.context import read_context_file
 
 APPLY_TIMEOUT_FLOOR = 600.0  # seconds the apply (decrypt + evaluate) task may take beyond fl.client_timeout
 
@@ -117,6 +135,8 @@ class PoolBackend:
         sim, timeout = self.sim, self.sim.fl.client_timeout
         if output.seconds > timeout:
             raise ClientFailed("timeout", f"took {output.seconds:.1f}s > fl.client_timeout={timeout}s")
+        if not sim.codec.secure:
+            self.check_plain_update(client, output)
         try:
             sim.codec.add(running, output.payload)
         except Exception as err:
@@ -134,6 +154,51 @@ class PoolBackend:
             rank=output.rank,
             clipped=output.clipped,
         )
+
+    def noise_sources(self) -> dict[str, str]:
+        """The simulation's parties and where their privacy noise comes from (none without DP)."""
+        sim, sources = self.sim, {}
+        if sim.fl.secure and sim.config.privacy is not None:
+            sources["clients (DP-SGD noise, Poisson batches)"] = (
+                CSPRNG_SOURCE if sim.config.privacy.secure_mode else SEEDED_SOURCE
+            )
+        if sim.fl.user_dp is not None:
+            secure = sim.fl.user_dp.secure_mode
+            sources["clients (user-level noise shares)"] = CSPRNG_SOURCE if secure else SEEDED_SOURCE
+            sources["aggregator (user-level client sample)"] = (
+                "a secret key from the OS CSPRNG" if secure else SEEDED_SOURCE
+            )
+        return sources
+
+    def norm_bound(self) -> float | None:
+        """Plain mode: the largest L2 norm of an update the server accepts (None: no bound).
+
+        ``fl.max_update_norm``, and with fl.user_dp the attempt's clip_norm with room for the noise
+        share (:func:`~fedrec.federated.user_dp.update_norm_bound`), whichever is smaller. Encrypted
+        updates cannot be seen: there the per-coordinate ``fl.encryption.clip`` is the only bound.
+        """
+        sim = self.sim
+        bounds = [sim.fl.max_update_norm] if sim.fl.max_update_norm is not None else []
+        rounds = sim.user_dp_rounds
+        if rounds is not None and rounds.noise is not None:
+            bounds.append(update_norm_bound(rounds.noise, sim.layout.size))
+        return min(bounds) if bounds else None
+
+    def check_plain_update(self, client: int, output: TaskResult) -> None:
+        """Reject (a 'rejected' failure) a plaintext update above the norm bound, or a forged fl.user_dp weight."""
+        delta, weight = output.payload
+        if self.sim.user_dp_rounds is not None and weight != 1.0:
+            raise ClientFailed("rejected", f"weight {weight!r}: under fl.user_dp every client weighs 1")
+        bound = self.norm_bound()
+        if bound is None:
+            return
+        norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
+        if not norm <= bound:  # NaN is rejected too
+            raise ClientFailed(
+                "rejected",
+                f"update L2 norm {norm:.4g} above the server's bound {bound:.4g} "
+                "(fl.max_update_norm, or fl.user_dp.clip_norm with room for the noise)",
+            )
 
     def publish(self, closed: ClosedRound) -> cf.Future:
         """A key-holding client (the apply task) decodes, applies, writes and evaluates the next model."""
@@ -294,6 +359,7 @@ class Simulation:
             # attempt after a crash is then an independent sample, as the ledger accounts it).
             self.user_dp_sample_key = os.urandom(32) if self.user_dp.secure_mode else None
         if fl.secure:
+            check_weights_encodable(fl, algorithm_cls, partition.sizes(), user_dp=self.user_dp is not None)
             self.client_privacy = client_privacy_config(config, partition)
             public_initialisation(model, data.meta)
         fingerprint = run_fingerprint(config)
@@ -344,6 +410,7 @@ class Simulation:
     def _prepare_secure(self, partition: Partition) -> None:
         fl, paths = self.fl, self.paths
         if self.resume:
+            read_context_file(paths.public_context, role="public")  # one-line error: missing, wrong role
             with open(paths.public_context, "rb") as fh:
                 public = fh.read()
             digest = hashlib.sha256(public).hexdigest()
@@ -362,6 +429,9 @@ class Simulation:
             with open(paths.public_context, "wb") as fh:
                 fh.write(public)
             self.state.public_context_digest = hashlib.sha256(public).hexdigest()  # type: ignore[union-attr]
+        # The clients' secret and the run's public context must be one key pair: checked once here,
+        # before round 0 (a swapped secret.ctx or a deleted public.ctx is one line, not 20 spends).
+        self.pool.submit(_key_check_call, self.spec).result(timeout=APPLY_TIMEOUT_FLOOR)
         self.codec = SecureCodec(self.layout, public_context=public)
 
     def _open_ledger(self) -> None:
@@ -426,6 +496,8 @@ class Simulation:
             self.stuck_workers = bool(self.engine.stuck)
             if self.pool is not None:
                 self.pool.shutdown(stuck=self.stuck_workers)
+            if self.ledger is not None:  # checkpoints the WAL: the file alone is the whole ledger
+                self.ledger.close()
         return self.final
 
 
@@ -439,6 +511,34 @@ def run_fingerprint(config: ExperimentConfig) -> str:
         train=dataclasses.replace(config.train, progress=True),
     )
     return config_fingerprint(normalised)
+
+
+def check_weights_encodable(
+    fl: Any, algorithm_cls: type[FederatedWorker], sizes: np.ndarray, *, user_dp: bool
+) -> None:
+    """Refuse, at start-up, an ``fl.encryption.max_weight`` below the weight some client would send.
+
+    With FedAvg's weights (a client's number of examples) every client's weight is known here; an
+    algorithm with its own ``client_weight`` is checked by each client before its spend instead.
+    Under fl.user_dp every client weighs 1.
+
+    Raises:
+        ConfigError: names the key, its value and the largest client.
+    """
+    max_weight = fl.encryption.max_weight
+    if not max_weight or user_dp or algorithm_cls.client_weight is not FederatedWorker.client_weight:
+        return
+    largest = int(np.max(sizes)) if len(sizes) else 0
+    if largest > max_weight:
+        raise ConfigError(
+            f"config key 'fl.encryption.max_weight' = {max_weight}: below the largest client's weight "
+            f"({largest} examples; FedAvg weighs a client by its examples); raise it or set it to null "
+            "(the largest client's size)"
+        )
+
+
+def _key_check_call(spec: RunSpec) -> bool:
+    return key_check_task(spec)
 
 
 def _keygen_call(spec: RunSpec, max_clients: int, max_weight: int) -> bytes:

@@ -277,6 +277,24 @@ def privatize(update: np.ndarray, noise: RoundNoise, *, seed: int, client_id: in
     return (clipped + shares).numpy(), norm > noise.clip_norm
 
 
+NORM_BOUND_SIGMAS = 10.0  # slack of the server's norm bound on a noised update: P(honest above) < 1e-21
+
+
+def update_norm_bound(noise: RoundNoise, size: int) -> float:
+    """The largest L2 norm an honest client's noised update of ``size`` values has, but for ~1e-21.
+
+    The clipped update has norm at most S; its noise share (std s on each coordinate) has norm
+    s * chi_size, and P(chi_size > sqrt(size) + t) <= exp(-t^2 / 2) (Gaussian concentration of a
+    1-Lipschitz function), so S + s (sqrt(size) + 10) bounds it. A plaintext server rejects more.
+    """
+    std = noise_share_std(
+        min_survivors=noise.min_survivors,
+        noise_multiplier=noise.noise_multiplier,
+        clip_norm=noise.clip_norm,
+    )
+    return float(noise.clip_norm + std * (math.sqrt(size) + NORM_BOUND_SIGMAS))
+
+
 def check_release(noise: RoundNoise, *, survivors: int) -> float:
     """The noise std of a round closed with ``survivors`` clients; PrivacyError when it must not be
     released (fewer than ``k`` survivors: less noise than the ledger accounts)."""

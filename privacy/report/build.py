@@ -132,7 +132,13 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
             "remaining_min": min(remaining),
             "remaining_median": float(statistics.median(remaining)),
             "remaining_max": max(remaining),
-            "clients_exhausted": sum(1 for r in remaining if r <= 0),
+            # out of budget: nothing left, or the ledger refused a next spend (excluded at the budget)
+            "clients_exhausted": sum(
+                1
+                for c in per_client
+                if c["remaining_budget"] <= 0
+                or (c["client"] in excluded_at and excluded_at[c["client"]].reason.startswith("budget"))
+            ),
         }
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
@@ -170,6 +176,7 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
             for e in exclusions
         ],
         "utility": read_utility(logdir, metric=metric),
+        "noise_sources": read_noise_sources(logdir, info.config),
     }
     report["headline"] = _headline(report)
     report["caveats"] = _caveats(report)
@@ -392,9 +399,60 @@ def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+SEEDED_NOISE = "config seed: replayable by anyone who holds the config (epsilon does not hold against them)"
+CSPRNG_NOISE = "OS CSPRNG"
+
+
+def read_noise_sources(logdir: str, config: Any) -> dict[str, str]:
+    """Where each party's privacy noise came from: party -> source.
+
+    From summary.json: a federated or deployed run's ``noise_source`` section, or a central DP run's
+    ``privacy.secure_mode``; failing that, from the config the ledger recorded.
+    """
+    path = os.path.join(logdir, SUMMARY_FILENAME)
+    summary: Any = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                summary = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise PrivacyError(f"{path}: not readable JSON ({err})") from None
+    summary = summary if isinstance(summary, dict) else {}
+    for section in ("federated", "deployment"):
+        node = summary.get(section)
+        if isinstance(node, dict) and isinstance(node.get("noise_source"), dict):
+            return {str(party): str(source) for party, source in node["noise_source"].items()}
+    privacy = summary.get("privacy")
+    if isinstance(privacy, dict) and isinstance(privacy.get("secure_mode"), bool):
+        return {
+            "trainer (DP-SGD noise, Poisson batches)": CSPRNG_NOISE
+            if privacy["secure_mode"]
+            else SEEDED_NOISE
+        }
+    config = config if isinstance(config, dict) else {}
+    sources: dict[str, str] = {}
+    privacy_config, fl = config.get("privacy"), config.get("fl")
+    if isinstance(privacy_config, dict) and "secure_mode" in privacy_config:
+        sources["DP-SGD noise, Poisson batches (from the ledger's config)"] = (
+            CSPRNG_NOISE if privacy_config["secure_mode"] else SEEDED_NOISE
+        )
+    user_dp = fl.get("user_dp") if isinstance(fl, dict) else None
+    if isinstance(user_dp, dict):
+        sources["user-level noise shares (from the ledger's config)"] = (
+            CSPRNG_NOISE if user_dp.get("secure_mode") else SEEDED_NOISE
+        )
+    return sources
+
+
 def _caveats(report: dict[str, Any]) -> list[str]:
     notes = []
     run, user, example = report["run"], report["user_level"], report["example_level"]
+    seeded = [party for party, source in report.get("noise_sources", {}).items() if "seed" in source]
+    if seeded:
+        notes.append(
+            f"Seeded noise: {'; '.join(seeded)} drew privacy noise from the config seed. Anyone who holds the "
+            "config can replay it, and the epsilons in this report do not hold against them."
+        )
     if example is None and user is None:
         notes.append(
             "The ledger holds no spend: nothing private was released yet, or the run recorded nothing."

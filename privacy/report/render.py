@@ -254,6 +254,12 @@ def run_markdown(report: dict[str, Any], image_files: dict[str, str]) -> str:
             f"![Epsilon against rounds]({image_files['epsilon_by_round']})",
             "",
         ]
+    out += ["## Noise source", ""]
+    sources = report.get("noise_sources") or {}
+    if sources:
+        out += [_md_table(["party", "privacy noise from"], [[p, src] for p, src in sources.items()]), ""]
+    else:
+        out += ["Not recorded (no party drew privacy noise, or the run predates the record).", ""]
     out += ["## Excluded clients", ""]
     if report["exclusions"]:
         rows = [[e["client"], str(e["round"]), e["reason"]] for e in report["exclusions"]]
@@ -287,6 +293,12 @@ def run_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
             "<h2>Epsilon against rounds</h2>",
             _img(images["epsilon_by_round"], "Epsilon against rounds"),
         ]
+    body.append("<h2>Noise source</h2>")
+    sources = report.get("noise_sources") or {}
+    if sources:
+        body.append(_html_table(["party", "privacy noise from"], [[p, src] for p, src in sources.items()]))
+    else:
+        body.append("<p>Not recorded (no party drew privacy noise, or the run predates the record).</p>")
     body.append("<h2>Excluded clients</h2>")
     if report["exclusions"]:
         rows = [[e["client"], str(e["round"]), e["reason"]] for e in report["exclusions"]]

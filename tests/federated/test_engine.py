@@ -172,7 +172,7 @@ def test_every_failure_kind_is_data_and_only_survivors_reach_the_mean(tmp_path):
     np.testing.assert_allclose(final["final_params"], 2 * expected, atol=2**-19)
     checkpoint = load_checkpoint(str(tmp_path / "fl" / "checkpoint.json"))
     assert checkpoint.round_idx == 2 and checkpoint.global_digest == final["final_model_digest"]
-    assert summary(tmp_path)["memory"] == {"backend": "memory", "privacy": None}
+    assert summary(tmp_path)["memory"] == {"backend": "memory", "privacy": None, "noise_source": {}}
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
 

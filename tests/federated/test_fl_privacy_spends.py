@@ -96,7 +96,10 @@ def test_a_budget_of_one_round_refuses_second_spends(tiny_config, tmp_path):
     rounds = json.loads((tmp_path / "budget" / "summary.json").read_text())["rounds"]
     by_round, histories, delta = spends_by_round(tmp_path / "budget")
     assert [len(by_round[r["round"]]) for r in rounds] == [r["completed"] for r in rounds]
-    assert len(by_round[1]) == 8 - len(twice)
+    # fl.on_budget_exhausted=stop (the default): round 1 would need clients that cannot pay; the run
+    # ends cleanly after round 0, before any of round 1's clients trains or spends
+    assert len(rounds) == 1 and not by_round[1] and final["stopped_at_budget"]
+    assert final["budget_exhausted"]["clients"] == len(twice)
     assert all(len(h) == 1 for h in histories.values())
     assert final["epsilon"] == pytest.approx(max(opacus_rdp_epsilon(h, delta) for h in histories.values()))
     assert final["epsilon"] <= budget
