@@ -267,6 +267,12 @@ class Simulation:
                 f"config key 'fl.client_num_per_round' = {fl.client_num_per_round}: above the number of clients "
                 f"({partition.num_clients})"
             )
+        num_users = int(data.meta.get("num_users", 0))
+        if fl.eval_users is not None and fl.eval_users > num_users:
+            raise ConfigError(
+                f"config key 'fl.eval_users' = {fl.eval_users}: above the population ({num_users} users); "
+                "use at most that many, or null for every user"
+            )
         self.partition = partition
         self.algorithm_cls = algorithm_cls
         self.partition_stats = partition_statistics(partition, train.arrays["label"])
