@@ -36,7 +36,6 @@ from privacy.dp.dp_fedavg import (
     fixed_denominator_average,
     min_survivors_for,
     noise_share_std,
-    poisson_sample_clients,
 )
 from privacy.dp.noise import GaussianNoise
 

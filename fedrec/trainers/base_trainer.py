@@ -355,14 +355,21 @@ class BaseTrainer:
         def score(batch_users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
             return (
                 self.model.score_items(
-                    torch.from_numpy(batch_users).to(self.device), torch.from_numpy(candidates).to(self.device)
+                    torch.from_numpy(batch_users).to(self.device),
+                    torch.from_numpy(candidates).to(self.device),
                 )
                 .cpu()
                 .numpy()
             )
 
         return M.ranking_in_batches(
-            score, users, items, self.rated_items(), num_negatives=NUM_RANKING_NEGATIVES, seed=self.config.seed, k=k
+            score,
+            users,
+            items,
+            self.rated_items(),
+            num_negatives=NUM_RANKING_NEGATIVES,
+            seed=self.config.seed,
+            k=k,
         )
 
     def rated_items(self) -> M.RatedItems:

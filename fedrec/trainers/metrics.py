@@ -81,7 +81,9 @@ def sample_negatives(
         (negatives [N, num_negatives], usable [N] bool): a user who left fewer than
         ``num_negatives`` items unrated cannot be ranked this way and is marked unusable.
     """
-    return sample_unrated(users, RatedItems.from_csr(rated_indptr, rated_items, num_items), num_negatives, rng)
+    return sample_unrated(
+        users, RatedItems.from_csr(rated_indptr, rated_items, num_items), num_negatives, rng
+    )
 
 
 @dataclass(frozen=True)
