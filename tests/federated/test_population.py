@@ -36,7 +36,7 @@ def run(data: dict, logdir) -> dict:
     return Simulation(build_experiment(copy.deepcopy(data)), str(logdir), log=lambda message: None).run()
 
 
-@pytest.mark.parametrize("key", [None, b"k" * 32])
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["seeded", "hmac"])
 def test_poisson_sample_costs_the_sample_not_the_population(key):
     # A billion clients at q = 1e-7: ~100 kept. One draw per client would take minutes.
     started = time.perf_counter()
@@ -45,7 +45,7 @@ def test_poisson_sample_costs_the_sample_not_the_population(key):
     assert 50 < len(sample) < 160 and sample == sorted(set(sample)) and sample[0] >= 0 and sample[-1] < 10**9
 
 
-@pytest.mark.parametrize("key", [None, os.urandom(32)])
+@pytest.mark.parametrize("key", [None, os.urandom(32)], ids=["seeded", "hmac"])
 def test_poisson_sample_keeps_every_client_independently_with_probability_q(key):
     clients, rate, rounds = 40, 0.3, 3000
     hits = np.zeros(clients)
