@@ -374,8 +374,15 @@ class BaseTrainer:
 
     def rated_items(self) -> M.RatedItems:
         if self._rated is None:
-            users = np.concatenate([np.asarray(s.arrays["user"]) for s in self.data.splits.values()])
-            items = np.concatenate([np.asarray(s.arrays["item"]) for s in self.data.splits.values()])
+            parts = []
+            for split in self.data.splits.values():
+                split_users, split_items = np.asarray(split.arrays["user"]), np.asarray(split.arrays["item"])
+                if self.eval_users is not None:  # only the evaluated users' ratings are ever looked up
+                    keep = np.isin(split_users, self.eval_users)
+                    split_users, split_items = split_users[keep], split_items[keep]
+                parts.append((split_users, split_items))
+            users = np.concatenate([u for u, _ in parts])
+            items = np.concatenate([i for _, i in parts])
             self._rated = M.RatedItems.from_pairs(
                 users, items, int(self.data.meta["num_users"]), int(self.data.meta["num_items"])
             )

@@ -13,6 +13,7 @@ import yaml
 from fl_helpers import ROOT
 
 from fedrec.config.loader import build_experiment
+from fedrec.data.partition import natural_partition, partition_statistics
 from fedrec.errors import ConfigError
 from fedrec.federated.simulation import Simulation
 from fedrec.federated.user_dp import poisson_sample
@@ -154,3 +155,30 @@ def test_a_population_larger_than_the_rows_can_serve_is_an_error(mf_plain, tmp_p
     with pytest.raises(ConfigError, match=r"synthetic.rows' = 4000: expected at least"):
         run(data, tmp_path)
     assert not (tmp_path / "fl" / "checkpoint.json").exists()
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled_rows", "rows_grouped_by_user"])
+def test_array_partition_matches_a_per_client_reference_on_a_small_population(grouped):
+    """The array set-up (natural partition, client sizes, statistics) gives what one Python object per
+    client would: each user's rows, in order, and the same label-mix figures."""
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 60, size=2000).astype(np.int32)
+    if grouped:  # the MovieLens splits' layout: the no-sort path
+        users = np.sort(users)
+    labels = rng.integers(1, 6, size=2000).astype(np.float32)
+    partition = natural_partition(users, None, seed=0)
+    distinct = np.unique(users)
+    assert partition.num_clients == len(distinct)
+    for client, user in enumerate(distinct):
+        rows = [i for i, u in enumerate(users) if u == user]
+        assert partition.client_rows(client).tolist() == rows
+        assert partition.client_users(client).tolist() == [user]
+    stats = partition_statistics(partition, labels)
+    mixes = []
+    for user in distinct:
+        own = labels[users == user]
+        mixes.append([np.mean(own == v) for v in range(1, 6)])
+    global_mix = np.array([np.mean(labels == v) for v in range(1, 6)])
+    tv = 0.5 * np.abs(np.array(mixes) - global_mix).sum(axis=1)
+    assert stats["mean_tv_distance_to_global_mix"] == pytest.approx(float(tv.mean()), abs=1e-12)
+    assert stats["client_rows"]["max"] == max(int(np.sum(users == u)) for u in distinct)
