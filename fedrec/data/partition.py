@@ -271,11 +271,12 @@ def make_partition(
 def partition_statistics(partition: Partition, labels: np.ndarray) -> dict[str, Any]:
     """Figures for summary.json: client sizes, label skew (mean total-variation distance to the global mix)."""
     sizes = partition.sizes()
-    classes = label_classes(np.asarray(labels))
-    values = np.unique(classes)
     # Per class, one segment sum over the rows in client order: array speed and small temporaries
-    # (a bool per row) for a million clients.
-    ordered = classes[np.asarray(partition.order)]
+    # (the labels in their own dtype, then a bool per row) for a million clients.
+    ordered = np.asarray(labels)[np.asarray(partition.order)]
+    if not np.issubdtype(ordered.dtype, np.integer):
+        ordered = label_classes(ordered)
+    values = np.unique(ordered)
     starts = np.minimum(np.asarray(partition.offsets)[:-1], max(len(ordered) - 1, 0))
     counts = np.zeros((partition.num_clients, len(values)), dtype=np.int64)
     if len(ordered):
