@@ -13,6 +13,9 @@ here (under ``mpirun`` where ranks are compared) and read back from their summar
   drifts hit both alike.
 - ``memory``: 1000 and 4000 simulated clients over the same data, 100 per round: peak RSS of the
   aggregator (rank 0) and of every worker rank.
+- ``population``: MF, one client per user, on the population-1m generator scaled to 10k, 100k and
+  1M users (20 ratings each), 100 clients per round, 3 rounds, plain and secure: set-up seconds,
+  round seconds, peak RSS and bytes per added user (docs/PERFORMANCE.md).
 - ``quality``: plaintext federated MF (configs/mf_movielens_fl.yml, natural partition: each user a
   client) against centralised MF (configs/mf_movielens.yml), same data and split: test RMSE.
 - ``ctr_quality``: on the realistic Criteo-like generator, two generator seeds, the same rows for
@@ -151,6 +154,63 @@ def bench_memory(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     out["worker_growth_mb"] = max(b["worker_rank_peak_rss_mb"].values()) - max(
         a["worker_rank_peak_rss_mb"].values()
     )
+    return out
+
+
+POPULATION_RATINGS_PER_USER = 20  # the population-1m preset's floor: every user can train and be tested
+
+
+def bench_population(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """MF (configs/mf_movielens_fl.yml, one client per user) on the realistic population-1m generator
+    scaled to each size, 100 clients per round, 3 rounds, plain and secure, in one process: set-up
+    seconds (data load or generation, and the rest), round seconds, peak RSS, bytes per added user."""
+    out: dict[str, Any] = {"runs": {}}
+    cache = Path(args.population_cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    sizes = [int(n) for n in args.population_users.split(",")]
+    for mode in args.population_modes.split(","):
+        for users in sizes:
+            overrides = [
+                "model.preproc.synthetic.preset=population-1m",
+                f"model.preproc.synthetic.users={users}",
+                f"model.preproc.synthetic.rows={users * POPULATION_RATINGS_PER_USER}",
+                f"model.preproc.cache_dir={cache}",
+                f"fl.secure={'true' if mode == 'secure' else 'false'}",
+                "fl.user_dp=null",
+                "fl.rounds=3",
+                "fl.client_num_per_round=100",
+                "fl.eval_every=3",
+                f"fl.eval_users={min(users, args.population_eval_users)}",
+            ]
+            load = os.getloadavg()
+            summary = run_fl("configs/mf_movielens_fl.yml", work / f"pop_{mode}_{users}", overrides)
+            rounds = summary["rounds"]
+            setup = summary["federated"]["setup_seconds"]
+            out["runs"][f"{mode}_{users}"] = {
+                "users": users,
+                "mode": mode,
+                "setup_seconds": setup["total"],
+                "data_seconds": setup["data"],
+                "setup_seconds_without_data": setup["total"] - setup["data"],
+                "round_seconds": [r["round_seconds"] for r in rounds],
+                # round 0 carries first-use costs (each rank's context: data maps, template model)
+                "round_seconds_median": statistics.median(r["round_seconds"] for r in rounds[1:] or rounds),
+                "peak_rss_mb": summary["peak_rss_mb"],
+                "command_seconds": summary["command_seconds"],
+                "test": (summary.get("final") or {}).get("test"),
+                "load_average_before": load,
+                "command": summary["command"],
+            }
+            print(f"population: {mode} {users} users done", file=sys.stderr, flush=True)
+        runs = [out["runs"][f"{mode}_{n}"] for n in sizes]
+        first, last = runs[0], runs[-1]
+        if len(runs) > 1:
+            out[f"{mode}_round_ratio_largest_over_smallest"] = (
+                last["round_seconds_median"] / first["round_seconds_median"]
+            )
+            out[f"{mode}_bytes_per_added_user"] = (
+                (last["peak_rss_mb"] - first["peak_rss_mb"]) * 2**20 / (last["users"] - first["users"])
+            )
     return out
 
 
@@ -366,6 +426,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and clients (a smoke run)")
     parser.add_argument("--parts", default="client_breakdown,secure_vs_plain,rank_scaling,memory,quality")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--population-users", default="10000,100000,1000000", help="population part: sizes")
+    parser.add_argument("--population-modes", default="plain,secure", help="population part: plain,secure")
+    parser.add_argument(
+        "--population-eval-users", type=int, default=10000, help="population part: fl.eval_users"
+    )
+    parser.add_argument(
+        "--population-cache",
+        default=os.path.join(tempfile.gettempdir(), "fedrec-bench-population-data"),
+        help="population part: where the generated data is kept between runs (generation is timed apart)",
+    )
     args = parser.parse_args()
     args.rounds = 2 if args.quick else 4
     args.clients = 20 if args.quick else 100
@@ -381,6 +451,7 @@ def main() -> None:
         "ctr_quality": bench_ctr_quality,
         "memory": bench_memory,
         "quality": bench_quality,
+        "population": bench_population,
     }
     results: dict[str, Any] = {
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},

@@ -297,6 +297,7 @@ class FLConfig:
         None  # plain mode: the server rejects an update whose L2 norm exceeds it (a 'rejected' failure); null = no bound (with fl.user_dp the bound is clip_norm with room for the noise)
     )
     eval_every: int = 1  # rounds between validations (the last round always evaluates)
+    eval_users: int | None = None  # metrics on a seeded sample of this many users; null = every user
     fixed_point_bits: int = 24  # plain mode: updates are summed as exact integers in units of 2^-bits
     encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)  # secure mode only
     faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)  # testing only
@@ -313,7 +314,7 @@ class FLConfig:
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a positive integer")
-        for key in ("num_workers", "local_steps"):
+        for key in ("num_workers", "local_steps", "eval_users"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(

@@ -205,8 +205,13 @@ def natural_partition(users: np.ndarray, num_clients: int | None, *, seed: int) 
 
     Users are listed in ascending id; with grouping, a seeded permutation deals users round-robin.
     """
-    users = np.asarray(users).astype(np.int64)
-    distinct = np.unique(users)
+    users = np.asarray(users)
+    grouped = len(users) < 2 or bool(np.all(users[1:] >= users[:-1]))
+    if grouped:  # rows already grouped by user (the MovieLens splits): no sort, no int64 copy
+        distinct = users[np.flatnonzero(np.r_[True, users[1:] != users[:-1]])].astype(np.int64)
+    else:
+        users = users.astype(np.int64)
+        distinct = np.unique(users)
     if num_clients is None:
         num_clients = len(distinct)
     if num_clients > len(distinct):
@@ -215,13 +220,22 @@ def natural_partition(users: np.ndarray, num_clients: int | None, *, seed: int) 
             "too few to give each worker a sample (natural partition: one or more users per client)"
         )
     _check_counts(len(users), num_clients, "rows")
+    if grouped and num_clients == len(distinct):
+        # One client per user over grouped rows: client c owns rows offsets[c]:offsets[c + 1] in order
+        # (what the stable sort below gives), found by binary search, O(users log rows).
+        offsets = np.searchsorted(users, distinct, side="left").astype(np.int64)
+        offsets = np.r_[offsets, len(users)]
+        index_dtype = np.int32 if len(users) < 2**31 else np.int64
+        order = np.arange(len(users), dtype=index_dtype)
+        user_offsets = np.arange(len(distinct) + 1, dtype=np.int64)
+        return Partition("natural", order, offsets, distinct, user_offsets)
     if num_clients == len(distinct):
         client_of_user = np.arange(len(distinct))
     else:
         rng = np.random.default_rng([seed, 0x05E])
         client_of_user = np.empty(len(distinct), dtype=np.int64)
         client_of_user[rng.permutation(len(distinct))] = np.arange(len(distinct)) % num_clients
-    client_of_row = client_of_user[np.searchsorted(distinct, users)]
+    client_of_row = client_of_user[np.searchsorted(distinct, users.astype(np.int64))]
     order, offsets = _group(client_of_row, num_clients)
     user_order, user_offsets = _group(client_of_user, num_clients)
     return Partition("natural", order, offsets, distinct[user_order], user_offsets)
@@ -257,12 +271,18 @@ def make_partition(
 def partition_statistics(partition: Partition, labels: np.ndarray) -> dict[str, Any]:
     """Figures for summary.json: client sizes, label skew (mean total-variation distance to the global mix)."""
     sizes = partition.sizes()
-    classes = label_classes(np.asarray(labels))
-    values, class_of_row = np.unique(classes, return_inverse=True)
-    client_of_row = np.empty(len(classes), dtype=np.int64)
-    client_of_row[np.asarray(partition.order)] = np.repeat(np.arange(partition.num_clients), sizes)
+    # Per class, one segment sum over the rows in client order: array speed and small temporaries
+    # (the labels in their own dtype, then a bool per row) for a million clients.
+    ordered = np.asarray(labels)[np.asarray(partition.order)]
+    if not np.issubdtype(ordered.dtype, np.integer):
+        ordered = label_classes(ordered)
+    values = np.unique(ordered)
+    starts = np.minimum(np.asarray(partition.offsets)[:-1], max(len(ordered) - 1, 0))
     counts = np.zeros((partition.num_clients, len(values)), dtype=np.int64)
-    np.add.at(counts, (client_of_row, class_of_row), 1)
+    if len(ordered):
+        for k, value in enumerate(values):
+            counts[:, k] = np.add.reduceat((ordered == value).astype(np.int32), starts)
+        counts[sizes == 0] = 0  # reduceat gives an empty segment the row at its start
     mixes = counts / np.maximum(sizes[:, None], 1)
     global_mix = counts.sum(axis=0) / max(int(counts.sum()), 1)
     tv = 0.5 * np.abs(mixes - global_mix[None, :]).sum(axis=1)

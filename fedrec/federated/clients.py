@@ -54,6 +54,7 @@ from fedrec.federated.worker import (
     algorithm_params,
 )
 from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
+from fedrec.trainers.metrics import sample_eval_users
 from privacy.ledger import BudgetExceededError
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +136,10 @@ class RankContext:
         self._codec: Any = None
         self._global: GlobalModel | None = None
         self._evaluator: BaseTrainer | None = None
+        # fl.eval_users: the seeded sample of users every evaluation covers (None: all of them).
+        self.eval_users = sample_eval_users(
+            int(self.meta.get("num_users", 0)), self.fl.eval_users, seed=config.seed
+        )
 
     @property
     def codec(self) -> Any:
@@ -249,7 +254,13 @@ class RankContext:
             return {}
         model = self.template
         self.layout.load_into(model, params)
-        if self.store is not None:
+        if self.store is not None and self.eval_users is not None:
+            rows = self.store.read(self.eval_users, tag=tag)  # only the sampled users' rows
+            state = model.state_dict()
+            with torch.no_grad():
+                for name in self.private_names:
+                    state[name][torch.from_numpy(self.eval_users)] = torch.from_numpy(rows[name])
+        elif self.store is not None:
             rows = self.store.read_all(tag=tag)
             state = model.state_dict()
             with torch.no_grad():
@@ -260,6 +271,7 @@ class RankContext:
             ridge_user_rows(model, self.train.arrays, ridge=self.reconstruction.ridge)
         if self._evaluator is None:
             self._evaluator = BaseTrainer(model, self.data, self.config, device=self.device)
+            self._evaluator.eval_users = self.eval_users
         return {
             split: self._evaluator.evaluate(split, self.config.train.num_eval_batches) for split in splits
         }

@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -235,6 +236,7 @@ class PoolBackend:
             "model_parameters_shared": sim.layout.size,
             "partition": sim.partition_stats,
             "rank_peak_rss_mb": {str(k): v for k, v in sorted(sim.rank_memory.items())},
+            "setup_seconds": dict(sim.setup_seconds),
         }
 
     def privacy_fields(self) -> dict[str, Any]:
@@ -284,6 +286,7 @@ class Simulation:
         self.run_key = 0
         self.engine: RoundEngine | None = None
         self.final: dict[str, Any] = {}
+        self.setup_seconds: dict[str, float] = {}  # prepare(): "data" (load or generate) and "total"
 
     # ------------------------------------------------------------------ setup (every check before round 0)
     def prepare(self) -> None:
@@ -312,7 +315,9 @@ class Simulation:
                 gpu_map, world, cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0
             )
 
+        started = time.perf_counter()
         data = prepare_data(config, progress=config.train.progress)
+        self.setup_seconds["data"] = time.perf_counter() - started
         model_cls = registry.lookup("model", config.model.name)
         private = tuple(getattr(model_cls, "PRIVATE_PARAMETERS", ()))
         if fl.reconstruction is not None and not private:
@@ -341,6 +346,12 @@ class Simulation:
             raise ConfigError(
                 f"config key 'fl.client_num_per_round' = {fl.client_num_per_round}: above the number of clients "
                 f"({partition.num_clients})"
+            )
+        num_users = int(data.meta.get("num_users", 0))
+        if fl.eval_users is not None and fl.eval_users > num_users:
+            raise ConfigError(
+                f"config key 'fl.eval_users' = {fl.eval_users}: above the population ({num_users} users); "
+                "use at most that many, or null for every user"
             )
         self.partition = partition
         self.algorithm_cls = algorithm_cls
@@ -472,7 +483,9 @@ class Simulation:
     # ------------------------------------------------------------------ rounds
     def run(self) -> dict[str, Any]:
         """Prepare (every input check), run the remaining rounds, write outputs; returns the final summary."""
+        started = time.perf_counter()
         self.prepare()
+        self.setup_seconds["total"] = time.perf_counter() - started
         assert self.state is not None
         self.engine = RoundEngine(
             self.config,

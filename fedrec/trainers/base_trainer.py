@@ -82,7 +82,10 @@ class BaseTrainer:
         self.samples_seen = 0
         self.train_seconds = 0.0
         self.last_val_metrics: dict[str, float] = {}
-        self._rated: tuple[np.ndarray, np.ndarray] | None = None
+        self._rated: M.RatedItems | None = None
+        # Users the evaluation covers (fl.eval_users: a seeded sample); None: every user.
+        self.eval_users: np.ndarray | None = None
+        self._eval_splits: dict[str, Any] = {}
         self._stop = False
         self.early_stopping = self.train_cfg.early_stopping
         self.best_value: float | None = None  # early stopping: best validation value so far
@@ -293,7 +296,7 @@ class BaseTrainer:
     def predict_split(self, split_name: str, max_batches: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(labels, predictions) over a split, in order, at most ``max_batches`` batches."""
         self.model.eval()
-        split = self.data.split(split_name)
+        split = self.eval_split(split_name)
         labels, predictions = [], []
         for batch in split.batches(self.train_cfg.eval_batch_size, max_batches=max_batches):
             batch = move_batch(batch, self.device)
@@ -323,12 +326,23 @@ class BaseTrainer:
         out.update({"hr@10": hr, "ndcg@10": ndcg})
         return out
 
+    def eval_split(self, split_name: str) -> Any:
+        """The split's rows of the users under evaluation (``eval_users``), or the whole split."""
+        split = self.data.split(split_name)
+        if self.eval_users is None or "user" not in split.arrays:
+            return split
+        if split_name not in self._eval_splits:
+            keep = np.isin(np.asarray(split.arrays["user"]), self.eval_users)
+            self._eval_splits[split_name] = split.subset(np.flatnonzero(keep))
+        return self._eval_splits[split_name]
+
     @torch.no_grad()
     def ranking_metrics(
         self, split_name: str, max_batches: int | None = None, k: int = 10
     ) -> tuple[float, float]:
-        """HR@k and NDCG@k: each held-out rating's item against 99 items its user never rated."""
-        split = self.data.split(split_name)
+        """HR@k and NDCG@k: each held-out rating's item against 99 items its user never rated,
+        ranked in batches (memory: one batch of candidates, whatever the number of users)."""
+        split = self.eval_split(split_name)
         n = len(split)
         if max_batches is not None:
             n = min(n, max_batches * self.train_cfg.eval_batch_size)
@@ -336,23 +350,42 @@ class BaseTrainer:
             return float("nan"), float("nan")
         users = np.asarray(split.arrays["user"][:n]).astype(np.int64)
         items = np.asarray(split.arrays["item"][:n]).astype(np.int64)
-        indptr, rated = self.rated_items()
-        rng = np.random.default_rng([self.config.seed, 10_007])
-        num_items = int(self.data.meta["num_items"])
-        negatives, usable = M.sample_negatives(users, indptr, rated, num_items, NUM_RANKING_NEGATIVES, rng)
-        if not usable.any():
-            return float("nan"), float("nan")
-        users, items, negatives = users[usable], items[usable], negatives[usable]
         self.model.eval()
-        candidates = torch.from_numpy(np.concatenate([items[:, None], negatives], axis=1)).to(self.device)
-        scores = self.model.score_items(torch.from_numpy(users).to(self.device), candidates).cpu().numpy()
-        return M.hit_rate_and_ndcg(scores[:, 0], scores[:, 1:], k=k)
 
-    def rated_items(self) -> tuple[np.ndarray, np.ndarray]:
+        def score(batch_users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+            return (
+                self.model.score_items(
+                    torch.from_numpy(batch_users).to(self.device),
+                    torch.from_numpy(candidates).to(self.device),
+                )
+                .cpu()
+                .numpy()
+            )
+
+        return M.ranking_in_batches(
+            score,
+            users,
+            items,
+            self.rated_items(),
+            num_negatives=NUM_RANKING_NEGATIVES,
+            seed=self.config.seed,
+            k=k,
+        )
+
+    def rated_items(self) -> M.RatedItems:
         if self._rated is None:
-            users = np.concatenate([np.asarray(s.arrays["user"]) for s in self.data.splits.values()])
-            items = np.concatenate([np.asarray(s.arrays["item"]) for s in self.data.splits.values()])
-            self._rated = M.rated_csr(users, items, int(self.data.meta["num_users"]))
+            parts = []
+            for split in self.data.splits.values():
+                split_users, split_items = np.asarray(split.arrays["user"]), np.asarray(split.arrays["item"])
+                if self.eval_users is not None:  # only the evaluated users' ratings are ever looked up
+                    keep = np.isin(split_users, self.eval_users)
+                    split_users, split_items = split_users[keep], split_items[keep]
+                parts.append((split_users, split_items))
+            users = np.concatenate([u for u, _ in parts])
+            items = np.concatenate([i for _, i in parts])
+            self._rated = M.RatedItems.from_pairs(
+                users, items, int(self.data.meta["num_users"]), int(self.data.meta["num_items"])
+            )
         return self._rated
 
     # ---------------------------------------------------------- checkpoints
