@@ -417,12 +417,9 @@ class Coordinator:
         errors = []
         for client in order:
             datasite = self.datasites[client]
+            shown = self.contributions.get((round_idx, closed.attempt), {})  # signed, for the decrypter
             request = self.round_request(
-                client,
-                round_idx,
-                closed.attempt,
-                aggregate=closed.payload,
-                contributions=self.contributions.get((round_idx, closed.attempt), {}),
+                client, round_idx, closed.attempt, aggregate=closed.payload, contributions=shown
             )
 
             def apply(ds: DatasiteClient = datasite, req: dict = request) -> Any:

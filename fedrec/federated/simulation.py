@@ -55,6 +55,7 @@ from fedrec.config import ExperimentConfig
 from fedrec.data.partition import Partition, make_partition, partition_statistics
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model, config_fingerprint, prepare_data
+from fedrec.federated import server_checks
 from fedrec.federated.checkpoint import (
     AggregatorState,
     check_checkpoint_presence,
@@ -74,8 +75,6 @@ from fedrec.federated.clients import (
 )
 from fedrec.federated.codec import PlainCodec, SecureCodec
 from fedrec.federated.engine import (
-    CSPRNG_SOURCE,
-    SEEDED_SOURCE,
     ClientFailed,
     ClosedRound,
     Published,
@@ -101,7 +100,6 @@ from fedrec.federated.user_dp import (
     check_resumed_plan,
     max_poisson_sample,
     plan_for_run,
-    update_norm_bound,
 )
 from fedrec.federated.worker import ClientResult, FederatedWorker, ParamLayout, algorithm_params
 from fedrec.trainers.base_trainer import optimizer_supports_sparse
@@ -158,48 +156,14 @@ class PoolBackend:
 
     def noise_sources(self) -> dict[str, str]:
         """The simulation's parties and where their privacy noise comes from (none without DP)."""
-        sim, sources = self.sim, {}
-        if sim.fl.secure and sim.config.privacy is not None:
-            sources["clients (DP-SGD noise, Poisson batches)"] = (
-                CSPRNG_SOURCE if sim.config.privacy.secure_mode else SEEDED_SOURCE
-            )
-        if sim.fl.user_dp is not None:
-            secure = sim.fl.user_dp.secure_mode
-            sources["clients (user-level noise shares)"] = CSPRNG_SOURCE if secure else SEEDED_SOURCE
-            sources["aggregator (user-level client sample)"] = (
-                "a secret key from the OS CSPRNG" if secure else SEEDED_SOURCE
-            )
-        return sources
-
-    def norm_bound(self) -> float | None:
-        """Plain mode: the largest L2 norm of an update the server accepts (None: no bound).
-
-        ``fl.max_update_norm``, and with fl.user_dp the attempt's clip_norm with room for the noise
-        share (:func:`~fedrec.federated.user_dp.update_norm_bound`), whichever is smaller. Encrypted
-        updates cannot be seen: there the per-coordinate ``fl.encryption.clip`` is the only bound.
-        """
-        sim = self.sim
-        bounds = [sim.fl.max_update_norm] if sim.fl.max_update_norm is not None else []
-        rounds = sim.user_dp_rounds
-        if rounds is not None and rounds.noise is not None:
-            bounds.append(update_norm_bound(rounds.noise, sim.layout.size))
-        return min(bounds) if bounds else None
+        return server_checks.noise_sources(self.sim.fl, self.sim.config.privacy)
 
     def check_plain_update(self, client: int, output: TaskResult) -> None:
         """Reject (a 'rejected' failure) a plaintext update above the norm bound, or a forged fl.user_dp weight."""
-        delta, weight = output.payload
-        if self.sim.user_dp_rounds is not None and weight != 1.0:
-            raise ClientFailed("rejected", f"weight {weight!r}: under fl.user_dp every client weighs 1")
-        bound = self.norm_bound()
-        if bound is None:
-            return
-        norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
-        if not norm <= bound:  # NaN is rejected too
-            raise ClientFailed(
-                "rejected",
-                f"update L2 norm {norm:.4g} above the server's bound {bound:.4g} "
-                "(fl.max_update_norm, or fl.user_dp.clip_norm with room for the noise)",
-            )
+        sim = self.sim
+        server_checks.check_plain_update(
+            output.payload, fl=sim.fl, user_dp_rounds=sim.user_dp_rounds, size=sim.layout.size
+        )
 
     def publish(self, closed: ClosedRound) -> cf.Future:
         """A key-holding client (the apply task) decodes, applies, writes and evaluates the next model."""
@@ -370,7 +334,9 @@ class Simulation:
             # attempt after a crash is then an independent sample, as the ledger accounts it).
             self.user_dp_sample_key = os.urandom(32) if self.user_dp.secure_mode else None
         if fl.secure:
-            check_weights_encodable(fl, algorithm_cls, partition.sizes(), user_dp=self.user_dp is not None)
+            server_checks.check_weights_encodable(
+                fl, algorithm_cls, partition.sizes(), user_dp=self.user_dp is not None
+            )
             self.client_privacy = client_privacy_config(config, partition)
             public_initialisation(model, data.meta)
         fingerprint = run_fingerprint(config)
@@ -524,30 +490,6 @@ def run_fingerprint(config: ExperimentConfig) -> str:
         train=dataclasses.replace(config.train, progress=True),
     )
     return config_fingerprint(normalised)
-
-
-def check_weights_encodable(
-    fl: Any, algorithm_cls: type[FederatedWorker], sizes: np.ndarray, *, user_dp: bool
-) -> None:
-    """Refuse, at start-up, an ``fl.encryption.max_weight`` below the weight some client would send.
-
-    With FedAvg's weights (a client's number of examples) every client's weight is known here; an
-    algorithm with its own ``client_weight`` is checked by each client before its spend instead.
-    Under fl.user_dp every client weighs 1.
-
-    Raises:
-        ConfigError: names the key, its value and the largest client.
-    """
-    max_weight = fl.encryption.max_weight
-    if not max_weight or user_dp or algorithm_cls.client_weight is not FederatedWorker.client_weight:
-        return
-    largest = int(np.max(sizes)) if len(sizes) else 0
-    if largest > max_weight:
-        raise ConfigError(
-            f"config key 'fl.encryption.max_weight' = {max_weight}: below the largest client's weight "
-            f"({largest} examples; FedAvg weighs a client by its examples); raise it or set it to null "
-            "(the largest client's size)"
-        )
 
 
 def _key_check_call(spec: RunSpec) -> bool:
