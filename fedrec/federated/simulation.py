@@ -133,6 +133,7 @@ class PoolBackend:
             bytes_received=sim.download_bytes,
             rank=output.rank,
             clipped=output.clipped,
+            count_share=output.count_share,
         )
 
     def publish(self, closed: ClosedRound) -> cf.Future:
@@ -388,6 +389,7 @@ class Simulation:
                 min_completion_rate=self.fl.min_completion_rate,
                 sample_key=self.user_dp_sample_key,
                 run_key=self.run_key,
+                server_state=self.state.server_state.setdefault("user_dp", {}),  # type: ignore[union-attr]
             )
 
     @property
