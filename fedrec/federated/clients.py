@@ -44,7 +44,14 @@ from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
 from fedrec.federated.run import RunSpec, read_global_model, write_global_model
 from fedrec.federated.server_opt import ServerOptState, lr_at, state_path
-from fedrec.federated.user_dp import RoundNoise, check_release, count_share, privatize, released_mean, user_delta
+from fedrec.federated.user_dp import (
+    RoundNoise,
+    check_release,
+    count_share,
+    privatize,
+    released_mean,
+    user_delta,
+)
 from fedrec.federated.worker import (
     FederatedWorker,
     GlobalModel,

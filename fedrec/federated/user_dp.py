@@ -24,9 +24,9 @@ share: the resolved plan, the Poisson sample, a client's privatisation and the r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +36,11 @@ import torch
 
 from fedrec.config.schema import FLConfig
 from fedrec.errors import ConfigError, FedrecError
+from privacy.dp.adaptive_clip import (
+    next_clip,
+    noised_fraction,
+    update_noise_multiplier,
+)
 from privacy.dp.dp_fedavg import (
     aggregate_noise_std,
     clip_update,
@@ -43,11 +48,6 @@ from privacy.dp.dp_fedavg import (
     min_survivors_for,
     noise_share_std,
     poisson_sample_clients,
-)
-from privacy.dp.adaptive_clip import (
-    next_clip,
-    noised_fraction,
-    update_noise_multiplier,
 )
 from privacy.dp.noise import GaussianNoise
 
@@ -578,7 +578,11 @@ class UserDPRounds:
         assert adaptive is not None
         if self.count_missing:
             # A client sent no share: the sum lacks noise or a bit; the count is not released.
-            return {"clip_norm": noise.clip_norm, "next_clip_norm": noise.clip_norm, "unclipped_fraction": None}
+            return {
+                "clip_norm": noise.clip_norm,
+                "next_clip_norm": noise.clip_norm,
+                "unclipped_fraction": None,
+            }
         fraction = noised_fraction(noised_centred_sum=self.count_sum, expected_clients=noise.expected_clients)
         new = next_clip(
             clip_norm=noise.clip_norm,

@@ -85,7 +85,9 @@ def noised_fraction(*, noised_centred_sum: float, expected_clients: float) -> fl
     return min(1.0, max(0.0, float(noised_centred_sum) / expected + 0.5))
 
 
-def next_clip(*, clip_norm: float, unclipped_fraction: float, target_quantile: float, clip_lr: float) -> float:
+def next_clip(
+    *, clip_norm: float, unclipped_fraction: float, target_quantile: float, clip_lr: float
+) -> float:
     """The geometric update ``C * exp(-eta_C * (b_bar - gamma))``."""
     clip = _check_positive("clip_norm", clip_norm)
     check_quantile_params(target_quantile=target_quantile, clip_lr=clip_lr)

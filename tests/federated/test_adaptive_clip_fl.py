@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -35,7 +36,7 @@ def test_clip_moves_each_round_and_the_ledger_accounts_the_effective_sigma(tiny_
     rounds = rounds_of(tmp_path)
     clips = [r["user_dp"]["clip_norm"] for r in rounds]
     assert clips[0] == 5.0  # initial_clip, not clip_norm
-    for before, after in zip(rounds, rounds[1:], strict=False):
+    for before, after in itertools.pairwise(rounds):
         assert after["user_dp"]["clip_norm"] == before["user_dp"]["adaptive_clip"]["next_clip_norm"]
     for record in rounds:
         user = record["user_dp"]
@@ -44,7 +45,9 @@ def test_clip_moves_each_round_and_the_ledger_accounts_the_effective_sigma(tiny_
         assert adaptive["next_clip_norm"] == pytest.approx(
             user["clip_norm"] * math.exp(-0.5 * (adaptive["unclipped_fraction"] - 0.5))
         )
-        assert user["noise_multiplier"] == 1.0 and user["update_noise_multiplier"] == pytest.approx(SIGMA_DELTA)
+        assert user["noise_multiplier"] == 1.0 and user["update_noise_multiplier"] == pytest.approx(
+            SIGMA_DELTA
+        )
         # The update's noise is sigma_delta x the round's clip.
         assert user["noise_std_on_mean"] == pytest.approx(
             SIGMA_DELTA * user["clip_norm"] * math.sqrt(user["survivors"] / user["min_survivors"]) / 8.0
@@ -77,15 +80,24 @@ def test_resume_restores_the_clip(tiny_config, tmp_path):
 @pytest.mark.parametrize(
     ("fl", "message"),
     [
-        ({"user_dp": {**USER_DP, "adaptive_clip": {**ADAPTIVE, "target_quantile": 1.0}}}, "target_quantile' = 1.0"),
+        (
+            {"user_dp": {**USER_DP, "adaptive_clip": {**ADAPTIVE, "target_quantile": 1.0}}},
+            "target_quantile' = 1.0",
+        ),
         ({"user_dp": {**USER_DP, "adaptive_clip": {**ADAPTIVE, "clip_lr": 0.0}}}, "clip_lr' = 0.0"),
-        ({"user_dp": {**USER_DP, "adaptive_clip": {**ADAPTIVE, "initial_clip": -1.0}}}, "initial_clip' = -1.0"),
+        (
+            {"user_dp": {**USER_DP, "adaptive_clip": {**ADAPTIVE, "initial_clip": -1.0}}},
+            "initial_clip' = -1.0",
+        ),
         (
             {"user_dp": {**USER_DP, "adaptive_clip": {**ADAPTIVE, "count_noise_multiplier": 0.5}}},
             "2 sigma_b > sigma",
         ),
         # null count noise = expected clients / 20 = 0.4 here: 2 x 0.4 <= sigma = 1
-        ({"user_dp": {**USER_DP, "adaptive_clip": {"count_noise_multiplier": None}}}, "expected clients / 20"),
+        (
+            {"user_dp": {**USER_DP, "adaptive_clip": {"count_noise_multiplier": None}}},
+            "expected clients / 20",
+        ),
         ({"user_dp": {**USER_DP, "adaptive_clip": {**ADAPTIVE, "quantile": 0.5}}}, "adaptive_clip.quantile"),
         ({"user_dp": USER_DP, "secure": True, "encryption": {"clip": 8.0}}, "adaptive_clip': not supported"),
         ({"user_dp": None, "adaptive_clip": ADAPTIVE}, "unknown config key 'fl.adaptive_clip'"),

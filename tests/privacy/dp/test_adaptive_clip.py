@@ -31,10 +31,12 @@ def test_noise_split_matches_a_hand_computation(sigma, sigma_b, expected):
     got = update_noise_multiplier(noise_multiplier=sigma, count_noise_multiplier=sigma_b)
     assert got == pytest.approx(expected, rel=1e-12)
     assert got > sigma  # the update carries more noise than the effective mechanism
-    assert effective_noise_multiplier(update_noise_multiplier=got, count_noise_multiplier=sigma_b) == pytest.approx(
-        sigma, rel=1e-12
+    assert effective_noise_multiplier(
+        update_noise_multiplier=got, count_noise_multiplier=sigma_b
+    ) == pytest.approx(sigma, rel=1e-12)
+    assert update_noise_multiplier(noise_multiplier=1.0, count_noise_multiplier=1.0) == pytest.approx(
+        1.1547005384
     )
-    assert update_noise_multiplier(noise_multiplier=1.0, count_noise_multiplier=1.0) == pytest.approx(1.1547005384)
 
 
 @pytest.mark.parametrize(
@@ -65,9 +67,9 @@ def test_keyword_only_and_bad_quantile_parameters():
 
 def test_geometric_update_and_centred_fraction():
     # Everyone unclipped at target 0.5: the clip shrinks by exp(-0.2 * 0.5).
-    assert next_clip(clip_norm=2.0, unclipped_fraction=1.0, target_quantile=0.5, clip_lr=0.2) == pytest.approx(
-        2.0 * math.exp(-0.1)
-    )
+    assert next_clip(
+        clip_norm=2.0, unclipped_fraction=1.0, target_quantile=0.5, clip_lr=0.2
+    ) == pytest.approx(2.0 * math.exp(-0.1))
     assert next_clip(clip_norm=2.0, unclipped_fraction=0.5, target_quantile=0.5, clip_lr=0.2) == 2.0
     assert unclipped_bit(1.0, 1.0) == 0.5 and unclipped_bit(1.01, 1.0) == -0.5
     # 7 of 10 expected clients unclipped, 3 clipped, no noise: sum of centred bits = 2, fraction 0.7.
