@@ -12,6 +12,7 @@ import pytest
 from fedrec.config.loader import build_experiment
 from fedrec.errors import ConfigError
 from fedrec.federated.simulation import Simulation
+from fedrec.federated.user_dp import RoundNoise, count_share, privatize
 from privacy.accounting.user_level import user_level_epsilon
 from privacy.ledger import PrivacyLedger, ledger_path
 
@@ -29,6 +30,32 @@ def run(config: dict, logdir, **kwargs):
 
 def rounds_of(logdir) -> list[dict]:
     return json.loads((logdir / "summary.json").read_text())["rounds"]
+
+
+def test_clients_noise_updates_at_sigma_delta_and_report_a_noised_centred_bit():
+    noise = RoundNoise(
+        round_idx=0,
+        attempt=0,
+        noise_multiplier=1.0,
+        clip_norm=3.0,
+        client_sampling_rate=0.1,
+        num_sampled=9,
+        min_survivors=4,
+        expected_clients=50.0,
+        secure_mode=False,
+        update_noise_multiplier=SIGMA_DELTA,
+        count_noise_multiplier=2.0,
+    )
+    noised, clipped = privatize(np.zeros(200_000, dtype=np.float32), noise, seed=0, client_id=7)
+    assert not clipped
+    assert np.std(noised) == pytest.approx(SIGMA_DELTA * 3.0 / math.sqrt(4), rel=0.01)  # not sigma's 1.5
+    shares = np.array([count_share(noise, clipped=True, seed=0, client_id=c) for c in range(4000)])
+    assert np.mean(shares) == pytest.approx(-0.5, abs=0.05) and np.std(shares) == pytest.approx(1.0, rel=0.05)
+    unclipped = np.array([count_share(noise, clipped=False, seed=0, client_id=c) for c in range(4000)])
+    assert np.allclose(unclipped - shares, 1.0)  # the same share, the bit +1/2 instead of -1/2
+    assert count_share(noise, clipped=True, seed=0, client_id=1) == count_share(
+        noise, clipped=True, seed=0, client_id=1
+    )
 
 
 def test_clip_moves_each_round_and_the_ledger_accounts_the_effective_sigma(tiny_config, tmp_path):
