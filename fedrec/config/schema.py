@@ -240,6 +240,30 @@ class ReconstructionConfig:
 
 
 @dataclass
+class AdaptiveClipConfig:
+    """``fl.user_dp.adaptive_clip``: the clip follows a quantile of the update norms (Andrew et al. 2021).
+
+    Each round the clip moves by ``C <- C exp(-clip_lr (b_bar - target_quantile))``, ``b_bar`` the
+    noised fraction of sampled clients whose update norm was at most ``C`` (privacy.dp.adaptive_clip).
+    """
+
+    target_quantile: float = 0.5  # gamma: the fraction of clients whose update should go unclipped
+    clip_lr: float = 0.2  # eta_C: the geometric step of the clip per round
+    count_noise_multiplier: float | None = None  # sigma_b on the count; null = expected clients / 20
+    initial_clip: float | None = None  # the first round's clip; null = fl.user_dp.clip_norm
+
+    def validate(self, path: str) -> None:
+        if not 0.0 < self.target_quantile < 1.0:
+            raise ConfigError(
+                f"config key '{path}.target_quantile' = {self.target_quantile!r}: expected a number in (0, 1)"
+            )
+        for key in ("clip_lr", "count_noise_multiplier", "initial_clip"):
+            value = getattr(self, key)
+            if value is not None and not (0 < value < float("inf")):
+                raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a finite number > 0")
+
+
+@dataclass
 class UserDPConfig:
     """``fl.user_dp``: user-level DP-FedAvg (McMahan et al. 2018) on top of the federated round.
 
@@ -256,8 +280,11 @@ class UserDPConfig:
     accountant: Literal["rdp", "prv"] = "rdp"  # the ledger's accountant (gdp may under-estimate)
     epsilon_budget: float | None = None  # refuse a plan above it; stop at the last round within it
     secure_mode: bool = False  # noise shares from the OS CSPRNG (runs are then not reproducible)
+    adaptive_clip: AdaptiveClipConfig | None = None  # null = fixed clip_norm
 
     def validate(self, path: str) -> None:
+        if self.adaptive_clip is not None:
+            self.adaptive_clip.validate(f"{path}.adaptive_clip")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ConfigError(
                 f"config keys '{path}.noise_multiplier' = {self.noise_multiplier!r} and '{path}.target_epsilon' "
@@ -385,6 +412,12 @@ class FLConfig:
             raise ConfigError(
                 f"config key '{path}.clip_norm' = {user_dp.clip_norm!r}: above fl.encryption.clip = "
                 f"{self.encryption.clip!r}; a clipped update and its noise share must fit the encryption grid"
+            )
+        if self.secure and user_dp.adaptive_clip is not None:
+            raise ConfigError(
+                f"config key '{path}.adaptive_clip': not supported with {path[: -len('.user_dp')]}.secure = true yet "
+                "(the clipped count would need its own slot in the encrypted update); set it to null or use "
+                "fl.secure = false"
             )
 
 

@@ -45,7 +45,14 @@ from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import import_modules, rank_device, world_rank
 from fedrec.federated.run import RunPaths, RunSpec, one_line, read_global_model, write_global_model
 from fedrec.federated.server_opt import ServerOptState, lr_at, state_path
-from fedrec.federated.user_dp import RoundNoise, check_release, privatize, released_mean, user_delta
+from fedrec.federated.user_dp import (
+    RoundNoise,
+    check_release,
+    count_share,
+    privatize,
+    released_mean,
+    user_delta,
+)
 from fedrec.federated.worker import (
     FederatedWorker,
     GlobalModel,
@@ -88,6 +95,7 @@ class TaskResult:
     rank: int
     peak_rss_mb: float
     clipped: bool | None = None  # fl.user_dp: whether the whole update was clipped to S (a diagnostic)
+    count_share: float | None = None  # fl.user_dp.adaptive_clip: centred unclipped bit + count noise share
 
 
 class RankContext:
@@ -393,8 +401,11 @@ def client_task(
     assert update is not None
     context.save_private_rows(worker, round_idx, attempt)
     clipped = None
+    share = None
     if noise is not None:
         noised, clipped = privatize(update.delta, noise, seed=spec.config.seed, client_id=client_id)
+        if noise.count_noise_multiplier is not None:  # fl.user_dp.adaptive_clip (plaintext mode)
+            share = count_share(noise, clipped=clipped, seed=spec.config.seed, client_id=client_id)
         if context.fl.secure:
             bound = codec.clip()
             largest = float(np.max(np.abs(noised))) if noised.size else 0.0
@@ -446,6 +457,7 @@ def client_task(
         rank=world_rank(),
         peak_rss_mb=_peak_rss_mb(),
         clipped=clipped,
+        count_share=share,
     )
 
 

@@ -631,7 +631,7 @@ class RoundEngine:
                 self.log(f"round {round_idx}: client {client}: update rejected: {failed.message}")
             return ClientFailure(client, failed.reason, failed.message, elapsed)
         if self.user_dp is not None:
-            self.user_dp.note_clipped(result.clipped)
+            self.user_dp.note_clipped(result.clipped, result.count_share)
         return result
 
     def _reap_stuck(self) -> None:

@@ -135,7 +135,10 @@ class PoolBackend:
         if output.seconds > timeout:
             raise ClientFailed("timeout", f"took {output.seconds:.1f}s > fl.client_timeout={timeout}s")
         if not sim.codec.secure:
-            self.check_plain_update(client, output)
+            # where the server can see: the norm bound, and weight 1 under fl.user_dp ('rejected' failures)
+            server_checks.check_plain_update(
+                output.payload, fl=sim.fl, user_dp_rounds=sim.user_dp_rounds, size=sim.layout.size
+            )
         try:
             sim.codec.add(running, output.payload)
         except Exception as err:
@@ -152,18 +155,12 @@ class PoolBackend:
             bytes_received=sim.download_bytes,
             rank=output.rank,
             clipped=output.clipped,
+            count_share=output.count_share,
         )
 
     def noise_sources(self) -> dict[str, str]:
         """The simulation's parties and where their privacy noise comes from (none without DP)."""
         return server_checks.noise_sources(self.sim.fl, self.sim.config.privacy)
-
-    def check_plain_update(self, client: int, output: TaskResult) -> None:
-        """Reject (a 'rejected' failure) a plaintext update above the norm bound, or a forged fl.user_dp weight."""
-        sim = self.sim
-        server_checks.check_plain_update(
-            output.payload, fl=sim.fl, user_dp_rounds=sim.user_dp_rounds, size=sim.layout.size
-        )
 
     def publish(self, closed: ClosedRound) -> cf.Future:
         """A key-holding client (the apply task) decodes, applies, writes and evaluates the next model."""
@@ -435,6 +432,7 @@ class Simulation:
                 min_completion_rate=self.fl.min_completion_rate,
                 sample_key=self.user_dp_sample_key,
                 run_key=self.run_key,
+                server_state=self.state.server_state.setdefault("user_dp", {}),  # type: ignore[union-attr]
             )
 
     @property

@@ -12,12 +12,19 @@ share for the round's minimum number of survivors ``k`` (privacy.dp.dp_fedavg), 
 opens and recorded in the privacy ledger before any client trains. A round that closes with fewer
 than ``k`` survivors carries less noise than accounted and is never released (retried or stopped).
 
+With ``fl.user_dp.adaptive_clip`` (Andrew et al. 2021; privacy.dp.adaptive_clip) the clip follows a
+quantile of the update norms: each client also reports its centred "unclipped" bit plus a noise share
+of the count noise ``sigma_b`` (plaintext mode only), the aggregator releases the noised count and
+moves the clip for the next round; updates are noised at ``sigma_delta`` so that update and count
+together cost one Gaussian mechanism at the ledger's ``sigma``.
+
 This module holds the pure parts the aggregator, the client tasks and the key-holding apply task
 share: the resolved plan, the Poisson sample, a client's privatisation and the released mean.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -30,6 +37,11 @@ import torch
 
 from fedrec.config.schema import FLConfig
 from fedrec.errors import ConfigError, FedrecError
+from privacy.dp.adaptive_clip import (
+    next_clip,
+    noised_fraction,
+    update_noise_multiplier,
+)
 from privacy.dp.dp_fedavg import (
     aggregate_noise_std,
     clip_update,
@@ -41,6 +53,7 @@ from privacy.dp.noise import GaussianNoise
 
 _SAMPLE_SALT = 0xD5  # keys the Poisson client sample: (seed, round, attempt, salt)
 _NOISE_SALT = 0xD7  # keys a client's noise share: (seed, round, attempt, client, salt)
+_COUNT_SALT = 0xD9  # keys a client's share of the clipped-count noise (fl.user_dp.adaptive_clip)
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,27 @@ class RoundNoise:
     # config setting (noise, clip, learning rate, data file, ...) never draw the same shares (the same config
     # on changed data does: docs/federated.md).
     run_key: int = 0
+    # fl.user_dp.adaptive_clip: the update's multiplier sigma_delta > sigma and the count's sigma_b;
+    # noise_multiplier stays the effective sigma the ledger accounts (None: fixed clipping).
+    update_noise_multiplier: float | None = None
+    count_noise_multiplier: float | None = None
+
+    @property
+    def update_sigma(self) -> float:
+        """The multiplier of the noise on the update sum (sigma, or sigma_delta with adaptive clipping)."""
+        return self.noise_multiplier if self.update_noise_multiplier is None else self.update_noise_multiplier
+
+
+@dataclass(frozen=True)
+class AdaptiveClipPlan:
+    """``fl.user_dp.adaptive_clip`` resolved: the noise split and the quantile update's parameters."""
+
+    target_quantile: float
+    clip_lr: float
+    count_noise_multiplier: float  # sigma_b
+    update_noise_multiplier: float  # sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^(-1/2)
+    initial_clip: float
+    count_noise_source: str  # 'config' or 'expected clients / 20'
 
 
 @dataclass(frozen=True)
@@ -78,13 +112,21 @@ class UserDPPlan:
     noise_source: str  # 'config' or 'target_epsilon'
     delta_source: str  # 'config' or '0.1/N'
     secure_mode: bool
+    adaptive: AdaptiveClipPlan | None = None
 
     @property
     def expected_clients(self) -> float:
         return self.client_sampling_rate * self.num_clients
 
     def round_noise(
-        self, round_idx: int, attempt: int, *, num_sampled: int, min_completion_rate: float, run_key: int = 0
+        self,
+        round_idx: int,
+        attempt: int,
+        *,
+        num_sampled: int,
+        min_completion_rate: float,
+        run_key: int = 0,
+        clip_norm: float | None = None,
     ) -> RoundNoise:
         """The round's parameters; an empty sample gets ``min_survivors = 1`` (it can never be released)."""
         k = (
@@ -96,13 +138,15 @@ class UserDPPlan:
             round_idx=round_idx,
             attempt=attempt,
             noise_multiplier=self.noise_multiplier,
-            clip_norm=self.clip_norm,
+            clip_norm=self.clip_norm if clip_norm is None else float(clip_norm),
             client_sampling_rate=self.client_sampling_rate,
             num_sampled=num_sampled,
             min_survivors=k,
             expected_clients=self.expected_clients,
             secure_mode=self.secure_mode,
             run_key=run_key,
+            update_noise_multiplier=self.adaptive.update_noise_multiplier if self.adaptive else None,
+            count_noise_multiplier=self.adaptive.count_noise_multiplier if self.adaptive else None,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -120,6 +164,7 @@ class UserDPPlan:
             "planned_rounds": self.planned_rounds,
             "planned_epsilon": self.planned_epsilon,
             "secure_mode": self.secure_mode,
+            "adaptive_clip": dataclasses.asdict(self.adaptive) if self.adaptive else None,
         }
 
 
@@ -193,7 +238,9 @@ def resolve_plan(fl: FLConfig, num_clients: int, *, planned_rounds: int | None =
                 f"config key 'fl.user_dp.epsilon_budget' = {budget!r}: below the cost of one round "
                 f"({one_round:.4g} with noise_multiplier {sigma:.4g}, q {q:.4g}, delta {delta:.3g})"
             )
+    adaptive = resolve_adaptive(fl, sigma=sigma, expected_clients=q * num_clients)
     return UserDPPlan(
+        adaptive=adaptive,
         noise_multiplier=sigma,
         clip_norm=float(user_dp.clip_norm),
         client_sampling_rate=q,
@@ -206,6 +253,40 @@ def resolve_plan(fl: FLConfig, num_clients: int, *, planned_rounds: int | None =
         noise_source=noise_source,
         delta_source=delta_source,
         secure_mode=user_dp.secure_mode,
+    )
+
+
+def resolve_adaptive(fl: FLConfig, *, sigma: float, expected_clients: float) -> AdaptiveClipPlan | None:
+    """``fl.user_dp.adaptive_clip`` resolved for the run's sigma (ConfigError when 2 sigma_b <= sigma)."""
+    from privacy.errors import PrivacyError
+
+    assert fl.user_dp is not None
+    cfg = fl.user_dp.adaptive_clip
+    if cfg is None:
+        return None
+    if fl.secure:
+        raise ConfigError(
+            "config key 'fl.user_dp.adaptive_clip': not supported with fl.secure = true yet; "
+            "set it to null or fl.secure = false"
+        )
+    if cfg.count_noise_multiplier is None:
+        sigma_b, source = expected_clients / 20.0, "expected clients / 20"
+    else:
+        sigma_b, source = float(cfg.count_noise_multiplier), "config"
+    try:
+        sigma_delta = update_noise_multiplier(noise_multiplier=sigma, count_noise_multiplier=sigma_b)
+    except PrivacyError as err:
+        raise ConfigError(
+            f"config key 'fl.user_dp.adaptive_clip.count_noise_multiplier' = {cfg.count_noise_multiplier!r} "
+            f"({source}: {sigma_b:.4g}): {err}"
+        ) from None
+    return AdaptiveClipPlan(
+        target_quantile=float(cfg.target_quantile),
+        clip_lr=float(cfg.clip_lr),
+        count_noise_multiplier=sigma_b,
+        update_noise_multiplier=sigma_delta,
+        initial_clip=float(fl.user_dp.clip_norm if cfg.initial_clip is None else cfg.initial_clip),
+        count_noise_source=source,
     )
 
 
@@ -303,7 +384,7 @@ def privatize(update: np.ndarray, noise: RoundNoise, *, seed: int, client_id: in
     flat = torch.from_numpy(np.ascontiguousarray(update, dtype=np.float64))
     (clipped,), norm = clip_update([flat], clip_norm=noise.clip_norm)
     std = noise_share_std(
-        noise_multiplier=noise.noise_multiplier, clip_norm=noise.clip_norm, min_survivors=noise.min_survivors
+        noise_multiplier=noise.update_sigma, clip_norm=noise.clip_norm, min_survivors=noise.min_survivors
     )
     if noise.secure_mode:
         source = GaussianNoise(secure_mode=True)
@@ -328,10 +409,28 @@ def update_norm_bound(noise: RoundNoise, size: int) -> float:
     """
     std = noise_share_std(
         min_survivors=noise.min_survivors,
-        noise_multiplier=noise.noise_multiplier,
+        noise_multiplier=noise.update_sigma,  # adaptive clipping noises the update at sigma_delta
         clip_norm=noise.clip_norm,
     )
     return float(noise.clip_norm + std * (math.sqrt(size) + NORM_BOUND_SIGMAS))
+
+
+def count_share(noise: RoundNoise, *, clipped: bool, seed: int, client_id: int) -> float:
+    """fl.user_dp.adaptive_clip: this client's centred bit (+1/2 unclipped, -1/2 clipped) plus its share
+    N(0, sigma_b^2 / k) of the count noise (the k survivors' shares sum to at least sigma_b^2)."""
+    if noise.count_noise_multiplier is None:
+        raise FedrecError(f"round {noise.round_idx}: no count noise: adaptive clipping is off")
+    std = noise.count_noise_multiplier / math.sqrt(noise.min_survivors)
+    if noise.secure_mode:
+        source = GaussianNoise(secure_mode=True)
+    else:
+        key = np.random.SeedSequence(
+            [seed, noise.run_key, noise.round_idx, noise.attempt, client_id, _COUNT_SALT]
+        )
+        source = GaussianNoise(seed=int(key.generate_state(1, np.uint64)[0] >> np.uint64(2)))
+    share = float(source.normal((1,), dtype=torch.float64)[0]) * std
+    bit = -0.5 if clipped else 0.5  # privacy.dp.adaptive_clip.unclipped_bit of the update's norm
+    return bit + share
 
 
 def check_release(noise: RoundNoise, *, survivors: int) -> float:
@@ -342,7 +441,7 @@ def check_release(noise: RoundNoise, *, survivors: int) -> float:
     if survivors < 1:
         raise PrivacyError(f"round {noise.round_idx}: no client survived; nothing may be released")
     return aggregate_noise_std(
-        noise_multiplier=noise.noise_multiplier,
+        noise_multiplier=noise.update_sigma,
         clip_norm=noise.clip_norm,
         min_survivors=noise.min_survivors,
         survivors=survivors,
@@ -444,6 +543,8 @@ class UserDPRounds:
         min_completion_rate: fl.min_completion_rate (fixes each round's ``k``).
         sample_key: fl.user_dp.secure_mode: the aggregator's secret sampling key.
         run_key: 64 bits of the config fingerprint (keys seeded noise shares to this config).
+        server_state: the checkpoint's ``server_state['user_dp']`` (updated in place each round: the
+            adaptive clip for the next round is saved with the round, so a resume continues exactly).
     """
 
     def __init__(
@@ -455,6 +556,7 @@ class UserDPRounds:
         min_completion_rate: float,
         sample_key: bytes | None,
         run_key: int,
+        server_state: dict[str, Any] | None = None,
     ):
         self.plan = plan
         self.ledger = ledger
@@ -465,6 +567,12 @@ class UserDPRounds:
         self.noise: RoundNoise | None = None  # the latest attempt's round parameters
         self.clipped: list[bool] = []  # per returned client of that attempt
         self.stopped_at_budget = False
+        self.server_state = server_state if server_state is not None else {}
+        self.count_sum = 0.0  # fl.user_dp.adaptive_clip: the returned clients' noised centred bits
+        self.count_missing = False  # a returned client without its count share: the clip does not move
+        if plan.adaptive is not None:
+            self.server_state.setdefault("clip_norm", plan.adaptive.initial_clip)
+        self.clip = float(self.server_state.get("clip_norm", plan.clip_norm))  # this round's clip
 
     def open_round(self, round_idx: int, attempt: int, sampled: Any) -> RoundNoise:
         """Before any client of this attempt trains: check the sample is the Poisson sample, fix the
@@ -493,12 +601,13 @@ class UserDPRounds:
             num_sampled=len(expected),
             min_completion_rate=self.min_completion_rate,
             run_key=self.run_key,
+            clip_norm=self.clip,
         )
         try:
             self.ledger.record_round(
                 round=round_idx,
-                noise_multiplier=sigma,
-                clip_norm=plan.clip_norm,
+                noise_multiplier=sigma,  # with adaptive clipping: the effective sigma of update + count
+                clip_norm=noise.clip_norm,
                 client_sampling_rate=q,
                 num_sampled=noise.num_sampled,
                 min_survivors=noise.min_survivors,
@@ -507,11 +616,40 @@ class UserDPRounds:
         except BudgetExceededError:
             raise UserBudgetExhausted(round_idx) from None
         self.noise, self.clipped = noise, []
+        self.count_sum, self.count_missing = 0.0, False
         return noise
 
-    def note_clipped(self, clipped: bool | None) -> None:
+    def note_clipped(self, clipped: bool | None, count_share: float | None = None) -> None:
         if clipped is not None:
             self.clipped.append(bool(clipped))
+        if self.plan.adaptive is not None:
+            if count_share is None or not math.isfinite(count_share):
+                self.count_missing = True
+            else:
+                self.count_sum += float(count_share)
+
+    def advance_clip(self, noise: RoundNoise) -> dict[str, Any]:
+        """fl.user_dp.adaptive_clip, when the round is released: the noised unclipped fraction from
+        the survivors' count shares, and the clip of the next round (saved in ``server_state``)."""
+        adaptive = self.plan.adaptive
+        assert adaptive is not None
+        if self.count_missing:
+            # A client sent no share: the sum lacks noise or a bit; the count is not released.
+            return {
+                "clip_norm": noise.clip_norm,
+                "next_clip_norm": noise.clip_norm,
+                "unclipped_fraction": None,
+            }
+        fraction = noised_fraction(noised_centred_sum=self.count_sum, expected_clients=noise.expected_clients)
+        new = next_clip(
+            clip_norm=noise.clip_norm,
+            unclipped_fraction=fraction,
+            target_quantile=adaptive.target_quantile,
+            clip_lr=adaptive.clip_lr,
+        )
+        self.clip = new
+        self.server_state["clip_norm"] = new
+        return {"clip_norm": noise.clip_norm, "next_clip_norm": new, "unclipped_fraction": fraction}
 
     def can_afford_another_round(self) -> bool:
         """Whether the ledger affords one more round after this one (always, without a budget)."""
@@ -527,10 +665,14 @@ class UserDPRounds:
     def round_record(self, noise: RoundNoise, *, survivors: int) -> dict[str, Any]:
         """The round record's user-level part: epsilon over every recorded round attempt, and its noise."""
         clipped = self.clipped
+        adaptive = self.advance_clip(noise) if self.plan.adaptive is not None else None
         return {
             "user_epsilon": self.ledger.user_level_epsilon(),
             "user_dp": {
                 "noise_multiplier": noise.noise_multiplier,
+                "update_noise_multiplier": noise.update_sigma,
+                "clip_norm": noise.clip_norm,
+                "adaptive_clip": adaptive,
                 "min_survivors": noise.min_survivors,
                 "survivors": survivors,
                 "noise_std_on_mean": check_release(noise, survivors=survivors) / noise.expected_clients,

@@ -182,6 +182,7 @@ class ClientResult:
     bytes_received: int
     rank: int
     clipped: bool | None = None  # fl.user_dp: whether the whole update was clipped to S (a diagnostic)
+    count_share: float | None = None  # fl.user_dp.adaptive_clip: centred unclipped bit + count noise share
 
 
 @dataclass(frozen=True)
