@@ -89,7 +89,8 @@ def config_overrides(command: str, scratch: Path) -> list[str]:
         extra += TINY_STEPS
     if script == "train_fl.py":
         extra += TINY_FL
-        if "userdp" in name:  # user-level DP needs a Poisson sample large enough for the encryption grid
+        if name.startswith("mf_movielens_fl"):  # user-level DP (on in both MF FL configs) needs a Poisson
+            # sample large enough for the encryption grid
             extra.append("fl.client_num_per_round=80")  # every one of the 80 users
     if script == "deploy_syft.py":
         extra += ["fl.rounds=1", "fl.num_workers=2", "fl.client_num_per_round=2", "fl.local_steps=2"]
@@ -149,7 +150,7 @@ def api_example(block: str, scratch: Path) -> str:
     small += [*TINY_MOVIELENS, "train.max_steps=4", "train.num_eval_batches=1"]
     fl_small = [
         *small,
-        "fl.client_num_per_round=4",
+        "fl.client_num_per_round=80",  # the MF FL config has user-level DP on: a sample the grid can hold
         "fl.local_steps=2",
         "fl.local_epochs=1",
         "fl.eval_every=1",
