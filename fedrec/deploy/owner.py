@@ -21,7 +21,9 @@ mode; docs/deployment.md shows how to write it by hand):
 1. starts the datasite on ``--host`` (127.0.0.1 unless the owner asks otherwise) with an admin
    password that is random before the server exists (PySyft's default is never active), written
    only to ``admin.json`` (mode 0600);
-2. turns guest sign-up off and creates the listed data-scientist accounts;
+2. turns guest sign-up off, refuses anonymous guest sessions (:mod:`fedrec.deploy.guests`, checked
+   with a real guest login before the owner reports ready) and creates the listed data-scientist
+   accounts;
 3. uploads dataset ``fedrec`` with asset ``train`` (the private rows, with a synthetic mock of the
    same schema for data scientists to develop against) and asset ``owner`` (the key material, the
    path of the owner's privacy ledger, the minimum aggregate size; no mock, so nothing ever runs on
@@ -54,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.deploy.errors import DeployError
+from fedrec.deploy.guests import check_guests_refused, install_guest_refusal
 from fedrec.errors import FedrecError
 
 DATASET_NAME = "fedrec"
@@ -255,6 +258,9 @@ class Owner:
         arrays, meta = read_owner_data(self.directory)
         ledger = self._open_ledger()
         sy = import_syft_with_random_admin_password()
+        # Anonymous guests are refused by the server itself (PySyft 0.9.5 ignores allow_guest_sessions
+        # once it has started); the forked server process inherits the refusal. Checked below.
+        install_guest_refusal()
         preload_training_modules()
         # The datasite logs failures of approved code (PySyft shows the requester only a generic message).
         logging.basicConfig(
@@ -278,13 +284,16 @@ class Owner:
             url=f"http://{self.host}", port=self.port, email=ADMIN_EMAIL, password=password, cache=False
         )
         self.admin.settings.allow_guest_signup(enable=False)
-        # No anonymous sessions (issue 14, item 9). PySyft 0.9.5 enforces this only for queued API calls:
-        # a guest's blocking calls (dataset list, mock) still succeed; docs/threat-model.md says so.
+        # No anonymous sessions (issue 14, item 9): recorded in PySyft's settings too, though the running
+        # 0.9.5 server never rereads them; fedrec.deploy.guests enforces it.
         result = self.admin.settings.update(allow_guest_sessions=False)
         if type(result).__name__ == "SyftError":
             raise DeployError(f"{self.path(ADMIN_FILE)}: PySyft refused to disable guest sessions: {result}")
         self._create_accounts()
         self._upload(sy, arrays, meta, ledger)
+        # Fail closed: a real anonymous guest must be refused every read before the owner is ready.
+        check_guests_refused(f"http://{self.host}", self.port, DATASET_NAME)
+        log(f"{self.name}: anonymous guest sessions refused (checked with a guest login)")
         from fedrec.data.base import write_json_atomic
 
         write_json_atomic(

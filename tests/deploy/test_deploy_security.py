@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 from deploy_helpers import ANALYST_EMAIL, ANALYST_PASSWORD, build, deploy_data
 
 pytestmark = pytest.mark.slow
@@ -110,37 +111,87 @@ def test_guest_sign_up_is_off(federation):
             raise RuntimeError(str(result))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PySyft 0.9.5 enforces allow_guest_sessions=False only for queued API calls (server.py "
-    "add_api_call_to_queue); blocking guest calls still list datasets and return the mock (issue 14 item 9 open)",
-)
-def test_guest_sessions_are_off(federation):
-    """Anonymous guests (issue 14, item 9) can list the dataset, read its row count and schema, and
-    download the mock. The owner sets allow_guest_sessions=False, which 0.9.5 does not enforce on these
-    calls: strict xfail, so this flips to a failure the day the guests are really refused."""
+def _guest_call(host: str, port: int, path: str, *, kwargs: dict | None = None, claim=None, sign=True):
+    """One ``/api_call`` from a fresh anonymous guest key, posted without fetching the service listing:
+    ``claim`` puts another verify key in the call (the signature stays the guest's)."""
     import syft as sy
+    from syft.client.api import SignedSyftAPICall, SyftAPICall, debox_signed_syftapicall_response
+
+    guest = sy.login_as_guest(url=host, port=port, verbose=False)
+    call = SyftAPICall(server_uid=guest.id, path=path, args=[], kwargs=kwargs or {}, blocking=True)
+    signed = call.sign(guest.credentials)
+    if claim is not None:
+        signed = SignedSyftAPICall(
+            credentials=claim, signature=signed.signature, serialized_message=signed.serialized_message
+        )
+    try:
+        if sign:
+            answer = guest.connection.make_call(signed)
+        else:  # an unsigned call: no credentials at all
+            response = requests.post(
+                guest.connection.api_url, data=sy.serialize(call, to_bytes=True), timeout=30
+            )
+            if response.status_code != 200:
+                return f"refused: HTTP {response.status_code}"
+            answer = sy.deserialize(response.content, from_bytes=True)
+    except requests.ConnectionError as err:  # PySyft's client: a non-200 answer
+        return f"refused: {err}"
+    return debox_signed_syftapicall_response(answer).unwrap()
+
+
+def test_guest_sessions_are_off(federation):
+    """Anonymous guests (issue 14, item 9) are refused every read of a real datasite: the listing of
+    services, the dataset list, the dataset by name (row count and schema in its summary), the mock,
+    and raw signed calls that skip the listing (dataset list and search, the queue and metadata
+    paths, a call claiming the server's public verify key with the guest's signature, an unsigned
+    call). The owner's and the analyst's logins still work. Without fedrec.deploy.guests (PySyft 0.9.5
+    alone, allow_guest_sessions=False set) every read below is answered."""
+    import syft as sy
+    from syft.server.credentials import SyftVerifyKey
 
     from fedrec.deploy.datasite import split_url as _split_url
+    from fedrec.deploy.guests import GUEST_REFUSAL
     from fedrec.deploy.owner import DATASET_NAME
 
     host, port = _split_url(federation.specs[1].url)
 
     def as_guest(read):
-        guest = sy.login_as_guest(url=host, port=port)
-        result = read(guest)
-        if result is None or type(result).__name__ == "SyftError":
-            raise RuntimeError(str(result))
-        return result
+        guest = sy.login_as_guest(url=host, port=port, verbose=False)
+        return read(guest)
 
     for label, read in {
+        "service listing": lambda g: g.api,
         "list datasets": lambda g: g.datasets.get_all(),
         "dataset by name": lambda g: g.datasets[DATASET_NAME],
         "mock": lambda g: g.datasets[DATASET_NAME].assets[0].mock,
     }.items():
-        with pytest.raises(Exception, match=r"(?i)guest sessions|permission|not allowed"):
+        with pytest.raises(Exception, match=r"code 403|guest sessions are refused") as refused:
             as_guest(read)
-        assert label
+        assert refused.value is not None, label
+
+    server_key = sy.login_as_guest(url=host, port=port, verbose=False).metadata.verify_key
+    if not isinstance(server_key, SyftVerifyKey):
+        server_key = SyftVerifyKey.from_string(str(server_key))
+    for path, kwargs, claim in [
+        ("dataset.get_all", {}, None),
+        ("dataset.search", {"name": DATASET_NAME}, None),
+        ("metadata", {}, None),
+        ("queue", {"uid": sy.UID()}, None),
+        ("dataset.get_all", {}, server_key),  # the root admin's key, public in /metadata
+    ]:
+        result = _guest_call(host, port, path, kwargs=kwargs, claim=claim)
+        if claim is None:
+            assert type(result).__name__ == "SyftError" and GUEST_REFUSAL in str(result), (path, result)
+        else:  # past the guest check (an account's key), PySyft's signature check refuses it
+            assert str(result).startswith("refused: ") and "code 500" in str(result), (path, result)
+    result = _guest_call(host, port, "dataset.get_all", sign=False)
+    assert type(result).__name__ == "SyftError" and GUEST_REFUSAL in str(result), result
+
+    # Accounts are not guests: the owner's admin and the analyst still read what they may.
+    analyst = _login(federation.specs[1].url, ANALYST_EMAIL, ANALYST_PASSWORD)
+    assert json.loads(analyst.datasets[DATASET_NAME].summary)["rows"] > 0
+    admin = federation.admin(1)
+    assert len(_login(federation.specs[1].url, admin["email"], admin["password"]).datasets.get_all()) == 1
 
 
 def test_unapproved_code_cannot_read_private_data(federation):
