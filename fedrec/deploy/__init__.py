@@ -2,6 +2,7 @@
 
 - :mod:`fedrec.deploy.owner`: a data owner's datasite (private asset + mock, guest sign-up off, random
   admin password, code approved by an owner policy pinning source digests; the owner's own ledger);
+- :mod:`fedrec.deploy.guests`: the datasite's refusal of anonymous guest sessions, and its check;
 - :mod:`fedrec.deploy.coordinator`: the round engine's datasite backend (public keys only);
 - :mod:`fedrec.deploy.datasite`: the coordinator's session with one datasite, calls with deadlines;
 - :mod:`fedrec.deploy.outputs`: the checks of datasite outputs before anything is aggregated;
