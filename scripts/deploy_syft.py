@@ -32,6 +32,8 @@ try:
         run_main,
     )
     from fedrec.errors import ConfigError
+    from privacy.encryption.context import read_context_file
+    from privacy.errors import EncryptionError
 except ImportError as err:  # a python without fedrec's dependencies (the system one, not .venv's)
     if (err.name or "").startswith(("fedrec.", "privacy.")):
         raise
@@ -58,9 +60,12 @@ def remote_datasites(config) -> tuple[list, bytes]:  # type: ignore[no-untyped-d
         specs.append(
             DatasiteSpec(client_id=site.client_id, url=site.url, email=site.email, password=password)
         )
-    try:
+    try:  # one line naming the file: missing, unreadable, damaged, or a secret context (refused)
+        read_context_file(config.syft.public_context, role="public")
         with open(config.syft.public_context, "rb") as fh:
             public_context = fh.read()
+    except EncryptionError as err:
+        raise ConfigError(f"config key 'syft.public_context': {err}") from None
     except OSError as err:
         raise ConfigError(
             f"config key 'syft.public_context' = {config.syft.public_context!r}: {err}"

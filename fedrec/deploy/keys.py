@@ -12,7 +12,8 @@ Owner key file: JSON (never pickle) with base64 fields, written atomically with 
 Key authority command (one file per owner plus the coordinator's public context)::
 
     python -m fedrec.deploy.keys --owners 3 --max-weight 20000 --out keys/
-    # keys/owner_000.keys.json ... (to each owner, out of band), keys/public.ctx (to the coordinator)
+    # keys/owner_000.keys.json ... (to each owner, out of band), keys/public.ctx (to the coordinator
+    # and to every owner, which checks at start that its secret context and public.ctx form a pair)
 """
 
 from __future__ import annotations
@@ -163,6 +164,36 @@ def generate_federation_keys(
     return FederationKeys(public_context=keys.public_context, owners=owners)
 
 
+def check_owner_keys(keys: OwnerKeys, *, keys_path: str, public_path: str) -> None:
+    """Refuse an owner's key material that cannot work, at start and before any spend.
+
+    The secret context in ``keys_path`` must load as a secret context (not a public one, not damaged),
+    and the key authority's public context at ``public_path`` (the coordinator's ``public.ctx``, which
+    every owner also receives) must load as a public context and form a key pair with it: a known
+    vector encrypted under the public key decrypts under the secret one
+    (:func:`privacy.encryption.context.check_key_pair`). A swapped or stale ``keys.json`` is then one
+    line naming both files, instead of a round that fails after the owner has recorded spends.
+
+    Raises:
+        DeployError: missing or unreadable ``public.ctx``, a context of the wrong role or parameters,
+            or a secret and public context from different key generations.
+    """
+    from privacy.encryption.context import check_key_pair, load_context, read_context_file
+
+    try:
+        secret = load_context(keys.secret_context, role="secret")
+    except EncryptionError as err:
+        raise DeployError(f"{keys_path}: field 'secret_context': {err}") from None
+    try:
+        public = read_context_file(public_path, role="public")
+    except EncryptionError as err:
+        raise DeployError(str(err)) from None
+    try:
+        check_key_pair(secret, public)
+    except EncryptionError as err:
+        raise DeployError(f"{keys_path} and {public_path}: {err}") from None
+
+
 def write_private_json(path: str, data: Any) -> None:
     """JSON written to a temporary name with mode 0600, fsynced, renamed into place."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -204,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--precision-bits", type=int, default=16, help="fl.encryption.precision_bits of the runs"
     )
-    parser.add_argument("--out", required=True, help="directory for owner_NNN.keys.json and public.ctx")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="directory for owner_NNN.keys.json and public.ctx (public.ctx goes to the coordinator and every owner)",
+    )
     args = parser.parse_args(argv)
     keys = generate_federation_keys(
         client_ids=list(range(args.owners)),

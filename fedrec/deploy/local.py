@@ -106,7 +106,9 @@ class LocalFederation:
         federation = cls(root, num_owners, host=host)
         public_path = os.path.join(federation.root, PUBLIC_CONTEXT_FILE)
         complete = os.path.exists(public_path) and all(
-            os.path.exists(os.path.join(o.directory, KEYS_FILE)) for o in federation.owners
+            os.path.exists(os.path.join(o.directory, name))
+            for o in federation.owners
+            for name in (KEYS_FILE, PUBLIC_CONTEXT_FILE)
         )
         if complete:
             return federation
@@ -146,6 +148,10 @@ class LocalFederation:
             rows = train.subset(partition.client_rows(owner.client_id)).arrays
             write_owner_data(owner.directory, rows, meta)
             keys.owners[owner.client_id].save(os.path.join(owner.directory, KEYS_FILE))
+            # The owner checks at start that its secret context and the public one form a pair.
+            write_private_bytes(
+                os.path.join(owner.directory, PUBLIC_CONTEXT_FILE), keys.public_context, mode=0o644
+            )
             with open(os.path.join(owner.directory, POLICY_FILE), "w", encoding="utf-8") as fh:
                 fh.write(policy)
             write_private_json(

@@ -12,6 +12,9 @@ mode; docs/deployment.md shows how to write it by hand):
 - ``data.npz``: the owner's training rows (``name -> array``, no pickle); ``meta.json``: the model
   metadata of the data's schema (public, e.g. embedding table sizes);
 - ``keys.json``: this owner's key file from the key authority (mode 0600, :mod:`fedrec.deploy.keys`);
+- ``public.ctx``: the key authority's public context (the one the coordinator gets); at start the
+  owner checks that its secret context and this file form a key pair (a missing file, a swapped
+  ``keys.json`` or a secret context in ``public.ctx`` is a one-line error before anything is served);
 - ``policy.yml``: the owner policy (:mod:`fedrec.deploy.policy`);
 - ``accounts.json``: the data-scientist accounts to create (name, email, password; mode 0600); the
   owner hands each password to its holder out of band.
@@ -70,6 +73,7 @@ MAX_FAILED_POLLS = 60
 DATA_FILE = "data.npz"
 META_FILE = "meta.json"
 KEYS_FILE = "keys.json"
+PUBLIC_CONTEXT_FILE = "public.ctx"
 POLICY_FILE = "policy.yml"
 ACCOUNTS_FILE = "accounts.json"
 ADMIN_FILE = "admin.json"
@@ -240,9 +244,13 @@ class Owner:
         self.parent_pid: int | None = None  # stop when this process's parent (a launcher) is gone
 
     def _load_keys(self) -> Any:
-        from fedrec.deploy.keys import OwnerKeys
+        """The owner's key file, checked against the public context before anything starts."""
+        from fedrec.deploy.keys import OwnerKeys, check_owner_keys
 
-        return OwnerKeys.load(os.path.join(self.directory, KEYS_FILE))
+        keys_path = self.path(KEYS_FILE)
+        keys = OwnerKeys.load(keys_path)
+        check_owner_keys(keys, keys_path=keys_path, public_path=self.path(PUBLIC_CONTEXT_FILE))
+        return keys
 
     def _load_policy(self) -> Any:
         from fedrec.deploy.policy import OwnerPolicy

@@ -8,6 +8,8 @@ import dataclasses
 import os
 import stat
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,6 +123,81 @@ def test_owner_key_file_is_private_and_round_trips(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(DeployError, match="not a fedrec owner key file"):
         OwnerKeys.load(str(tmp_path / "bad.json"))
+
+
+# ------------------------------------------------------------------------------------------ owner key material
+@pytest.fixture(scope="module")
+def two_key_generations():
+    """Two key generations with the same parameters (a stale or swapped keys.json is from the other)."""
+    from fedrec.deploy.keys import generate_federation_keys
+
+    kwargs = dict(client_ids=[0, 1], max_clients=2, max_weight=100, scheme="bfv", clip=1.0, precision_bits=16)
+    return generate_federation_keys(**kwargs), generate_federation_keys(**kwargs)
+
+
+def _owner_dir(path, keys, public: bytes | None) -> str:
+    from fedrec.deploy.owner import KEYS_FILE, POLICY_FILE, PUBLIC_CONTEXT_FILE
+
+    path.mkdir()
+    keys.save(str(path / KEYS_FILE))
+    if public is not None:
+        (path / PUBLIC_CONTEXT_FILE).write_bytes(public)
+    (path / POLICY_FILE).write_text(policy_text(approved_digests(), epsilon_budget=5.0, delta=1e-5))
+    return str(path)
+
+
+def test_owner_checks_its_key_material_before_anything_starts(tmp_path, two_key_generations, monkeypatch):
+    """issue 14, item 8 in deployment: a deleted public.ctx, a swapped keys.json (another key
+    generation), a public context in keys.json or a secret one in public.ctx stop ``serve`` with one
+    line naming the file, before the datasite, the owner's ledger or any spend exists."""
+    from fedrec.deploy.keys import OwnerKeys
+    from fedrec.deploy.owner import LEDGER_FILE, READY_FILE, SYFT_STATE_DIR, Owner
+    from fedrec.deploy.owner import main as owner_main
+
+    def start(self):  # without the check the owner would launch its datasite: fail fast instead
+        raise RuntimeError(f"{self.directory}: owner started with this key material")
+
+    monkeypatch.setattr(Owner, "start", start)
+    ours, other = two_key_generations
+    mine = ours.owners[0]
+    assert Owner(_owner_dir(tmp_path / "good", mine, ours.public_context)).keys.client_id == 0
+    public_in_keys = OwnerKeys(
+        client_id=0,
+        secret_context=ours.public_context,
+        model_key=mine.model_key,
+        signing_key=mine.signing_key,
+        registered_keys=mine.registered_keys,
+    )
+    cases = {
+        "missing": (mine, None, r"public\.ctx: public context file not found"),
+        "swapped": (other.owners[0], ours.public_context, r"keys\.json and \S+public\.ctx: .*key generation"),
+        "public in keys.json": (public_in_keys, ours.public_context, r"keys\.json: field 'secret_context': "),
+        "secret in public.ctx": (
+            mine,
+            mine.secret_context,
+            r"public\.ctx: context role 'secret': expected a public context",
+        ),
+        "damaged public.ctx": (mine, ours.public_context[:-100], r"public\.ctx: "),
+    }
+    for label, (keys, public, message) in cases.items():
+        directory = _owner_dir(tmp_path / label.replace(" ", "-"), keys, public)
+        with pytest.raises(DeployError, match=message) as err:
+            owner_main(["serve", "--dir", directory])
+        assert "\n" not in str(err.value), label
+        for name in (LEDGER_FILE, READY_FILE, SYFT_STATE_DIR):
+            assert not os.path.exists(os.path.join(directory, name)), (label, name)
+    # As a command: one line on stderr, exit status 2.
+    swapped = str(tmp_path / "swapped")
+    result = subprocess.run(
+        [sys.executable, "-m", "fedrec.deploy.owner", "serve", "--dir", swapped],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "key generation" in result.stderr and swapped in result.stderr
 
 
 def test_mock_has_the_schema_and_none_of_the_rows():
