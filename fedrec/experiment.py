@@ -26,6 +26,7 @@ from fedrec.cli import check_logdir, parse_devices, prepare_logdir
 from fedrec.config import ExperimentConfig, config_to_dict
 from fedrec.data.base import ProcessedData, write_json_atomic
 from fedrec.errors import ConfigError
+from fedrec.noise_source import warn_seeded
 from fedrec.trainers.base_trainer import CHECKPOINT_NAME
 
 RUN_CONFIG_NAME = "config.yml"
@@ -213,6 +214,9 @@ def run_central_training(
     if "resume" in inspect.signature(trainer_cls).parameters:  # DPTrainer: a resume keeps the ledger's spends
         trainer_kwargs["resume"] = resume
     trainer = trainer_cls(model, data, config, logdir=logdir, device=device, writer=writer, **trainer_kwargs)
+    noise_sources = getattr(trainer, "noise_sources", None)  # DPTrainer: a seeded run says so on stdout
+    if callable(noise_sources):
+        warn_seeded(noise_sources())
     try:
         if resume:
             trainer.load_checkpoint()

@@ -39,6 +39,24 @@ def test_train_and_train_dp_from_a_mapping(tmp_path, data_cache):  # noqa: F811
     assert dp.privacy["epsilon"] > 0 and dp.privacy["noise_multiplier"] == 1.0
 
 
+def test_seeded_central_dp_warns_on_stdout_like_train_fl(tmp_path, data_cache, capsys):  # noqa: F811
+    """issue 14: a central DP run with noise from the config seed prints the WARNING line the federated
+    engine prints; privacy.secure_mode (and non-private training) print none."""
+    from fedrec.noise_source import CENTRAL_PARTY, SEEDED_SOURCE, seeded_warning
+
+    config = central(data_cache)
+    config["privacy"]["secure_mode"] = False
+    api.train_dp(config, logdir=str(tmp_path / "seeded"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING:")]
+    assert warnings == [seeded_warning(CENTRAL_PARTY, SEEDED_SOURCE)]
+    assert "privacy noise from the config seed" in warnings[0]
+    config["privacy"]["secure_mode"] = True
+    api.train_dp(config, logdir=str(tmp_path / "csprng"))
+    config.pop("privacy")
+    api.train(config, logdir=str(tmp_path / "plain"))
+    assert "WARNING:" not in capsys.readouterr().out
+
+
 def test_train_fl_returns_a_per_round_history(tmp_path, tiny_config):  # noqa: F811
     config = tiny_config(rounds=2, eval_every=1)
     result = api.train_fl(config, logdir=str(tmp_path / "fl"))

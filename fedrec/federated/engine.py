@@ -54,12 +54,11 @@ from fedrec.federated.worker import (
     RoundResults,
     round_outcome,
 )
+from fedrec.noise_source import warn_seeded
 from fedrec.progress import RoundProgress
 from privacy.report.tensorboard import log_ledger_epsilon
 
 FAILURE_REASONS = ("error", "timeout", "rejected", "refused")
-SEEDED_SOURCE = "config seed: replayable by anyone who holds the config (epsilon does not hold against them)"
-CSPRNG_SOURCE = "OS CSPRNG"
 BUDGET_SUBSTITUTE_SALT = 0xB5  # keys fl.on_budget_exhausted=continue's replacement draws
 
 
@@ -309,14 +308,7 @@ class RoundEngine:
 
     def warn_seeded(self) -> None:
         """A seeded run says so loudly: one line on stdout (and the log) per seeded party."""
-        for party, source in self.noise_sources().items():
-            if "seed" in source:
-                line = (
-                    f"WARNING: {party}: privacy noise from the {source}; set privacy.secure_mode / "
-                    "fl.user_dp.secure_mode for a run whose epsilon holds against the config's holders"
-                )
-                print(line, flush=True)
-                self.log(line)
+        warn_seeded(self.noise_sources(), self.log)
 
     def run(self, *, max_rounds: int | None = None) -> dict[str, Any]:
         """Run the remaining rounds (at most ``max_rounds`` now); returns the final summary."""

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from fedrec.errors import ConfigError
-from fedrec.federated.engine import CSPRNG_SOURCE, SEEDED_SOURCE, ClientFailed
+from fedrec.federated.engine import ClientFailed
 from fedrec.federated.user_dp import update_norm_bound
 from fedrec.federated.worker import FederatedWorker
+from fedrec.noise_source import CSPRNG_SOURCE, SEEDED_SOURCE
 
 
 def noise_sources(fl: Any, privacy: Any) -> dict[str, str]:

@@ -27,6 +27,7 @@ from torch import nn
 from fedrec.config.schema import ExperimentConfig, PrivacyConfig
 from fedrec.data.base import ProcessedData
 from fedrec.errors import ConfigError
+from fedrec.noise_source import CENTRAL_PARTY, CSPRNG_SOURCE, SEEDED_SOURCE
 from fedrec.trainers.base_trainer import BaseTrainer
 from privacy.accounting.accountants import (
     Accountant,
@@ -392,6 +393,10 @@ class DPTrainer(BaseTrainer):
         self.record_spend()
         self.dp.flush()
         return super().final_summary()
+
+    def noise_sources(self) -> dict[str, str]:
+        """Where this run's DP noise and Poisson batches come from (``run_central_training`` warns on a seed)."""
+        return {CENTRAL_PARTY: CSPRNG_SOURCE if self.privacy_cfg.secure_mode else SEEDED_SOURCE}
 
     def extra_summary(self) -> dict[str, Any]:
         p = self.params

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from reference_accounting import opacus_rdp_epsilon
 
+from fedrec.noise_source import CENTRAL_PARTY, SEEDED_SOURCE, seeded_warning
 from privacy.accounting.accountants import epsilon_for
 from privacy.ledger import PrivacyLedger, ledger_path
 
@@ -67,6 +68,11 @@ def test_dlrm_dp_run_reports_epsilon_of_an_independent_computation(tmp_path, dat
         "train.log_every=4",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # configs/dlrm_dp.yml draws its noise from `seed` (secure_mode: false): the line train_fl prints,
+    # on stdout, before the JSON line.
+    lines = proc.stdout.strip().splitlines()
+    assert seeded_warning(CENTRAL_PARTY, SEEDED_SOURCE) in lines[:-1], proc.stdout
+    assert json.loads(lines[-1])["privacy"]["unit"].startswith("example-level")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     p = summary["privacy"]
     for key in (
