@@ -69,7 +69,12 @@ from privacy.encryption.signing import recompute_aggregate, sign_contribution
 from privacy.errors import EncryptionError
 from privacy.ledger import PrivacyLedger
 
-PROTOCOL = 1
+# The coordinator <-> datasite format (round request, train and apply outputs, the dataset summary's
+# "fedrec" field), checked by both sides. 2: signed contributions and the apply step's contribution
+# list, the outputs' noise_source and dropped ids, the request's import_modules, public FedAvg
+# weights in the update header (wire v2), the owner's noise source (issue 14). A coordinator and a
+# datasite of different protocols refuse each other at connect instead of failing mid-round.
+PROTOCOL = 2
 # Dataset facts a model is sized from: public schema, not statistics of anyone's rows.
 MODEL_META_KEYS = (
     "dataset",

@@ -422,7 +422,13 @@ def test_mock_run_computes_nothing(inprocess):
 def test_outputs_are_checked_before_anything_is_added(inprocess):
     """Every malformed output is RejectedOutput and leaves the running sum empty; the real one is added."""
     from fedrec.deploy.outputs import expected_spend, validate_train_output
-    from fedrec.deploy.training import RoundRequest, initial_global_model, params_digest, train_round
+    from fedrec.deploy.training import (
+        PROTOCOL,
+        RoundRequest,
+        initial_global_model,
+        params_digest,
+        train_round,
+    )
     from fedrec.federated.private_store import attempt_tag
     from privacy.encryption.aggregator import StreamingAggregator
     from privacy.encryption.schema import UpdateSchema
@@ -430,6 +436,12 @@ def test_outputs_are_checked_before_anything_is_added(inprocess):
     env = inprocess
     schema = UpdateSchema(env["layout"].entries)
     digest = params_digest(initial_global_model(env["config"], env["meta"]))
+    # A coordinator of another protocol (e.g. 1: before signed contributions and public weights) is
+    # refused by the datasite code before it trains or spends.
+    older = {**RoundRequest("run", env["config"], env["meta"], 0, 0, 1, None, digest).to_wire()}
+    older["protocol"] = PROTOCOL - 1
+    with pytest.raises(DeployError, match=f"round request protocol {PROTOCOL - 1}: expected {PROTOCOL}"):
+        RoundRequest.from_wire(older)
     request = RoundRequest("run", env["config"], env["meta"], 0, 0, 1, None, digest).to_wire()
     good = train_round(env["rows"][1], env["owners"][1], request)
     aggregator = StreamingAggregator(env["keys"].public_context, schema, round_idx=attempt_tag(0, 0))
@@ -447,8 +459,9 @@ def test_outputs_are_checked_before_anything_is_added(inprocess):
     malformed = {
         "not a dict": [b"x"],
         "extra key": variant(extra=1),
-        "mock run": {"protocol": 1, "mock_run": True},
-        "protocol": variant(protocol=2),
+        "mock run": {"protocol": PROTOCOL, "mock_run": True},
+        "protocol of an older datasite": variant(protocol=PROTOCOL - 1),
+        "protocol of a newer datasite": variant(protocol=PROTOCOL + 1),
         "update not a list": variant(update=payload),
         "missing chunk": variant(update=good["update"][:-1] or []),
         "truncated": variant(update=[p[:-5] for p in good["update"]]),
