@@ -117,6 +117,16 @@ class FederatedResult:
         return self.final.get("test") or {}
 
 
+def _central(
+    cfg: ExperimentConfig, trainer_cls: Any, *, logdir: str, devices: str, resume: bool, **kwargs: Any
+) -> TrainResult:
+    """The shared body of :func:`train` and :func:`train_dp` (``run_central_training``, as the scripts)."""
+    results, path = run_central_training(
+        cfg, trainer_cls, logdir=logdir, devices=devices, resume=resume, **kwargs
+    )
+    return TrainResult(results, path, logdir)
+
+
 def train(
     config: ConfigLike,
     *,
@@ -125,12 +135,12 @@ def train(
     devices: str = "cpu",
     resume: bool = False,
 ) -> TrainResult:
-    """Central (non-private) training, as scripts/train.py."""
+    """Central (non-private) training, as scripts/train.py (train.* may change on ``resume``)."""
     from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
 
     cfg = load_config(config, overrides)
     sparse = optimizer_supports_sparse(cfg.train.optimizer) and cfg.train.weight_decay == 0
-    results, path = run_central_training(
+    return _central(
         cfg,
         BaseTrainer,
         logdir=logdir,
@@ -139,7 +149,6 @@ def train(
         sparse=sparse,
         record_ignore=("train",),
     )
-    return TrainResult(results, path, logdir)
 
 
 def train_dp(
@@ -150,16 +159,18 @@ def train_dp(
     devices: str = "cpu",
     resume: bool = False,
 ) -> TrainResult:
-    """DP-SGD training (example-level DP), as scripts/train_dp.py; ``result.privacy`` holds epsilon."""
+    """DP-SGD training (example-level DP), as scripts/train_dp.py; ``result.privacy`` holds epsilon.
+
+    train.* is part of the privacy guarantee (a resume must match it); embedding gradients never go
+    through autograd in DP-SGD (dense tables). A run with noise from the config seed prints a WARNING
+    line on stdout (``privacy.secure_mode`` draws from the OS CSPRNG instead).
+    """
     from fedrec.trainers.dp_trainer import DPTrainer
 
     cfg = load_config(config, overrides)
     if cfg.privacy is None:
         raise ConfigError("config section 'privacy' is missing: train_dp needs one (see configs/dlrm_dp.yml)")
-    results, path = run_central_training(
-        cfg, DPTrainer, logdir=logdir, devices=devices, resume=resume, sparse=False
-    )
-    return TrainResult(results, path, logdir)
+    return _central(cfg, DPTrainer, logdir=logdir, devices=devices, resume=resume, sparse=False)
 
 
 def train_fl(
