@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import sys
 from typing import Any
 
 from fedrec.deploy.errors import DeployError
@@ -35,6 +36,7 @@ GUEST_REFUSAL = (
     "fedrec datasite: anonymous guest sessions are refused; log in with an account the owner created"
 )
 _MARK = "__fedrec_guest_refusal__"
+WRAPPED = ("handle_api_call_with_unsigned_result", "get_api")  # PySyft 0.9.5's Server methods
 
 
 def _is_account(server: Any, credentials: Any) -> bool:
@@ -64,6 +66,12 @@ def install_guest_refusal() -> None:
     from syft.server.server import Server
     from syft.service.response import SyftError
 
+    missing = [name for name in WRAPPED if not callable(getattr(Server, name, None))]
+    if missing:  # another PySyft: nothing to wrap, so no refusal (the owner does not start)
+        raise DeployError(
+            f"PySyft {getattr(sys.modules.get('syft'), '__version__', '?')}: its server has no "
+            f"{', '.join(missing)}; the guest refusal is written for PySyft 0.9.5"
+        )
     handle = Server.handle_api_call_with_unsigned_result
     if not getattr(handle, _MARK, False):
 

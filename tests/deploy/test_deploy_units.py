@@ -487,6 +487,49 @@ def test_outputs_are_checked_before_anything_is_added(inprocess):
     assert aggregator.delivered == (1,) and record == good["spend"]
 
 
+def test_guest_refusal_wraps_pysyft_and_refuses_keys_of_no_account(monkeypatch):
+    """fedrec.deploy.guests without a server (test_deploy_security has the real datasites): keys of no
+    account, unknown roles and a failing role lookup are refused before PySyft's handler; an account's
+    call reaches it; installing twice wraps once; a PySyft without the methods is a one-line error."""
+    from types import SimpleNamespace
+
+    from syft.server.server import Server
+    from syft.service.user.user_roles import ServiceRole
+
+    from fedrec.deploy import guests
+
+    for name in guests.WRAPPED:  # restored after the test
+        monkeypatch.setattr(Server, name, getattr(Server, name))
+    guests.install_guest_refusal()
+    guests.install_guest_refusal()
+    assert guests.guest_refusal_installed()
+    assert not getattr(Server.get_api.__wrapped__, "__fedrec_guest_refusal__", False)  # wrapped once
+
+    def fake_server(role):
+        def lookup(credentials):
+            if isinstance(role, Exception):
+                raise role
+            return role
+
+        return SimpleNamespace(get_role_for_credentials=lookup)
+
+    call = SimpleNamespace(credentials="some verify key")
+    for role in (ServiceRole.GUEST, ServiceRole.NONE, RuntimeError("store down"), "admin"):
+        refused = Server.handle_api_call_with_unsigned_result(fake_server(role), call)
+        assert type(refused).__name__ == "SyftError" and guests.GUEST_REFUSAL in str(refused), role
+        with pytest.raises(Exception, match="403") as listing:
+            Server.get_api(fake_server(role), "some verify key")
+        assert guests.GUEST_REFUSAL in str(listing.value.detail)
+    refused = Server.handle_api_call_with_unsigned_result(fake_server(ServiceRole.ADMIN), SimpleNamespace())
+    assert guests.GUEST_REFUSAL in str(refused)  # an unsigned call has no credentials
+    for role in (ServiceRole.DATA_SCIENTIST, ServiceRole.ADMIN):  # past the check: PySyft's own handler
+        with pytest.raises(AttributeError):
+            Server.handle_api_call_with_unsigned_result(fake_server(role), call)
+    monkeypatch.setattr(Server, "get_api", None)
+    with pytest.raises(DeployError, match=r"no get_api; the guest refusal is written for PySyft 0\.9\.5"):
+        guests.install_guest_refusal()
+
+
 def test_owner_reads_pysyft_requests_as_the_policy_sees_them():
     """describe_request maps PySyft's input rules to this datasite's assets (swaps and extras show)."""
     from types import SimpleNamespace
