@@ -145,6 +145,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (across epochs)
     optimizer: Literal["sgd", "adagrad", "adam"] = "sgd"  # sgd, adagrad: sparse embedding gradients
     lr: float = 0.1  # learning rate
+    # Learning rate of the embedding tables (nn.Embedding / nn.EmbeddingBag weights); null = lr. A rare
+    # category's row gets a gradient from few examples of a batch: a larger step lets it learn in one epoch.
+    embedding_lr: float | None = None
     weight_decay: float = 0.0  # L2 penalty
     num_eval_batches: int | None = None  # cap evaluation at this many batches; null = whole split
     eval_every: int | None = None  # steps between validations; null = end of each epoch
@@ -168,6 +171,10 @@ class TrainConfig:
                 )
         if self.lr <= 0:
             raise ConfigError(f"config key '{path}.lr' = {self.lr!r}: expected a positive number")
+        if self.embedding_lr is not None and not self.embedding_lr > 0:
+            raise ConfigError(
+                f"config key '{path}.embedding_lr' = {self.embedding_lr!r}: expected a positive number or null"
+            )
         if self.weight_decay < 0:
             raise ConfigError(f"config key '{path}.weight_decay' = {self.weight_decay!r}: expected >= 0")
 
