@@ -145,6 +145,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (across epochs)
     optimizer: Literal["sgd", "adagrad", "adam"] = "sgd"  # sgd, adagrad: sparse embedding gradients
     lr: float = 0.1  # learning rate
+    # Learning rate of the embedding tables (nn.Embedding / nn.EmbeddingBag weights); null = lr. A rare
+    # category's row gets a gradient from few examples of a batch: a larger step lets it learn in one epoch.
+    embedding_lr: float | None = None
     weight_decay: float = 0.0  # L2 penalty
     num_eval_batches: int | None = None  # cap evaluation at this many batches; null = whole split
     eval_every: int | None = None  # steps between validations; null = end of each epoch
@@ -168,6 +171,10 @@ class TrainConfig:
                 )
         if self.lr <= 0:
             raise ConfigError(f"config key '{path}.lr' = {self.lr!r}: expected a positive number")
+        if self.embedding_lr is not None and not self.embedding_lr > 0:
+            raise ConfigError(
+                f"config key '{path}.embedding_lr' = {self.embedding_lr!r}: expected a positive number or null"
+            )
         if self.weight_decay < 0:
             raise ConfigError(f"config key '{path}.weight_decay' = {self.weight_decay!r}: expected >= 0")
 
@@ -326,6 +333,10 @@ class FLConfig:
     eval_every: int = 1  # rounds between validations (the last round always evaluates)
     eval_users: int | None = None  # metrics on a seeded sample of this many users; null = every user
     fixed_point_bits: int = 24  # plain mode: updates are summed as exact integers in units of 2^-bits
+    # Plain mode: each embedding row's summed update is divided by the weight of the clients whose
+    # update touched that row (non-zero), not by every client's; a rare row then moves as far as a
+    # frequent one. Refused with fl.secure (the count would be released in clear) and fl.user_dp.
+    row_normalize: bool = False
     encryption: FLEncryptionConfig = field(default_factory=FLEncryptionConfig)  # secure mode only
     faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)  # testing only
     user_dp: UserDPConfig | None = None  # user-level DP-FedAvg; null = off
@@ -357,6 +368,17 @@ class FLConfig:
             raise ConfigError(
                 f"config key '{path}.max_update_norm' = {self.max_update_norm!r}: expected a finite number > 0 "
                 "or null"
+            )
+        if self.row_normalize and self.secure:
+            raise ConfigError(
+                f"config key '{path}.row_normalize' = true with {path}.secure = true: the per-row count of "
+                "clients that touched a row would be released in clear beside the encrypted sum; row "
+                "normalisation is implemented for plaintext runs only (set fl.row_normalize=false)"
+            )
+        if self.row_normalize and self.user_dp is not None:
+            raise ConfigError(
+                f"config key '{path}.row_normalize' = true with {path}.user_dp set: user-level DP's noise is "
+                "calibrated to a public denominator, a data-dependent row count would break it"
             )
         if self.max_update_norm is not None and self.secure:
             raise ConfigError(

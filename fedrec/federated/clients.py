@@ -157,7 +157,9 @@ class RankContext:
             if self.fl.secure:
                 self._codec = SecureCodec(self.layout, secret_context=checked_secret_context(self.paths))
             else:
-                self._codec = PlainCodec(self.layout, bits=self.fl.fixed_point_bits)
+                self._codec = PlainCodec(
+                    self.layout, bits=self.fl.fixed_point_bits, row_normalize=self.fl.row_normalize
+                )
         return self._codec
 
     def global_model(self, round_idx: int, digest: str) -> GlobalModel:

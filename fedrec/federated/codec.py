@@ -33,14 +33,32 @@ class DecodedAggregate:
     uniform: bool = True  # every value summed over the same clients (False: a client delivered some chunks)
 
 
+class RowWeightedSum(FixedPointSum):
+    """A :class:`FixedPointSum` plus, per embedding-table row, the fixed-point weight of the clients
+    whose update touched that row (``fl.row_normalize``)."""
+
+    def __init__(self, size: int, *, bits: int, table_rows: int):
+        super().__init__(size, bits=bits)
+        self.row_weight = np.zeros(int(table_rows), dtype=np.int64)
+
+
 class PlainCodec:
-    """Plaintext updates (float32) summed by the aggregator in int64 fixed point of ``2**-bits``."""
+    """Plaintext updates (float32) summed by the aggregator in int64 fixed point of ``2**-bits``.
+
+    With ``row_normalize`` (``fl.row_normalize``) the aggregator also sums, per row of each embedding
+    table, the fixed-point weight of the clients whose update of that row is non-zero; the mean of a
+    table row is then its weighted sum over that touched weight (0 for a row nobody touched) instead of
+    over every client's weight.
+    """
 
     secure = False
 
-    def __init__(self, layout: ParamLayout, *, bits: int):
+    def __init__(self, layout: ParamLayout, *, bits: int, row_normalize: bool = False):
         self.layout = layout
         self.bits = bits
+        self.row_normalize = bool(row_normalize)
+        self.spans = layout.row_spans() if self.row_normalize else []
+        self.table_rows = sum(rows for _, rows, _ in self.spans)
 
     # client
     def encode(self, update: ClientUpdate, *, tag: int, rng: np.random.Generator) -> tuple[Any, int]:
@@ -49,7 +67,17 @@ class PlainCodec:
 
     # aggregator
     def new_sum(self, tag: int) -> FixedPointSum:
+        if self.row_normalize:
+            return RowWeightedSum(self.layout.size, bits=self.bits, table_rows=self.table_rows)
         return FixedPointSum(self.layout.size, bits=self.bits)
+
+    def touched_rows(self, delta: np.ndarray) -> np.ndarray:
+        """Per row of every table (concatenated): whether ``delta`` changes it."""
+        parts = [
+            (delta[start : start + rows * dim].reshape(rows, dim) != 0).any(axis=1)
+            for start, rows, dim in self.spans
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
     def add(self, running: FixedPointSum, payload: Any) -> None:
         delta, weight = payload
@@ -59,20 +87,39 @@ class PlainCodec:
                 f"update of dtype {delta.dtype} and shape {delta.shape}: expected float32 ({self.layout.size},)"
             )
         weighted = np.float64(weight) * delta.astype(np.float64)
-        running.add(to_fixed_point(weighted, bits=self.bits), weight_to_fixed_point(weight, bits=self.bits))
+        fixed_weight = weight_to_fixed_point(weight, bits=self.bits)
+        running.add(to_fixed_point(weighted, bits=self.bits), fixed_weight)
+        if isinstance(running, RowWeightedSum):
+            running.row_weight += self.touched_rows(delta) * np.int64(fixed_weight)
 
     def contributors(self, running: FixedPointSum) -> int:
         return int(running.count)
 
     def close(self, running: FixedPointSum) -> tuple[Any, int]:
-        payload = (running.total, int(running.weight), int(running.count))
+        payload: tuple[Any, ...] = (running.total, int(running.weight), int(running.count))
+        if isinstance(running, RowWeightedSum):
+            return (*payload, running.row_weight), running.total.nbytes + running.row_weight.nbytes + 16
         return payload, running.total.nbytes + 16
 
     # key holders
     def decode_mean(self, aggregate: Any, *, tag: int) -> DecodedAggregate:
-        total, weight, count = aggregate
+        total, weight, count = aggregate[:3]
         mean = fixed_point_mean(total, weight, bits=self.bits)
+        if self.row_normalize:
+            mean = self.row_normalized(mean, total, np.asarray(aggregate[3]))
         return DecodedAggregate(mean, weight / 2.0**self.bits, int(count), 0.5 * count / max(weight, 1))
+
+    def row_normalized(self, mean: np.ndarray, total: np.ndarray, row_weight: np.ndarray) -> np.ndarray:
+        """``mean`` with each table row's sum divided by the weight of the clients that touched it."""
+        out = mean.copy()
+        first = 0
+        for start, rows, dim in self.spans:
+            weights = row_weight[first : first + rows].astype(np.float64)
+            sums = np.asarray(total[start : start + rows * dim], dtype=np.float64).reshape(rows, dim)
+            rows_mean = np.divide(sums, weights[:, None], out=np.zeros_like(sums), where=weights[:, None] > 0)
+            out[start : start + rows * dim] = rows_mean.reshape(-1)
+            first += rows
+        return out
 
 
 class SecureCodec:

@@ -376,7 +376,7 @@ class Simulation:
         if fl.secure:
             self._prepare_secure(partition)
         else:
-            self.codec = PlainCodec(self.layout, bits=fl.fixed_point_bits)
+            self.codec = PlainCodec(self.layout, bits=fl.fixed_point_bits, row_normalize=fl.row_normalize)
         self.download_bytes = self.layout.nbytes
         if not self.resume:
             save_checkpoint(paths.checkpoint, state)

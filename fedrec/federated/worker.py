@@ -85,10 +85,15 @@ class ParamLayout:
     are left out: they never leave the client.
     """
 
-    def __init__(self, entries: Sequence[tuple[str, tuple[int, ...]]]):
+    def __init__(self, entries: Sequence[tuple[str, tuple[int, ...]]], *, row_tables: Sequence[str] = ()):
         self.entries = [(name, tuple(int(d) for d in shape)) for name, shape in entries]
         self.sizes = [math.prod(shape) for _, shape in self.entries]
         self.size = int(sum(self.sizes))
+        names = {name: shape for name, shape in self.entries}
+        for name in row_tables:
+            if name not in names or len(names[name]) != 2:
+                raise ValueError(f"row table {name!r}: expected a shared 2-D parameter of the layout")
+        self.row_tables = list(row_tables)  # embedding weights (rows x dim) among the entries
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ParamLayout:
@@ -96,7 +101,21 @@ class ParamLayout:
         entries = [
             (name, tuple(tensor.shape)) for name, tensor in model.state_dict().items() if name not in private
         ]
-        return cls(entries)
+        tables = [
+            f"{module_name}.weight" if module_name else "weight"
+            for module_name, module in model.named_modules()
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        ]
+        return cls(entries, row_tables=[name for name in tables if name not in private])
+
+    def row_spans(self) -> list[tuple[int, int, int]]:
+        """(flat offset, rows, dim) of each row table, in layout order."""
+        spans, start = [], 0
+        for (name, shape), size in zip(self.entries, self.sizes):
+            if name in self.row_tables:
+                spans.append((start, shape[0], shape[1]))
+            start += size
+        return spans
 
     @property
     def names(self) -> list[str]:

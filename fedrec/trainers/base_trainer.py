@@ -44,6 +44,29 @@ def optimizer_supports_sparse(name: str) -> bool:
     return name in ("sgd", "adagrad")
 
 
+def optimizer_param_groups(
+    model: nn.Module, *, lr: float, embedding_lr: float | None
+) -> list[dict[str, Any]]:
+    """Trainable parameters as optimizer groups: embedding weights at ``embedding_lr``, the rest at ``lr``.
+
+    One group (every parameter at ``lr``) when ``embedding_lr`` is None. DP-SGD's lazy row noise reads
+    each embedding's own group learning rate, so a separate embedding step stays exact.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if embedding_lr is None:
+        return [{"params": trainable, "lr": lr}]
+    embedding_ids = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.weight.requires_grad
+    }
+    groups = [
+        {"params": [p for p in trainable if id(p) not in embedding_ids], "lr": lr},
+        {"params": [p for p in trainable if id(p) in embedding_ids], "lr": embedding_lr},
+    ]
+    return [group for group in groups if group["params"]]
+
+
 def make_optimizer(name: str, params: Any, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
@@ -117,7 +140,7 @@ class BaseTrainer:
     # ----------------------------------------------------------------- hooks
     def make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.train_cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = optimizer_param_groups(self.model, lr=cfg.lr, embedding_lr=cfg.embedding_lr)
         return make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def epoch_rng(self, epoch: int) -> np.random.Generator:

@@ -229,3 +229,34 @@ def test_early_stopping_state_survives_a_checkpoint(tmp_path):
     summary = second.fit()
     assert summary["early_stopping"] == full_summary["early_stopping"]
     assert summary["val"]["rmse"] == pytest.approx(full_summary["val"]["rmse"], abs=1e-6)
+
+
+def test_embedding_lr_steps_the_tables_at_their_own_rate():
+    """train.embedding_lr: one SGD step moves the embedding rows by embedding_lr x grad and every other
+    parameter by lr x grad (hand-computed from the same gradients)."""
+    data = ctr_data()
+    cfg = config(lr=0.1, embedding_lr=2.5)
+    model = build_model(cfg, data.meta)
+    trainer = BaseTrainer(model, data, cfg)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.1, 2.5]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batch = {k: torch.from_numpy(np.asarray(v[:64])) for k, v in data.split("train").arrays.items()}
+    loss = model.loss(model({"dense": batch["dense"], "sparse": batch["sparse"]}), batch["label"])
+    grads = dict(zip(before, torch.autograd.grad(loss, list(model.parameters()))))
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone()
+    trainer.optimizer.step()
+    for name, p in model.named_parameters():
+        rate = 2.5 if name == "sparse_arch.embedding.weight" else 0.1
+        torch.testing.assert_close(p.detach(), before[name] - rate * grads[name])
+    assert grads["sparse_arch.embedding.weight"].abs().sum() > 0
+
+
+def test_embedding_lr_null_is_one_group_and_bad_values_are_errors():
+    data = ctr_data()
+    cfg = config(lr=0.1)
+    trainer = BaseTrainer(build_model(cfg, data.meta), data, cfg)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.1]
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"train\.embedding_lr"):
+            config(embedding_lr=bad)

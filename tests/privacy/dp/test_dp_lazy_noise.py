@@ -201,3 +201,40 @@ def test_a_flushed_row_owes_nothing_until_the_next_step():
     )
     lazy.flush()
     assert lazy.is_flushed and (weight[[0, 2, 4]] != 0).all()
+
+
+def train_embedding_lr(seed: int, *, embedding_lr: float, dense_lr: float) -> np.ndarray:
+    """Lazy DP-SGD with the embedding table in its own optimizer group (``train.embedding_lr``)."""
+    idx, x, y, batches = DATA
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.SGD(
+        [
+            {"params": model.lin.parameters(), "lr": dense_lr},
+            {"params": [model.bag.weight], "lr": embedding_lr},
+        ]
+    )
+    dp = DPSGD(
+        model, opt, noise_multiplier=SIGMA, max_grad_norm=CLIP, sample_rate=RATE, num_examples=N, seed=seed
+    )
+    for batch in batches:
+        b = torch.tensor(batch, dtype=torch.long)
+        dp.step((model(idx[b], x[b]) - y[b]) ** 2)
+    dp.flush()
+    return model.bag.weight.detach().numpy()[USED_ROWS:].reshape(-1).copy()
+
+
+def test_untouched_rows_follow_the_embedding_groups_learning_rate():
+    """An embedding table in its own group (a larger step than the dense layers): the rows nobody reads
+    carry exactly N(w0, sigma^2 C^2 sum (embedding_lr / B)^2), not the dense group's law."""
+    torch.manual_seed(0)
+    initial = Tiny().bag.weight.detach().numpy()[USED_ROWS:].reshape(-1)
+    values = np.stack([train_embedding_lr(s, embedding_lr=2.0, dense_lr=0.5) for s in range(60)]) - initial
+
+    def pvalue(lr: float) -> float:
+        expected_var = SIGMA**2 * CLIP**2 * STEPS * (lr / (N * RATE)) ** 2
+        statistic = float((values**2).sum() / expected_var)
+        return 2 * min(stats.chi2.cdf(statistic, values.size), stats.chi2.sf(statistic, values.size))
+
+    assert pvalue(2.0) > 1e-4
+    assert pvalue(0.5) < 1e-6  # the dense group's step would be the wrong law
