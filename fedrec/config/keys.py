@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import types
@@ -186,10 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     generated = keys_markdown()
     if args.write:
-        with open(args.write, encoding="utf-8") as fh:
-            text = fh.read()
-        with open(args.write, "w", encoding="utf-8") as fh:
+        try:
+            with open(args.write, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as err:
+            print(f"error: --write {args.write}: {err.strerror}", file=sys.stderr)
+            return 2
+        tmp = f"{args.write}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(replace_generated(text, generated))
+        os.replace(tmp, args.write)
     else:
         sys.stdout.write(generated)
     return 0
