@@ -434,14 +434,16 @@ class RoundEngine:
     async def _track_best(self, record: Mapping[str, Any]) -> None:
         """A round whose model validated best so far: a key holder keeps a copy of that model."""
         assert self.early_stopping is not None
+        backend: Any = self.backend  # keep_best is optional in the protocol (checked in __init__)
         tracking = self._tracking()
         if self.early_stopping.restore_best and tracking.best_round == record["round"]:
-            await asyncio.wrap_future(self.backend.keep_best(record["round"] + 1, record["global_digest"]))
+            await asyncio.wrap_future(backend.keep_best(record["round"] + 1, record["global_digest"]))
 
     async def _finish_early_stopping(self) -> None:
         """Test the model the run ends with: the best validated round's (restore_best) or the last one."""
         cfg = self.early_stopping
         assert cfg is not None
+        backend: Any = self.backend  # evaluate_model / best_model_path are optional (checked in __init__)
         tracking = self._tracking()
         last = self.state.history[-1] if self.state.history else {}
         result: dict[str, Any] = {
@@ -467,16 +469,14 @@ class RoundEngine:
                 metrics = {"val": last.get("val"), "test": last.get("test")}  # the last model is the best
             else:
                 metrics = await asyncio.wrap_future(
-                    self.backend.evaluate_model(model_round, tracking.best_digest, ["val", "test"], best=True)
+                    backend.evaluate_model(model_round, tracking.best_digest, ["val", "test"], best=True)
                 )
             result.update(restored_best=True, val=metrics.get("val"), test=metrics.get("test"))
-            result["final_model"] = self.backend.best_model_path()
+            result["final_model"] = backend.best_model_path()
             result["final_model_digest"] = tracking.best_digest
         elif last and last.get("test") is None:  # stopped before fl.rounds: test the last model
             metrics = await asyncio.wrap_future(
-                self.backend.evaluate_model(
-                    self.state.round_idx, self.state.global_digest, ["test"], best=False
-                )
+                backend.evaluate_model(self.state.round_idx, self.state.global_digest, ["test"], best=False)
             )
             result["test"] = metrics.get("test")
         self.early_result = result
