@@ -370,6 +370,9 @@ class RoundEngine:
             total=self.fl.rounds, initial=self.state.round_idx, enabled=self.config.train.progress
         )
         done = 0
+        if self.early_stopping is not None and self.state.history:
+            # a resumed run: the last committed round may be the best one and its copy not yet kept
+            await self._track_best(self.state.history[-1])
         try:
             while aggregator.round_idx < self.fl.rounds and (max_rounds is None or done < max_rounds):
                 if self._early_stop_now():  # resumed after the run had already stopped early

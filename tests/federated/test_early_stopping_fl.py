@@ -126,3 +126,16 @@ def test_early_stopping_needs_a_validation_split():
         check_federated_early_stopping(cfg, task="rating", val_rows=0, stored_private_rows=False)
     check_federated_early_stopping(cfg, task="rating", val_rows=10, stored_private_rows=False)
     check_federated_early_stopping(None, task="rating", val_rows=0, stored_private_rows=True)
+
+
+def test_a_resumed_run_continues_the_patience_count_and_restores_the_same_best(mf_recon, tmp_path):
+    data = with_early_stopping(mf_recon, patience=2, min_delta=10.0)
+    data["fl"]["rounds"] = 2
+    first = run(data, tmp_path / "r")  # 2 validations: best round 0, one without improvement
+    assert first["rounds_completed"] == 2 and not first["early_stopping"]["stopped_early"]
+    data["fl"]["rounds"] = 6
+    final = Simulation(build_experiment(copy.deepcopy(data)), str(tmp_path / "r"), resume=True,
+                       log=lambda message: None).run()  # fmt: skip
+    assert final["rounds_completed"] == 3 and final["early_stopping"]["stopped_early"]
+    assert final["final_model_digest"] == first["final_model_digest"]  # round 0's model both times
+    assert final["val"] == first["val"]
