@@ -42,8 +42,13 @@ def tiny_overrides(name: str, cache: Path) -> list[str]:
     config = load_config(ROOT / "configs" / name)
     out = [f"model.preproc.cache_dir={cache}"]
     if "movielens" in name:
-        out += ["model.preproc.synthetic.rows=2000", "model.preproc.synthetic.users=50",
-                "model.preproc.synthetic.items=100"]  # fmt: skip
+        users, rows, items = 50, 2000, 100
+        if config.model.preproc.synthetic.preset == "population-1m":
+            # 500 users keep q = 3/500 small enough for one round to fit the file's user-level budget;
+            # the preset lets a user rate at most 20 % of the items (200 items: 40) and at least 20
+            users, rows, items = 500, 10000, 200
+        out += [f"model.preproc.synthetic.rows={rows}", f"model.preproc.synthetic.users={users}",
+                f"model.preproc.synthetic.items={items}"]  # fmt: skip
     else:
         out += ["model.preproc.synthetic.rows=3000", "model.preproc.synthetic.vocab_size=20"]
     out += ["train.max_steps=3", "train.eval_batch_size=512"]
@@ -55,10 +60,16 @@ def tiny_overrides(name: str, cache: Path) -> list[str]:
         out += ["fl.rounds=1", "fl.client_num_per_round=3", "fl.local_steps=2", "fl.eval_every=1"]
         if config.fl.num_workers is not None:
             out.append("fl.num_workers=4")
+        if config.fl.eval_users is not None:
+            out.append("fl.eval_users=null")  # every user of the tiny set
         if config.fl.user_dp is not None:
             # 3 clients a round instead of 100: the encryption grid must hold a larger noise share
             # (sigma S / sqrt(k) with k ~ 1), which the simulation checks against fl.encryption.clip.
             out += ["fl.min_completion_rate=0.5", "fl.encryption.clip=8.0"]
+            if config.fl.user_dp.adaptive_clip is not None:
+                # its default count noise is the expected clients / 20: 3 clients would give 0.15,
+                # below sigma / 2 (refused); a tiny run names one that fits
+                out.append("fl.user_dp.adaptive_clip.count_noise_multiplier=1.0")
     return out
 
 

@@ -144,6 +144,7 @@ class RankContext:
         self._codec: Any = None
         self._global: GlobalModel | None = None
         self._evaluator: BaseTrainer | None = None
+        self._eval_train: dict[str, np.ndarray] | None = None  # fl.eval_users' training ratings (ridge)
         # fl.eval_users: the seeded sample of users every evaluation covers (None: all of them).
         self.eval_users = sample_eval_users(
             int(self.meta.get("num_users", 0)), self.fl.eval_users, seed=config.seed
@@ -178,7 +179,8 @@ class RankContext:
             round_idx=worker.round_idx,
             rounds=self.fl.rounds,
         )
-        train = dataclasses.replace(self.config.train, lr=lr)
+        # train.early_stopping applies to the rounds (fedrec.federated.early_stop), not to local epochs
+        train = dataclasses.replace(self.config.train, lr=lr, early_stopping=None)
         if not self.fl.secure:
             return BaseTrainer(
                 worker.model,
@@ -258,6 +260,16 @@ class RankContext:
         rows = {name: state[name].detach().cpu().numpy() for name in self.private_names}
         self.store.write(users, rows, tag=attempt_tag(round_idx, attempt))  # type: ignore[union-attr]
 
+    def eval_train_arrays(self) -> dict[str, np.ndarray]:
+        """The training ratings of the users under evaluation (all of them without fl.eval_users)."""
+        if self.eval_users is None:
+            return self.train.arrays
+        if self._eval_train is None:
+            arrays = self.train.arrays
+            keep = np.isin(np.asarray(arrays["user"]), self.eval_users)
+            self._eval_train = {name: np.asarray(values)[keep] for name, values in arrays.items()}
+        return self._eval_train
+
     def evaluate(self, params: np.ndarray, splits: list[str], *, tag: int) -> dict[str, dict[str, float]]:
         """Metrics of the global model (plus every user's private rows as of ``tag``) on ``splits``."""
         if not splits:
@@ -277,10 +289,14 @@ class RankContext:
                 for name in self.private_names:
                     state[name].copy_(torch.from_numpy(rows[name]))
         elif self.reconstruction is not None:
-            # Federated Reconstruction's evaluation: every user's rows solved from its training ratings.
-            ridge_user_rows(model, self.train.arrays, ridge=self.reconstruction.ridge)
+            # Federated Reconstruction's evaluation: every evaluated user's rows solved from its training
+            # ratings (fl.eval_users: only the sampled users', the only rows the metrics read).
+            ridge_user_rows(model, self.eval_train_arrays(), ridge=self.reconstruction.ridge)
         if self._evaluator is None:
-            self._evaluator = BaseTrainer(model, self.data, self.config, device=self.device)
+            config = dataclasses.replace(
+                self.config, train=dataclasses.replace(self.config.train, early_stopping=None)
+            )
+            self._evaluator = BaseTrainer(model, self.data, config, device=self.device)
             self._evaluator.eval_users = self.eval_users
         return {
             split: self._evaluator.evaluate(split, self.config.train.num_eval_batches) for split in splits
@@ -545,6 +561,24 @@ def apply_task(
         "rank": world_rank(),
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def keep_best_task(spec: RunSpec, model_round: int, digest: str) -> str:
+    """train.early_stopping: a key holder keeps a copy of the global model ``model_round`` (the best so
+    far) beside the rounds' models, which are deleted as the run goes on; returns its digest."""
+    current = read_global_model(spec.paths.global_model(model_round), model_round, digest)
+    return write_global_model(spec.paths.best_model, current.params)
+
+
+def evaluate_model_task(
+    spec: RunSpec, model_round: int, digest: str, splits: list[str], *, best: bool
+) -> dict[str, Any]:
+    """A key holder's metrics (numbers only) of the global model ``model_round`` (``best``: of the copy
+    :func:`keep_best_task` kept), checked against ``digest``."""
+    context = rank_context(spec)
+    path = spec.paths.best_model if best else spec.paths.global_model(model_round)
+    model = read_global_model(path, model_round, digest)
+    return context.evaluate(np.array(model.params), splits, tag=attempt_tag(model_round, 0))
 
 
 def record_out_of_budget(ledger: Any, client_id: int, round_idx: int, extra: dict[str, Any]) -> None:

@@ -17,6 +17,9 @@ The engine (aggregator side):
 - closes the running sum through the codec, publishes it (the backend hands it to a key holder that
   applies it and returns the next global model's digest), writes the round record, commits the round
   in the checkpoint, logs TensorBoard scalars and rewrites ``summary.json``;
+- with ``train.early_stopping`` validates every ``fl.eval_every`` rounds, stops after ``patience``
+  validations without improvement and ends with the best round's model (``fedrec.federated.early_stop``;
+  a backend offers it through ``keep_best`` and ``evaluate_model``);
 - opens the run's privacy ledger and reports each round's example-level epsilon of the most exposed
   client; with ``fl.user_dp`` the round's user-level logic (:class:`~fedrec.federated.user_dp.UserDPRounds`)
   opens, checks and records every attempt, whatever the backend.
@@ -41,10 +44,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedrec.config import ExperimentConfig, config_to_dict
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import open_writer, write_summary
 from fedrec.federated.checkpoint import AggregatorState, capture_rng, save_checkpoint
 from fedrec.federated.client_round import attempt_tag
+from fedrec.federated.early_stop import Tracking, track
 from fedrec.federated.run import one_line
 from fedrec.federated.user_dp import RoundNoise, UserBudgetExhausted, UserDPRounds, check_release
 from fedrec.federated.worker import (
@@ -115,6 +119,11 @@ class Backend(Protocol):
         publish_timeout: seconds the publish future may take (None: the backend bounds it itself).
         summary_key: the summary's section for :meth:`summary_fields` (``federated``, ``deployment``).
         log_rounds: print one line per round (besides the progress bar).
+
+    A backend that supports ``train.early_stopping`` also has ``keep_best(model_round, digest)`` (a key
+    holder keeps a copy of that global model), ``evaluate_model(model_round, digest, splits, *, best)``
+    (a key holder's metrics of that model, or of the kept copy) and ``best_model_path()``; the engine
+    refuses the setting before round 0 on a backend without them.
     """
 
     @property
@@ -288,6 +297,17 @@ class RoundEngine:
                 if item.reason.startswith("budget") and str(item.client).isdigit():
                     self.exhausted.setdefault(int(item.client), int(item.round))
         self.budget_stop: str | None = None  # why the run ended at the budget (fl.on_budget_exhausted)
+        self.early_stopping = config.train.early_stopping  # train.early_stopping: over rounds
+        self.early_stopped: str | None = None  # why the run ended early (train.early_stopping)
+        self.early_result: dict[str, Any] | None = None  # the summary's early_stopping section
+        if self.early_stopping is not None and not (
+            callable(getattr(backend, "keep_best", None))
+            and callable(getattr(backend, "evaluate_model", None))
+        ):
+            raise ConfigError(
+                f"config key 'train.early_stopping' is not supported by this backend ({type(backend).__name__}); "
+                "set it to null"
+            )
 
     @property
     def error(self) -> type[FedrecError]:
@@ -342,8 +362,13 @@ class RoundEngine:
             total=self.fl.rounds, initial=self.state.round_idx, enabled=self.config.train.progress
         )
         done = 0
+        if self.early_stopping is not None and self.state.history:
+            # a resumed run: the last committed round may be the best one and its copy not yet kept
+            await self._track_best(self.state.history[-1])
         try:
             while aggregator.round_idx < self.fl.rounds and (max_rounds is None or done < max_rounds):
+                if self._early_stop_now():  # resumed after the run had already stopped early
+                    break
                 try:
                     record = await self._one_round(aggregator)
                 except UserBudgetExhausted as stop:
@@ -370,9 +395,91 @@ class RoundEngine:
                 if self.budget_stop:  # the round completed, but clients ran out: stop here
                     self.log(f"{self.budget_stop}; the model of round {self.state.round_idx} is kept")
                     break
+                if self.early_stopping is not None:
+                    await self._track_best(record)
+                    if self._early_stop_now():
+                        break
         finally:
             bar.close()
+        if self.early_stopping is not None:
+            await self._finish_early_stopping()
         self.final = self._final_summary()
+
+    # ------------------------------------------------------------------ early stopping (train.early_stopping)
+    def _tracking(self) -> Tracking:
+        assert self.early_stopping is not None
+        return track(self.early_stopping, self.state.history)
+
+    def _early_stop_now(self) -> bool:
+        if self.early_stopping is None:
+            return False
+        tracking = self._tracking()
+        if not tracking.should_stop(self.early_stopping):
+            return False
+        if self.early_stopped is None:
+            self.early_stopped = (
+                f"round {self.state.round_idx - 1}: {tracking.since_best} validations without an improvement of "
+                f"{self.early_stopping.metric} (best {tracking.best_value:.6g} after round {tracking.best_round}; "
+                f"train.early_stopping.patience = {self.early_stopping.patience}); stopping after "
+                f"{self.state.round_idx} rounds"
+            )
+            self.log(self.early_stopped)
+        return True
+
+    async def _track_best(self, record: Mapping[str, Any]) -> None:
+        """A round whose model validated best so far: a key holder keeps a copy of that model."""
+        assert self.early_stopping is not None
+        backend: Any = self.backend  # keep_best is optional in the protocol (checked in __init__)
+        tracking = self._tracking()
+        if self.early_stopping.restore_best and tracking.best_round == record["round"]:
+            await asyncio.wrap_future(backend.keep_best(record["round"] + 1, record["global_digest"]))
+
+    async def _finish_early_stopping(self) -> None:
+        """Test the model the run ends with: the best validated round's (restore_best) or the last one."""
+        cfg = self.early_stopping
+        assert cfg is not None
+        backend: Any = self.backend  # evaluate_model / best_model_path are optional (checked in __init__)
+        tracking = self._tracking()
+        last = self.state.history[-1] if self.state.history else {}
+        result: dict[str, Any] = {
+            "metric": cfg.metric,
+            "patience": cfg.patience,
+            "min_delta": cfg.min_delta,
+            "validations": tracking.validations,
+            "best_round": tracking.best_round,
+            "best_value": tracking.best_value,
+            "best_digest": tracking.best_digest,
+            "stopped_early": self.early_stopped is not None,
+            "stopped": self.early_stopped,
+            "restored_best": False,
+            "last_round": last.get("round"),
+            "last_round_val": last.get("val"),
+            "last_round_test": last.get("test"),
+            "val": last.get("val"),
+            "test": last.get("test"),
+        }
+        if cfg.restore_best and tracking.best_round is not None and tracking.best_digest is not None:
+            model_round = tracking.best_round + 1
+            if tracking.best_digest == self.state.global_digest and last.get("test") is not None:
+                metrics = {"val": last.get("val"), "test": last.get("test")}  # the last model is the best
+            else:
+                metrics = await asyncio.wrap_future(
+                    backend.evaluate_model(model_round, tracking.best_digest, ["val", "test"], best=True)
+                )
+            result.update(restored_best=True, val=metrics.get("val"), test=metrics.get("test"))
+            result["final_model"] = backend.best_model_path()
+            result["final_model_digest"] = tracking.best_digest
+        elif last and last.get("test") is None:  # stopped before fl.rounds: test the last model
+            metrics = await asyncio.wrap_future(
+                backend.evaluate_model(self.state.round_idx, self.state.global_digest, ["test"], best=False)
+            )
+            result["test"] = metrics.get("test")
+        self.early_result = result
+        self.log(
+            f"early stopping: best {cfg.metric} {tracking.best_value} after round {tracking.best_round}"
+            + (" (restored)" if result["restored_best"] else "")
+            + f"; test {result['test']}"
+        )
 
     async def _one_round(self, aggregator: FederatedWorker) -> dict[str, Any]:
         fl, state = self.fl, self.state
@@ -763,6 +870,12 @@ class RoundEngine:
             "final_model_digest": state.global_digest,
             **self.backend.final_fields(),
         }
+        if self.early_result is not None:  # train.early_stopping: the model the run ends with
+            final["early_stopping"] = self.early_result
+            final["val"], final["test"] = self.early_result["val"], self.early_result["test"]
+            if self.early_result["restored_best"]:
+                final["final_model"] = self.early_result["final_model"]
+                final["final_model_digest"] = self.early_result["final_model_digest"]
         self.write_summary(final=final)
         return final
 

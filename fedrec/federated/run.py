@@ -63,6 +63,10 @@ class RunPaths:
     def public_context(self) -> str:
         return os.path.join(self.aggregator, "public.ctx")
 
+    @property
+    def best_model(self) -> str:  # train.early_stopping: the best validated round's global model
+        return os.path.join(self.clients, "global", "best.npy")
+
     def global_model(self, round_idx: int) -> str:
         return os.path.join(self.clients, "global", f"round_{round_idx:06d}.npy")
 

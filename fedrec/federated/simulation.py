@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -70,10 +71,13 @@ from fedrec.federated.clients import (
     apply_task,
     client_privacy_config,
     client_task,
+    evaluate_model_task,
+    keep_best_task,
     key_check_task,
     keygen_task,
 )
 from fedrec.federated.codec import PlainCodec, SecureCodec
+from fedrec.federated.early_stop import check_federated_early_stopping
 from fedrec.federated.engine import (
     ClientFailed,
     ClosedRound,
@@ -186,6 +190,19 @@ class PoolBackend:
 
         return chained(future, published)
 
+    def keep_best(self, model_round: int, digest: str) -> cf.Future:
+        """train.early_stopping: a key-holding client keeps a copy of the best round's global model."""
+        return self.sim.pool.submit(keep_best_task, self.sim.spec, model_round, digest)
+
+    def evaluate_model(self, model_round: int, digest: str, splits: list[str], *, best: bool) -> cf.Future:
+        """train.early_stopping: a key-holding client's metrics of a round's (or the kept best) model."""
+        return self.sim.pool.submit(
+            functools.partial(evaluate_model_task, best=best), self.sim.spec, model_round, digest, splits
+        )
+
+    def best_model_path(self) -> str:
+        return self.sim.paths.best_model
+
     def summary_fields(self) -> dict[str, Any]:
         sim = self.sim
         return {
@@ -291,6 +308,12 @@ class Simulation:
                 f"config key 'fl.partition' = {fl.partition!r}: model {config.model.name!r} keeps "
                 f"{', '.join(private)} on each client, so each user must belong to one client (use 'natural')"
             )
+        check_federated_early_stopping(
+            config.train.early_stopping,
+            task=getattr(model_cls, "TASK", "ctr"),
+            val_rows=len(data.split("val")) if "val" in data.splits else 0,
+            stored_private_rows=bool(private) and fl.reconstruction is None,
+        )
         train = data.split("train")
         os.makedirs(paths.fl, exist_ok=True)
         if self.resume:
