@@ -233,12 +233,10 @@ def natural_partition(users: np.ndarray, num_clients: int | None, *, seed: int) 
     Users are listed in ascending id; with grouping, a seeded permutation deals users round-robin.
     """
     run_starts = _sorted_run_starts(users)
-    grouped = run_starts is not None
-    if grouped:  # rows already grouped by user (the MovieLens splits): no sort, no int64 copy
+    if run_starts is not None:  # rows already grouped by user (the MovieLens splits): no sort, no int64 copy
         distinct = read_items_sorted(users, run_starts)
     else:
-        users = np.asarray(users)
-        users = users.astype(np.int64)
+        users = np.asarray(users).astype(np.int64)
         distinct = np.unique(users)
     if num_clients is None:
         num_clients = len(distinct)
@@ -248,7 +246,7 @@ def natural_partition(users: np.ndarray, num_clients: int | None, *, seed: int) 
             "too few to give each worker a sample (natural partition: one or more users per client)"
         )
     _check_counts(len(users), num_clients, "rows")
-    if grouped and num_clients == len(distinct):
+    if run_starts is not None and num_clients == len(distinct):
         # One client per user over grouped rows: client c owns rows offsets[c]:offsets[c + 1] in order
         # (what the stable sort below gives), found by binary search, O(users log rows); the row order
         # is the identity and client c's user is distinct[c], so neither is stored.
