@@ -212,3 +212,26 @@ def test_statement_says_when_the_noise_came_from_seeded_generators(tmp_path):
     secure = {"privacy": {"secure_mode": True}, "fl": {"user_dp": {"secure_mode": True}}}
     report = build_run_report(make_run(str(tmp_path / "secure"), config=secure))
     assert "seeded generators" not in report["statement"]
+
+
+def test_a_large_population_is_summarised_with_each_clients_own_rounds_and_steps(tmp_path):
+    """400 clients over 6 rounds: every client's rounds and steps come from its own spends; the Markdown
+    and HTML list the 200 most exposed clients and say how many more the JSON holds."""
+    logdir = make_run(str(tmp_path / "run"), clients=400, rounds=6, budget=None)
+    report = build_run_report(logdir)
+    with PrivacyLedger.read(ledger_path(logdir)) as ledger:
+        spends = ledger.client_spends()
+    own: dict[str, list] = {}
+    for spend in spends:
+        own.setdefault(spend.client, []).append(spend)
+    assert len(report["clients"]) == len(own) > 300
+    for client in report["clients"]:
+        mine = own[client["client"]]
+        assert client["rounds"] == len({s.round for s in mine}) and client["steps"] == sum(
+            s.steps for s in mine
+        )
+    assert max(c["rounds"] for c in report["clients"]) > 1
+    files = write_run_report(report, str(tmp_path / "out"))
+    markdown = Path(files["md"]).read_text()
+    assert f"... and {len(own) - 200} more in privacy_report.json." in markdown
+    assert f"... and {len(own) - 200} more in privacy_report.json." in Path(files["html"]).read_text()
