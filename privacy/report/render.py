@@ -193,6 +193,17 @@ def _client_rows(report: dict[str, Any]) -> tuple[list[list[str]], int]:
     return rows, max(0, len(clients) - MAX_CLIENT_ROWS)
 
 
+def _no_client_rows(report: dict[str, Any]) -> str:
+    """Why the per-client table is empty: user-level DP alone keeps one ledger record per round."""
+    user = report.get("user_level")
+    if user:
+        return (
+            f"No example-level spends: this run's privacy is user-level only, and the ledger keeps one record per "
+            f"round ({user['rounds']} rounds above), not one per client, however many users took part."
+        )
+    return "No client spent anything."
+
+
 _CLIENT_HEADER = ["client", "epsilon", "rounds", "steps", "remaining budget", "excluded from round"]
 
 
@@ -268,7 +279,7 @@ def run_markdown(report: dict[str, Any], image_files: dict[str, str]) -> str:
         out += ["None.", ""]
     rows, more = _client_rows(report)
     out += ["## Clients (highest epsilon first)", ""]
-    out += [_md_table(_CLIENT_HEADER, rows) if rows else "No client spent anything.", ""]
+    out += [_md_table(_CLIENT_HEADER, rows) if rows else _no_client_rows(report), ""]
     if more:
         out += [f"... and {more} more in {REPORT_BASENAME}.json.", ""]
     out += ["## Run configuration", "", _md_table(["", ""], [list(r) for r in _run_rows(report)]), ""]
@@ -307,7 +318,9 @@ def run_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         body.append("<p>None.</p>")
     rows, more = _client_rows(report)
     body.append("<h2>Clients (highest epsilon first)</h2>")
-    body.append(_html_table(_CLIENT_HEADER, rows) if rows else "<p>No client spent anything.</p>")
+    body.append(
+        _html_table(_CLIENT_HEADER, rows) if rows else f"<p>{html.escape(_no_client_rows(report))}</p>"
+    )
     if more:
         body.append(f"<p>... and {more} more in {REPORT_BASENAME}.json.</p>")
     body += ["<h2>Run configuration</h2>", _html_table(None, [list(r) for r in _run_rows(report)])]

@@ -235,3 +235,26 @@ def test_a_large_population_is_summarised_with_each_clients_own_rounds_and_steps
     markdown = Path(files["md"]).read_text()
     assert f"... and {len(own) - 200} more in privacy_report.json." in markdown
     assert f"... and {len(own) - 200} more in privacy_report.json." in Path(files["html"]).read_text()
+
+
+def test_a_user_level_only_run_says_its_ledger_has_one_record_per_round(tmp_path):
+    logdir = str(tmp_path / "run")
+    os.makedirs(logdir)
+    with PrivacyLedger.open(ledger_path(logdir), delta=1e-7, accountant="rdp", config={}) as ledger:
+        for r in range(20):
+            ledger.record_round(
+                round=r, noise_multiplier=1.0, clip_norm=1.0, client_sampling_rate=1e-3,
+                num_sampled=1000, min_survivors=900,
+            )  # fmt: skip
+    report = build_run_report(logdir)
+    assert (
+        report["clients"] == []
+        and report["run"]["round_records"] == 20
+        and report["user_level"]["rounds"] == 20
+    )
+    files = write_run_report(report, str(tmp_path / "out"))
+    for name in ("md", "html"):
+        assert (
+            "the ledger keeps one record per round (20 rounds above), not one per client"
+            in Path(files[name]).read_text()
+        )
