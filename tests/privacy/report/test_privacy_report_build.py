@@ -237,8 +237,7 @@ def test_a_large_population_is_summarised_with_each_clients_own_rounds_and_steps
     assert f"... and {len(own) - 200} more in privacy_report.json." in Path(files["html"]).read_text()
 
 
-def test_a_user_level_only_run_says_its_ledger_has_one_record_per_round(tmp_path):
-    logdir = str(tmp_path / "run")
+def user_level_run(logdir: str, *, excluded: int = 0) -> str:
     os.makedirs(logdir)
     with PrivacyLedger.open(ledger_path(logdir), delta=1e-7, accountant="rdp", config={}) as ledger:
         for r in range(20):
@@ -246,15 +245,26 @@ def test_a_user_level_only_run_says_its_ledger_has_one_record_per_round(tmp_path
                 round=r, noise_multiplier=1.0, clip_norm=1.0, client_sampling_rate=1e-3,
                 num_sampled=1000, min_survivors=900,
             )  # fmt: skip
-    report = build_run_report(logdir)
-    assert (
-        report["clients"] == []
-        and report["run"]["round_records"] == 20
-        and report["user_level"]["rounds"] == 20
-    )
+        for client in range(excluded):
+            ledger.record_exclusion(client=client, round=19, reason="budget")
+    return logdir
+
+
+def test_a_user_level_only_run_says_its_ledger_has_one_record_per_round(tmp_path):
+    report = build_run_report(user_level_run(str(tmp_path / "run")))
+    assert report["clients"] == [] and report["run"]["round_records"] == 20
+    assert report["user_level"]["rounds"] == 20
     files = write_run_report(report, str(tmp_path / "out"))
     for name in ("md", "html"):
-        assert (
-            "the ledger keeps one record per round (20 rounds above), not one per client"
-            in Path(files[name]).read_text()
-        )
+        text = Path(files[name]).read_text()
+        assert "the ledger keeps one record per round (20 rounds above), not one per client" in text
+
+
+def test_the_exclusion_tables_list_200_and_name_the_rest(tmp_path):
+    report = build_run_report(user_level_run(str(tmp_path / "run"), excluded=250))
+    assert len(report["exclusions"]) == 250
+    files = write_run_report(report, str(tmp_path / "out"))
+    markdown = Path(files["md"]).read_text()
+    assert "| 199 | 19 | budget |" in markdown and "| 200 | 19 | budget |" not in markdown
+    assert markdown.count("... and 50 more in privacy_report.json.") == 2  # exclusions and clients
+    assert Path(files["html"]).read_text().count("... and 50 more in privacy_report.json.") == 2
