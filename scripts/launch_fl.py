@@ -83,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.connect_timeout <= 0:
         raise ConfigError(f"--connect-timeout {args.connect_timeout}: expected seconds > 0")
     remote = check_hosts(args.hostfile, entries, port=args.ssh_port, timeout=args.connect_timeout)
-    if remote:
+    if not remote:
+        warn(
+            "every host of the hostfile is this machine: hydra's mpirun still listens on 0.0.0.0; on one "
+            "machine mpiexec.gforker with the loopback settings keeps MPI on 127.0.0.1 (docs/federated.md)"
+        )
+    else:
         warn(
             f"ranks on {', '.join(remote)}: MPI traffic between hosts is neither authenticated nor encrypted "
             "and pool workers unpickle it: use a trusted private network only"
