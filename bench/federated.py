@@ -15,7 +15,8 @@ here (under ``mpirun`` where ranks are compared) and read back from their summar
   aggregator (rank 0) and of every worker rank.
 - ``population``: MF, one client per user, on the population-1m generator scaled to 10k, 100k and
   1M users (20 ratings each), 100 clients per round, 3 rounds, plain and secure: set-up seconds,
-  round seconds, peak RSS and bytes per added user (docs/PERFORMANCE.md).
+  round seconds, peak RSS and bytes per added user (docs/PERFORMANCE.md); ``--population-ranks 2,3``
+  runs each size under ``mpirun -np 2`` and ``-np 3`` and reports the ratio of client updates per second.
 - ``quality``: plaintext federated MF (configs/mf_movielens_fl.yml, natural partition: each user a
   client) against centralised MF (configs/mf_movielens.yml), same data and split: test RMSE.
 - ``ctr_quality``: on the realistic Criteo-like generator, two generator seeds, the same rows for
@@ -160,14 +161,26 @@ def bench_memory(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 POPULATION_RATINGS_PER_USER = 20  # the population-1m preset's floor: every user can train and be tested
 
 
+def population_updates_per_second(rounds: list[dict[str, Any]]) -> float | None:
+    """Client updates per second over the rounds that neither pay first-use costs (round 0) nor evaluate."""
+    steady = [r for r in rounds[1:] if r.get("val") is None and r.get("test") is None]
+    if not steady:
+        return None
+    return sum(r["completed"] for r in steady) / sum(r["round_seconds"] for r in steady)
+
+
 def bench_population(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """MF (configs/mf_movielens_fl.yml, one client per user) on the realistic population-1m generator
-    scaled to each size, 100 clients per round, 3 rounds, plain and secure, in one process: set-up
-    seconds (data load or generation, and the rest), round seconds, peak RSS, bytes per added user."""
+    scaled to each size, 100 clients per round, 3 rounds, plain and secure, in one process or under
+    ``mpirun -np R`` for each R of --population-ranks: set-up seconds (data load or generation, and the
+    rest), round seconds, client updates per second, peak RSS, bytes per added user; with ranks 2 and 3
+    both given, the -np 3 / -np 2 ratio of client updates per second (the runs alternate --repeats times)."""
     out: dict[str, Any] = {"runs": {}}
     cache = Path(args.population_cache)
     cache.mkdir(parents=True, exist_ok=True)
     sizes = [int(n) for n in args.population_users.split(",")]
+    rank_counts = [int(r) for r in args.population_ranks.split(",")]
+    repeats = args.population_repeats
     for mode in args.population_modes.split(","):
         for users in sizes:
             overrides = [
@@ -177,32 +190,68 @@ def bench_population(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 f"model.preproc.cache_dir={cache}",
                 f"fl.secure={'true' if mode == 'secure' else 'false'}",
                 "fl.user_dp=null",
-                "fl.rounds=3",
-                "fl.client_num_per_round=100",
-                "fl.eval_every=3",
+                f"fl.rounds={args.population_rounds}",
+                f"fl.client_num_per_round={args.population_clients}",
+                f"fl.eval_every={args.population_rounds}",
                 f"fl.eval_users={min(users, args.population_eval_users)}",
             ]
-            load = os.getloadavg()
-            summary = run_fl("configs/mf_movielens_fl.yml", work / f"pop_{mode}_{users}", overrides)
-            rounds = summary["rounds"]
-            setup = summary["federated"]["setup_seconds"]
-            out["runs"][f"{mode}_{users}"] = {
-                "users": users,
-                "mode": mode,
-                "setup_seconds": setup["total"],
-                "data_seconds": setup["data"],
-                "setup_seconds_without_data": setup["total"] - setup["data"],
-                "round_seconds": [r["round_seconds"] for r in rounds],
-                # round 0 carries first-use costs (each rank's context: data maps, template model)
-                "round_seconds_median": statistics.median(r["round_seconds"] for r in rounds[1:] or rounds),
-                "peak_rss_mb": summary["peak_rss_mb"],
-                "command_seconds": summary["command_seconds"],
-                "test": (summary.get("final") or {}).get("test"),
-                "load_average_before": load,
-                "command": summary["command"],
-            }
-            print(f"population: {mode} {users} users done", file=sys.stderr, flush=True)
-        runs = [out["runs"][f"{mode}_{n}"] for n in sizes]
+            for repeat in range(repeats):
+                for ranks in rank_counts:
+                    key = (
+                        f"{mode}_{users}"
+                        + (f"_np{ranks}" if ranks else "")
+                        + (f"_r{repeat}" if repeats > 1 else "")
+                    )
+                    load = os.getloadavg()
+                    summary = run_fl(
+                        "configs/mf_movielens_fl.yml", work / f"pop_{key}", overrides, ranks=ranks
+                    )
+                    rounds = summary["rounds"]
+                    setup = summary["federated"]["setup_seconds"]
+                    out["runs"][key] = {
+                        "users": users,
+                        "mode": mode,
+                        "ranks": ranks or None,
+                        "pool_workers": summary["federated"]["pool_workers"],
+                        "setup_seconds": setup["total"],
+                        "data_seconds": setup["data"],
+                        "setup_seconds_without_data": setup["total"] - setup["data"],
+                        "round_seconds": [r["round_seconds"] for r in rounds],
+                        # round 0 carries first-use costs (each rank's context: data maps, template model)
+                        "round_seconds_median": statistics.median(
+                            r["round_seconds"] for r in rounds[1:] or rounds
+                        ),
+                        "client_updates_per_second": population_updates_per_second(rounds),
+                        "peak_rss_mb": summary["peak_rss_mb"],
+                        "worker_rank_peak_rss_mb": summary["federated"].get("rank_peak_rss_mb"),
+                        "command_seconds": summary["command_seconds"],
+                        "test": (summary.get("final") or {}).get("test"),
+                        "load_average_before": load,
+                        "load_average_after": os.getloadavg(),
+                        "command": (f"mpirun -np {ranks} python -m mpi4py.futures " if ranks else "python ")
+                        + summary["command"],
+                    }
+                    print(f"population: {key} done", file=sys.stderr, flush=True)
+            if 2 in rank_counts and 3 in rank_counts:
+                rates = {
+                    r: [
+                        out["runs"][f"{mode}_{users}_np{r}" + (f"_r{i}" if repeats > 1 else "")][
+                            "client_updates_per_second"
+                        ]
+                        for i in range(repeats)
+                    ]
+                    for r in (2, 3)
+                }
+                out[f"{mode}_{users}_updates_per_second_np3_over_np2"] = statistics.median(
+                    rates[3]
+                ) / statistics.median(rates[2])
+        first_rank = rank_counts[0]
+        runs = [
+            out["runs"][
+                f"{mode}_{n}" + (f"_np{first_rank}" if first_rank else "") + ("_r0" if repeats > 1 else "")
+            ]
+            for n in sizes
+        ]
         first, last = runs[0], runs[-1]
         if len(runs) > 1:
             out[f"{mode}_round_ratio_largest_over_smallest"] = (
@@ -435,6 +484,18 @@ def main() -> None:
         "--population-cache",
         default=os.path.join(tempfile.gettempdir(), "fedrec-bench-population-data"),
         help="population part: where the generated data is kept between runs (generation is timed apart)",
+    )
+    parser.add_argument(
+        "--population-ranks",
+        default="0",
+        help="population part: 0 (one process) and/or mpirun -np counts, e.g. 2,3 (updates/s ratio of 3 over 2)",
+    )
+    parser.add_argument("--population-rounds", type=int, default=3, help="population part: fl.rounds")
+    parser.add_argument(
+        "--population-clients", type=int, default=100, help="population part: fl.client_num_per_round"
+    )
+    parser.add_argument(
+        "--population-repeats", type=int, default=1, help="population part: alternate the rank counts N times"
     )
     args = parser.parse_args()
     args.rounds = 2 if args.quick else 4

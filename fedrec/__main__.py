@@ -1,4 +1,4 @@
-"""The ``fedrec`` command: ``fedrec train|train-dp|train-fl|deploy|report|audit|preprocess ...``.
+"""The ``fedrec`` command: ``fedrec train|train-dp|train-fl|launch-fl|deploy|report|audit|preprocess ...``.
 
 Also ``python -m fedrec ...``. Each subcommand runs the script of the same job in ``scripts/``
 with the remaining arguments (``fedrec train --config configs/dlrm.yml --logdir runs/x`` is
@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("train.py", "central (non-private) training"),
     "train-dp": ("train_dp.py", "DP-SGD training (example-level DP)"),
     "train-fl": ("train_fl.py", "federated simulation (one process, or under mpirun)"),
+    "launch-fl": ("launch_fl.py", "train-fl under mpirun over a hostfile's hosts (checked first)"),
     "deploy": ("deploy_syft.py", "federated training on PySyft datasites"),
     "report": ("privacy_report.py", "privacy budget reports and what-if plans"),
     "audit": ("privacy_audit.py", "empirical privacy audit (a lower bound on epsilon)"),

@@ -26,6 +26,7 @@ from fedrec import registry
 from fedrec.config import ExperimentConfig
 from fedrec.config.schema import FLConfig
 from fedrec.data.base import ArraySplit, ProcessedData
+from fedrec.data.file_rows import read_rows
 from fedrec.data.partition import Partition
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model, prepare_data
@@ -196,7 +197,11 @@ class RankContext:
 
     def trainer_worker(self, client_id: int, round_idx: int, attempt: int, digest: str) -> FederatedWorker:
         """A short-lived trainer for ``client_id``: its rows, a local model, the global model's digest."""
-        split = self.train.subset(self.partition.client_rows(client_id))
+        span = self.partition.client_span(client_id)
+        if span is None:
+            split = self.train.subset(self.partition.client_rows(client_id))
+        else:  # one contiguous range, read from the files (not mapped: RSS stays the client's rows)
+            split = ArraySplit({name: read_rows(array, *span) for name, array in self.train.arrays.items()})
         if self.private_names and self.reconstruction is not None:
             users, arrays = local_users(split.arrays)
             split = ArraySplit(arrays)

@@ -48,7 +48,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedrec import registry
@@ -322,9 +321,9 @@ class Simulation:
             partition = make_partition(
                 fl.partition, train.arrays, fl.num_workers, seed=config.seed, alpha=fl.dirichlet_alpha
             )
-        if len(np.asarray(partition.order)) != len(train):
+        if partition.num_rows != len(train):
             raise ConfigError(
-                f"{paths.partition}: partition of {len(partition.order)} rows for {len(train)} training rows"
+                f"{paths.partition}: partition of {partition.num_rows} rows for {len(train)} training rows"
             )
         if fl.client_num_per_round > partition.num_clients:
             raise ConfigError(

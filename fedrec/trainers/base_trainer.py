@@ -25,6 +25,7 @@ from torch import nn
 
 from fedrec.config.schema import EARLY_STOPPING_METRICS, ExperimentConfig
 from fedrec.data.base import ProcessedData
+from fedrec.data.file_rows import read_rows, scan_rows
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.progress import progress_bar
 from fedrec.trainers import metrics as M
@@ -399,11 +400,18 @@ class BaseTrainer:
         if self._rated is None:
             parts = []
             for split in self.data.splits.values():
-                split_users, split_items = np.asarray(split.arrays["user"]), np.asarray(split.arrays["item"])
-                if self.eval_users is not None:  # only the evaluated users' ratings are ever looked up
-                    keep = np.isin(split_users, self.eval_users)
-                    split_users, split_items = split_users[keep], split_items[keep]
-                parts.append((split_users, split_items))
+                if self.eval_users is None:
+                    parts.append((np.asarray(split.arrays["user"]), np.asarray(split.arrays["item"])))
+                    continue
+                # Only the evaluated users' ratings are ever looked up: keep those, a chunk at a time,
+                # read from the files (a memory-mapped column scanned whole would join the peak RSS).
+                for start, split_users in scan_rows(split.arrays["user"]):
+                    keep = np.flatnonzero(np.isin(split_users, self.eval_users))
+                    if len(keep):
+                        split_items = read_rows(split.arrays["item"], start, start + len(split_users))
+                        parts.append((split_users[keep], split_items[keep]))
+            if not parts:
+                parts.append((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
             users = np.concatenate([u for u, _ in parts])
             items = np.concatenate([i for _, i in parts])
             self._rated = M.RatedItems.from_pairs(

@@ -79,8 +79,11 @@ def build_run_report(logdir: str, *, metric: str | None = None) -> dict[str, Any
     for item in exclusions:
         excluded_at.setdefault(item.client, item)
     per_client: list[dict[str, Any]] = []
+    spends_by_client: dict[str, list[Any]] = {}
+    for spend in spends:  # one pass: a scan per client would be quadratic at a large population
+        spends_by_client.setdefault(spend.client, []).append(spend)
     for client in clients:
-        client_spends = [s for s in spends if s.client == client]
+        client_spends = spends_by_client.get(client, [])
         eps = final.get(client, 0.0)
         budget = info.client_epsilon_budget
         per_client.append(

@@ -17,7 +17,9 @@ from privacy.report import plots
 
 REPORT_BASENAME = "privacy_report"
 COMPARISON_BASENAME = "privacy_comparison"
-MAX_CLIENT_ROWS = 200  # the HTML and Markdown tables show the worst clients; the JSON holds all
+MAX_CLIENT_ROWS = (
+    200  # the HTML and Markdown tables show the worst clients (and first exclusions); the JSON holds all
+)
 # The report's own statement: "Epsilons above about 10 promise little in practice". A figure above it is
 # flagged where it is shown, not only in that sentence.
 WEAK_EPSILON = 10.0
@@ -193,6 +195,24 @@ def _client_rows(report: dict[str, Any]) -> tuple[list[list[str]], int]:
     return rows, max(0, len(clients) - MAX_CLIENT_ROWS)
 
 
+def _exclusion_rows(report: dict[str, Any]) -> tuple[list[list[str]], int]:
+    """The first MAX_CLIENT_ROWS exclusions (in ledger order) and how many more the JSON holds."""
+    exclusions = report["exclusions"]
+    rows = [[e["client"], str(e["round"]), e["reason"]] for e in exclusions[:MAX_CLIENT_ROWS]]
+    return rows, max(0, len(exclusions) - MAX_CLIENT_ROWS)
+
+
+def _no_client_rows(report: dict[str, Any]) -> str:
+    """Why the per-client table is empty: user-level DP alone keeps one ledger record per round."""
+    user = report.get("user_level")
+    if user:
+        return (
+            f"No example-level spends: this run's privacy is user-level only, and the ledger keeps one record per "
+            f"round ({user['rounds']} rounds above), not one per client, however many users took part."
+        )
+    return "No client spent anything."
+
+
 _CLIENT_HEADER = ["client", "epsilon", "rounds", "steps", "remaining budget", "excluded from round"]
 
 
@@ -262,13 +282,15 @@ def run_markdown(report: dict[str, Any], image_files: dict[str, str]) -> str:
         out += ["Not recorded (no party drew privacy noise, or the run predates the record).", ""]
     out += ["## Excluded clients", ""]
     if report["exclusions"]:
-        rows = [[e["client"], str(e["round"]), e["reason"]] for e in report["exclusions"]]
+        rows, more = _exclusion_rows(report)
         out += [_md_table(["client", "from round", "reason"], rows), ""]
+        if more:
+            out += [f"... and {more} more in {REPORT_BASENAME}.json.", ""]
     else:
         out += ["None.", ""]
     rows, more = _client_rows(report)
     out += ["## Clients (highest epsilon first)", ""]
-    out += [_md_table(_CLIENT_HEADER, rows) if rows else "No client spent anything.", ""]
+    out += [_md_table(_CLIENT_HEADER, rows) if rows else _no_client_rows(report), ""]
     if more:
         out += [f"... and {more} more in {REPORT_BASENAME}.json.", ""]
     out += ["## Run configuration", "", _md_table(["", ""], [list(r) for r in _run_rows(report)]), ""]
@@ -301,13 +323,17 @@ def run_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         body.append("<p>Not recorded (no party drew privacy noise, or the run predates the record).</p>")
     body.append("<h2>Excluded clients</h2>")
     if report["exclusions"]:
-        rows = [[e["client"], str(e["round"]), e["reason"]] for e in report["exclusions"]]
+        rows, more = _exclusion_rows(report)
         body.append(_html_table(["client", "from round", "reason"], rows))
+        if more:
+            body.append(f"<p>... and {more} more in {REPORT_BASENAME}.json.</p>")
     else:
         body.append("<p>None.</p>")
     rows, more = _client_rows(report)
     body.append("<h2>Clients (highest epsilon first)</h2>")
-    body.append(_html_table(_CLIENT_HEADER, rows) if rows else "<p>No client spent anything.</p>")
+    body.append(
+        _html_table(_CLIENT_HEADER, rows) if rows else f"<p>{html.escape(_no_client_rows(report))}</p>"
+    )
     if more:
         body.append(f"<p>... and {more} more in {REPORT_BASENAME}.json.</p>")
     body += ["<h2>Run configuration</h2>", _html_table(None, [list(r) for r in _run_rows(report)])]

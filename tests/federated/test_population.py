@@ -182,3 +182,42 @@ def test_array_partition_matches_a_per_client_reference_on_a_small_population(gr
     tv = 0.5 * np.abs(np.array(mixes) - global_mix).sum(axis=1)
     assert stats["mean_tv_distance_to_global_mix"] == pytest.approx(float(tv.mean()), abs=1e-12)
     assert stats["client_rows"]["max"] == max(int(np.sum(users == u)) for u in distinct)
+
+
+def test_one_client_per_user_partition_stores_no_row_order(tmp_path, monkeypatch):
+    """Rows grouped by user: the partition is offsets and user ids (the identity order is not kept), it
+    saves and loads as such, and its statistics come out the same whatever the block size."""
+    import fedrec.data.partition as P
+
+    rng = np.random.default_rng(5)
+    users = np.sort(rng.integers(0, 300, size=5000)).astype(np.int32)
+    labels = rng.integers(1, 6, size=5000).astype(np.int8)
+    compact = natural_partition(users, None, seed=0)
+    assert compact.order is None and compact.user_offsets is None and compact.num_rows == 5000
+    path = str(tmp_path / "p.npz")
+    compact.save(path)
+    with np.load(path) as npz:
+        assert set(npz.files) == {"kind", "offsets", "users"}
+    # the same clients as the explicit form (an identity order and one user each), saved by older runs
+    explicit = P.Partition(
+        "natural",
+        np.arange(5000, dtype=np.int32),
+        compact.offsets,
+        compact.users,
+        np.arange(compact.num_clients + 1),
+    )
+    explicit.save(str(tmp_path / "old.npz"))
+    for loaded in (P.Partition.load(path), P.Partition.load(str(tmp_path / "old.npz"))):
+        for client in (0, 7, loaded.num_clients - 1):
+            assert np.array_equal(loaded.client_rows(client), np.flatnonzero(users == compact.users[client]))
+            assert loaded.client_users(client).tolist() == [compact.users[client]]
+    whole = partition_statistics(compact, labels)
+    assert partition_statistics(explicit, labels) == whole
+    monkeypatch.setattr(P, "STATISTICS_BLOCK_ROWS", 7)  # many blocks, some of one client only
+    blocked = partition_statistics(compact, labels)
+    assert blocked.pop("mean_tv_distance_to_global_mix") == pytest.approx(
+        whole.pop("mean_tv_distance_to_global_mix")
+    )
+    assert blocked == whole
+    float_labels = labels.astype(np.float32) + 0.2  # ratings: classes by rounding, in blocks too
+    assert partition_statistics(compact, float_labels)["label_values"] == [1, 2, 3, 4, 5]

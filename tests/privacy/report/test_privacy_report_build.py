@@ -212,3 +212,59 @@ def test_statement_says_when_the_noise_came_from_seeded_generators(tmp_path):
     secure = {"privacy": {"secure_mode": True}, "fl": {"user_dp": {"secure_mode": True}}}
     report = build_run_report(make_run(str(tmp_path / "secure"), config=secure))
     assert "seeded generators" not in report["statement"]
+
+
+def test_a_large_population_is_summarised_with_each_clients_own_rounds_and_steps(tmp_path):
+    """400 clients over 6 rounds: every client's rounds and steps come from its own spends; the Markdown
+    and HTML list the 200 most exposed clients and say how many more the JSON holds."""
+    logdir = make_run(str(tmp_path / "run"), clients=400, rounds=6, budget=None)
+    report = build_run_report(logdir)
+    with PrivacyLedger.read(ledger_path(logdir)) as ledger:
+        spends = ledger.client_spends()
+    own: dict[str, list] = {}
+    for spend in spends:
+        own.setdefault(spend.client, []).append(spend)
+    assert len(report["clients"]) == len(own) > 300
+    for client in report["clients"]:
+        mine = own[client["client"]]
+        assert client["rounds"] == len({s.round for s in mine}) and client["steps"] == sum(
+            s.steps for s in mine
+        )
+    assert max(c["rounds"] for c in report["clients"]) > 1
+    files = write_run_report(report, str(tmp_path / "out"))
+    markdown = Path(files["md"]).read_text()
+    assert f"... and {len(own) - 200} more in privacy_report.json." in markdown
+    assert f"... and {len(own) - 200} more in privacy_report.json." in Path(files["html"]).read_text()
+
+
+def user_level_run(logdir: str, *, excluded: int = 0) -> str:
+    os.makedirs(logdir)
+    with PrivacyLedger.open(ledger_path(logdir), delta=1e-7, accountant="rdp", config={}) as ledger:
+        for r in range(20):
+            ledger.record_round(
+                round=r, noise_multiplier=1.0, clip_norm=1.0, client_sampling_rate=1e-3,
+                num_sampled=1000, min_survivors=900,
+            )  # fmt: skip
+        for client in range(excluded):
+            ledger.record_exclusion(client=client, round=19, reason="budget")
+    return logdir
+
+
+def test_a_user_level_only_run_says_its_ledger_has_one_record_per_round(tmp_path):
+    report = build_run_report(user_level_run(str(tmp_path / "run")))
+    assert report["clients"] == [] and report["run"]["round_records"] == 20
+    assert report["user_level"]["rounds"] == 20
+    files = write_run_report(report, str(tmp_path / "out"))
+    for name in ("md", "html"):
+        text = Path(files[name]).read_text()
+        assert "the ledger keeps one record per round (20 rounds above), not one per client" in text
+
+
+def test_the_exclusion_tables_list_200_and_name_the_rest(tmp_path):
+    report = build_run_report(user_level_run(str(tmp_path / "run"), excluded=250))
+    assert len(report["exclusions"]) == 250
+    files = write_run_report(report, str(tmp_path / "out"))
+    markdown = Path(files["md"]).read_text()
+    assert "| 199 | 19 | budget |" in markdown and "| 200 | 19 | budget |" not in markdown
+    assert markdown.count("... and 50 more in privacy_report.json.") == 2  # exclusions and clients
+    assert Path(files["html"]).read_text().count("... and 50 more in privacy_report.json.") == 2
