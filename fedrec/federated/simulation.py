@@ -76,7 +76,6 @@ from fedrec.federated.clients import (
     keygen_task,
 )
 from fedrec.federated.codec import PlainCodec, SecureCodec
-from fedrec.federated.early_stop import check_federated_early_stopping
 from fedrec.federated.engine import (
     ClientFailed,
     ClosedRound,
@@ -85,6 +84,7 @@ from fedrec.federated.engine import (
     chained,
     open_ledger,
 )
+from fedrec.federated.prepare_checks import check_model_fits_run, check_population
 from fedrec.federated.private_store import PrivateRowStore
 from fedrec.federated.ranks import (
     InProcessPool,
@@ -297,22 +297,7 @@ class Simulation:
         self.setup_seconds["data"] = time.perf_counter() - started
         model_cls = registry.lookup("model", config.model.name)
         private = tuple(getattr(model_cls, "PRIVATE_PARAMETERS", ()))
-        if fl.reconstruction is not None and not private:
-            raise ConfigError(
-                f"config key 'fl.reconstruction': model {config.model.name!r} has no per-user parameters "
-                "(PRIVATE_PARAMETERS) to rebuild; set it to null"
-            )
-        if private and fl.partition != "natural" and fl.reconstruction is None:
-            raise ConfigError(
-                f"config key 'fl.partition' = {fl.partition!r}: model {config.model.name!r} keeps "
-                f"{', '.join(private)} on each client, so each user must belong to one client (use 'natural')"
-            )
-        check_federated_early_stopping(
-            config.train.early_stopping,
-            task=getattr(model_cls, "TASK", "ctr"),
-            val_rows=len(data.split("val")) if "val" in data.splits else 0,
-            stored_private_rows=bool(private) and fl.reconstruction is None,
-        )
+        check_model_fits_run(config, model_cls, private, data)
         train = data.split("train")
         os.makedirs(paths.fl, exist_ok=True)
         if self.resume:
@@ -321,21 +306,7 @@ class Simulation:
             partition = make_partition(
                 fl.partition, train.arrays, fl.num_workers, seed=config.seed, alpha=fl.dirichlet_alpha
             )
-        if partition.num_rows != len(train):
-            raise ConfigError(
-                f"{paths.partition}: partition of {partition.num_rows} rows for {len(train)} training rows"
-            )
-        if fl.client_num_per_round > partition.num_clients:
-            raise ConfigError(
-                f"config key 'fl.client_num_per_round' = {fl.client_num_per_round}: above the number of clients "
-                f"({partition.num_clients})"
-            )
-        num_users = int(data.meta.get("num_users", 0))
-        if fl.eval_users is not None and fl.eval_users > num_users:
-            raise ConfigError(
-                f"config key 'fl.eval_users' = {fl.eval_users}: above the population ({num_users} users); "
-                "use at most that many, or null for every user"
-            )
+        check_population(fl, partition, len(train), int(data.meta.get("num_users", 0)), paths.partition)
         self.partition = partition
         self.algorithm_cls = algorithm_cls
         self.partition_stats = partition_statistics(partition, train.arrays["label"])
