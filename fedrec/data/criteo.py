@@ -169,8 +169,18 @@ def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
         return None
     from tqdm import tqdm
 
+    # disable=None: no bar when stderr is not a terminal. Under mpirun's gforker stderr is a pipe whose
+    # reader gives up on long carriage-return lines: a bar there killed the rank with EPIPE (make demo
+    # on a fresh checkout, where the data is preprocessed inside the MPI job).
     return tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        leave=False,
+        disable=None,
     )
 
 

@@ -229,3 +229,17 @@ def test_registered_dataset_generates_synthetic_data(tmp_path):
     assert cls.prepare(preproc, log=quiet, progress=False).meta["reused"] is True
     batch = next(data.split("train").batches(32))
     assert batch["sparse"].dtype.is_floating_point is False and batch["dense"].shape == (32, 13)
+
+
+def test_no_progress_bar_is_drawn_on_a_pipe(monkeypatch):
+    # Under mpirun (gforker) stderr is a pipe whose reader gave up on a bar's carriage-return lines and
+    # the rank died with EPIPE while preprocessing (make demo on a fresh checkout): nothing may be drawn.
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as pipe:
+        monkeypatch.setattr("sys.stderr", pipe)
+        bar = criteo._progress_bar(True, 1000, "criteo: parsing")
+        assert bar is not None
+        bar.update(500)
+        bar.close()
+    with os.fdopen(read_end) as written:
+        assert written.read() == ""
