@@ -386,15 +386,18 @@ def privatize(update: np.ndarray, noise: RoundNoise, *, seed: int, client_id: in
     std = noise_share_std(
         noise_multiplier=noise.update_sigma, clip_norm=noise.clip_norm, min_survivors=noise.min_survivors
     )
-    if noise.secure_mode:
-        source = GaussianNoise(secure_mode=True)
-    else:
-        key = np.random.SeedSequence(
-            [seed, noise.run_key, noise.round_idx, noise.attempt, client_id, _NOISE_SALT]
-        )
-        source = GaussianNoise(seed=int(key.generate_state(1, np.uint64)[0] >> np.uint64(2)))
+    source = client_noise_source(noise, seed=seed, client_id=client_id, salt=_NOISE_SALT)
     shares = source.normal(tuple(clipped.shape), dtype=torch.float64) * std
     return (clipped + shares).numpy(), norm > noise.clip_norm
+
+
+def client_noise_source(noise: RoundNoise, *, seed: int, client_id: int, salt: int) -> GaussianNoise:
+    """A client's Gaussian source for one share: the OS CSPRNG with ``fl.user_dp.secure_mode``, else
+    seeded per (seed, run, round, attempt, client, salt) for reproducible simulations."""
+    if noise.secure_mode:
+        return GaussianNoise(secure_mode=True)
+    key = np.random.SeedSequence([seed, noise.run_key, noise.round_idx, noise.attempt, client_id, salt])
+    return GaussianNoise(seed=int(key.generate_state(1, np.uint64)[0] >> np.uint64(2)))
 
 
 NORM_BOUND_SIGMAS = 10.0  # slack of the server's norm bound on a noised update: P(honest above) < 1e-21
@@ -421,13 +424,7 @@ def count_share(noise: RoundNoise, *, clipped: bool, seed: int, client_id: int) 
     if noise.count_noise_multiplier is None:
         raise FedrecError(f"round {noise.round_idx}: no count noise: adaptive clipping is off")
     std = noise.count_noise_multiplier / math.sqrt(noise.min_survivors)
-    if noise.secure_mode:
-        source = GaussianNoise(secure_mode=True)
-    else:
-        key = np.random.SeedSequence(
-            [seed, noise.run_key, noise.round_idx, noise.attempt, client_id, _COUNT_SALT]
-        )
-        source = GaussianNoise(seed=int(key.generate_state(1, np.uint64)[0] >> np.uint64(2)))
+    source = client_noise_source(noise, seed=seed, client_id=client_id, salt=_COUNT_SALT)
     share = float(source.normal((1,), dtype=torch.float64)[0]) * std
     bit = -0.5 if clipped else 0.5  # privacy.dp.adaptive_clip.unclipped_bit of the update's norm
     return bit + share
