@@ -39,7 +39,7 @@ class DLRMConfig:
     # by scale^2 x lr x its gradient, while DP-SGD's noise on it (same clip C) grows only by scale: the
     # tables learn faster at less noise per unit of progress than with train.embedding_lr = scale^2 x lr,
     # at the price of a larger share of each example's clipped gradient norm.
-    embedding_scale: float = 1.0
+    embedding_scale: float = 1.0  # embedding vectors = scale x stored rows (DP-SGD: faster tables, less noise)
 
     def validate(self, path: str) -> None:
         if self.arch_sparse_feature_size < 1:

@@ -73,12 +73,20 @@ def test_unknown_keys_are_errors_with_closest_key(tmp_path, override, needle):
         ("model.arch_mlp_bot=[12,512,256,64,16]", "number of dense features (13)"),
         ("model.name=dlrn", "did you mean 'dlrm'"),
         ("model.preproc.dataset=movielens", "needs a click-through dataset"),
+        ("model.embedding_scale=0", "model.embedding_scale' = 0.0: expected a finite number > 0"),
+        ("model.embedding_scale=-2.5", "model.embedding_scale' = -2.5: expected a finite number > 0"),
+        ("model.embedding_scale=abc", "model.embedding_scale"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(tmp_path, override, needle):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, DLRM), [override])
     assert needle in str(err.value)
+
+
+def test_embedding_scale_reaches_the_model(tmp_path):
+    cfg = load_config(write(tmp_path, DLRM), ["model.embedding_scale=4.5"])
+    assert cfg.model.params.embedding_scale == 4.5
 
 
 def test_cat_interaction_size_is_checked(tmp_path):

@@ -227,3 +227,72 @@ def test_mf_regularisation_keeps_dp_per_sample_clipping_exact():
 def test_mf_bad_regularisation_is_a_config_error():
     with pytest.raises(ConfigError, match="reg"):
         MFConfig(reg=-0.1).validate("model")
+
+
+def scaled_dlrm(scale: float) -> DLRM:
+    tables = (5, 7, 3)
+    top_in = interaction_size("dot", len(tables) + 1, 4, False)
+    cfg = DLRMConfig(
+        arch_sparse_feature_size=4,
+        arch_mlp_bot=[13, 8, 4],
+        arch_mlp_top=[top_in, 8, 1],
+        embedding_scale=scale,
+    )
+    return DLRM(cfg, table_sizes=list(tables), seed=0)
+
+
+def test_embedding_scale_starts_from_the_same_vectors_and_stores_rows_divided_by_it():
+    plain, scaled = scaled_dlrm(1.0), scaled_dlrm(4.0)
+    data = batch()
+    stored_plain = plain.sparse_arch.embedding.weight.detach()
+    stored_scaled = scaled.sparse_arch.embedding.weight.detach()
+    torch.testing.assert_close(stored_scaled, stored_plain / 4.0)
+    torch.testing.assert_close(scaled.sparse_arch(data["sparse"]), plain.sparse_arch(data["sparse"]))
+    torch.testing.assert_close(scaled(data), plain(data))
+
+
+def test_embedding_scale_moves_the_vectors_by_scale_squared_per_sgd_step():
+    """One SGD step on the stored rows moves the embedding vectors by scale^2 x lr x their gradient."""
+    scale, lr = 3.0, 0.1
+    plain, scaled = scaled_dlrm(1.0), scaled_dlrm(scale)
+    data = batch()
+    sparse = data["sparse"]
+    for model in (plain, scaled):
+        model.loss(model(data), data["label"]).backward()
+    vectors_before = plain.sparse_arch(sparse).detach()
+    with torch.no_grad():
+        plain.sparse_arch.embedding.weight -= (scale**2 * lr) * plain.sparse_arch.embedding.weight.grad
+        scaled.sparse_arch.embedding.weight -= lr * scaled.sparse_arch.embedding.weight.grad
+    moved_plain = plain.sparse_arch(sparse).detach() - vectors_before
+    moved_scaled = scaled.sparse_arch(sparse).detach() - vectors_before
+    assert float(moved_plain.abs().max()) > 1e-4
+    torch.testing.assert_close(moved_scaled, moved_plain)
+
+
+def test_embedding_scale_keeps_dp_per_sample_clipping_exact():
+    model = scaled_dlrm(5.0)
+    naive_model = copy.deepcopy(model)
+    data = batch()
+    clip = 0.5
+    clipper = PerSampleClipper(model, max_grad_norm=clip)
+    got = clipper.clip(model.loss(model(data), data["label"], reduction="none"))
+    params = [p for p in naive_model.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p) for p in params]
+    norms = []
+    for k in range(len(data["label"])):
+        one = {name: t[k : k + 1] for name, t in data.items()}
+        grads = torch.autograd.grad(naive_model.loss(naive_model(one), one["label"], reduction="sum"), params)
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, clip / (float(norm) + CLIP_EPS))
+        for acc, g in zip(expected, grads):
+            acc += factor * g
+    torch.testing.assert_close(got.norms.float(), torch.stack(norms).float())
+    for (name, p), want in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], expected):
+        torch.testing.assert_close(got.to_dense(p), want, msg=name)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True])
+def test_bad_embedding_scale_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match=r"model\.embedding_scale"):
+        DLRMConfig(embedding_scale=bad).validate("model")
