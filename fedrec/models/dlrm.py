@@ -39,7 +39,7 @@ class DLRMConfig:
     # by scale^2 x lr x its gradient, while DP-SGD's noise on it (same clip C) grows only by scale: the
     # tables learn faster at less noise per unit of progress than with train.embedding_lr = scale^2 x lr,
     # at the price of a larger share of each example's clipped gradient norm.
-    embedding_scale: float = 1.0  # embedding vectors = scale x stored rows (DP-SGD: faster tables, less noise)
+    embedding_scale: float = 1.0  # embedding vectors = scale x stored rows (faster tables, less DP noise)
 
     def validate(self, path: str) -> None:
         if self.arch_sparse_feature_size < 1:
@@ -69,7 +69,9 @@ class DLRMConfig:
             or not math.isfinite(scale)
             or scale <= 0
         ):
-            raise ConfigError(f"config key '{path}.embedding_scale' = {scale!r}: expected a finite number > 0")
+            raise ConfigError(
+                f"config key '{path}.embedding_scale' = {scale!r}: expected a finite number > 0"
+            )
         if self.embedding_rows is not None and self.embedding_rows < 1:
             raise ConfigError(
                 f"config key '{path}.embedding_rows' = {self.embedding_rows!r}: expected a positive integer or null"
