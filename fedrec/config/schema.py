@@ -288,6 +288,9 @@ class UserDPConfig:
     epsilon_budget: float | None = None  # refuse a plan above it; stop at the last round within it
     secure_mode: bool = False  # noise shares from the OS CSPRNG (runs are then not reproducible)
     adaptive_clip: AdaptiveClipConfig | None = None  # null = fixed clip_norm
+    # McMahan et al.'s w-hat: a user with n training examples adds min(n / weight_cap, 1) x its clipped
+    # update (weights capped at 1 keep the sensitivity S); null = every user weighs 1
+    weight_cap: float | None = None
 
     def validate(self, path: str) -> None:
         if self.adaptive_clip is not None:
@@ -297,7 +300,7 @@ class UserDPConfig:
                 f"config keys '{path}.noise_multiplier' = {self.noise_multiplier!r} and '{path}.target_epsilon' "
                 f"= {self.target_epsilon!r}: expected exactly one of them to be set (the other null)"
             )
-        for key in ("clip_norm", "noise_multiplier", "target_epsilon", "epsilon_budget"):
+        for key in ("clip_norm", "noise_multiplier", "target_epsilon", "epsilon_budget", "weight_cap"):
             value = getattr(self, key)
             if value is not None and not (0 < value < float("inf")):
                 raise ConfigError(f"config key '{path}.{key}' = {value!r}: expected a finite number > 0")

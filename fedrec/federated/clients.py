@@ -63,6 +63,7 @@ from fedrec.federated.worker import (
 )
 from fedrec.trainers.base_trainer import BaseTrainer, optimizer_supports_sparse
 from fedrec.trainers.metrics import sample_eval_users
+from privacy.dp.dp_fedavg import capped_weight
 from privacy.ledger import BudgetExceededError
 
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +427,11 @@ def client_task(
     clipped = None
     share = None
     if noise is not None:
-        noised, clipped = privatize(update.delta, noise, seed=spec.config.seed, client_id=client_id)
+        user_dp = context.fl.user_dp
+        weight = capped_weight(update.num_examples, weight_cap=user_dp.weight_cap if user_dp else None)
+        noised, clipped = privatize(
+            update.delta, noise, seed=spec.config.seed, client_id=client_id, weight=weight
+        )
         if noise.count_noise_multiplier is not None:  # fl.user_dp.adaptive_clip (plaintext mode)
             share = count_share(noise, clipped=clipped, seed=spec.config.seed, client_id=client_id)
         if context.fl.secure:

@@ -373,16 +373,27 @@ def max_poisson_sample(rate: float, num_clients: int) -> int:
     return min(num_clients, math.ceil(mean + 7.0 * math.sqrt(mean * (1.0 - rate))) + 1)
 
 
-def privatize(update: np.ndarray, noise: RoundNoise, *, seed: int, client_id: int) -> tuple[np.ndarray, bool]:
-    """Clip the whole update to ``S`` and add this client's share N(0, sigma^2 S^2 / k) on every coordinate.
+def privatize(
+    update: np.ndarray, noise: RoundNoise, *, seed: int, client_id: int, weight: float = 1.0
+) -> tuple[np.ndarray, bool]:
+    """Clip the whole update to ``S``, scale it by ``weight`` (at most 1) and add this client's share
+    N(0, sigma^2 S^2 / k) on every coordinate.
 
     The computation of ``privacy.dp.dp_fedavg.privatize_update``, with its noise drawn from
     ``privacy.dp.noise.GaussianNoise``: seeded per (seed, round, attempt, client) for reproducible
-    simulations, or from the OS CSPRNG with ``fl.user_dp.secure_mode``. Returns (float64 update,
-    whether it was clipped).
+    simulations, or from the OS CSPRNG with ``fl.user_dp.secure_mode``. ``weight`` is
+    ``capped_weight`` (fl.user_dp.weight_cap); above 1 it would break the sensitivity ``S`` the noise
+    is calibrated to, so it is refused. Returns (float64 update, whether it was clipped).
     """
+    from privacy.errors import PrivacyError
+
+    if not 0.0 <= weight <= 1.0:
+        raise PrivacyError(
+            f"client {client_id}: user weight {weight!r}: expected 0 <= weight <= 1 (sensitivity S)"
+        )
     flat = torch.from_numpy(np.ascontiguousarray(update, dtype=np.float64))
     (clipped,), norm = clip_update([flat], clip_norm=noise.clip_norm)
+    clipped = clipped * weight
     std = noise_share_std(
         noise_multiplier=noise.update_sigma, clip_norm=noise.clip_norm, min_survivors=noise.min_survivors
     )

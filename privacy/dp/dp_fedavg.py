@@ -204,6 +204,18 @@ def privatize_update(
     return PrivatizedUpdate(tensors, norm, norm > clip_norm)
 
 
+def capped_weight(num_examples: int, *, weight_cap: float | None) -> float:
+    """McMahan et al.'s client weight ``min(n / w_hat, 1)``: at most 1, so a weighted clipped update
+    still changes the sum by at most ``S``; ``weight_cap=None`` weighs every client 1."""
+    count = int(num_examples)
+    if count < 0:
+        raise PrivacyError(f"num_examples = {num_examples!r}: expected an integer >= 0")
+    if weight_cap is None:
+        return 1.0
+    cap = _positive(weight_cap, "weight_cap")
+    return min(count / cap, 1.0)
+
+
 def fixed_denominator_average(
     noised_sum: Sequence[torch.Tensor], *, expected_clients: float
 ) -> list[torch.Tensor]:

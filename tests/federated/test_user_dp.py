@@ -19,6 +19,7 @@ from fedrec.federated.simulation import Simulation, SimulationError
 from fedrec.federated.user_dp import RoundNoise, poisson_sample, privatize, released_mean
 from privacy.accounting.user_level import user_level_epsilon
 from privacy.dp.dp_fedavg import min_survivors_for
+from privacy.errors import PrivacyError
 from privacy.ledger import PrivacyLedger, ledger_path
 
 USER_DP = {"noise_multiplier": 1.0, "clip_norm": 0.5}
@@ -81,8 +82,9 @@ def test_released_model_is_the_sum_of_privatized_updates_over_q_n(tiny_config, t
     sent: dict[tuple[int, int], list[np.ndarray]] = {}
     real = clients.privatize
 
-    def recording(update, noise, *, seed, client_id):
-        noised, clipped = real(update, noise, seed=seed, client_id=client_id)
+    def recording(update, noise, *, seed, client_id, weight=1.0):
+        assert weight == 1.0  # fl.user_dp.weight_cap null: every user weighs 1
+        noised, clipped = real(update, noise, seed=seed, client_id=client_id, weight=weight)
         sent.setdefault((noise.round_idx, noise.attempt), []).append(noised.astype(np.float32))
         return noised, clipped
 
@@ -97,6 +99,61 @@ def test_released_model_is_the_sum_of_privatized_updates_over_q_n(tiny_config, t
     expected = before + server_lr * np.sum(updates, axis=0, dtype=np.float64) / (Q * CLIENTS)
     np.testing.assert_allclose(after, expected, rtol=0, atol=1e-5)
     assert np.abs(after - before).max() > 1e-3  # the round moved the model
+
+
+def test_privatize_scales_the_clipped_update_by_the_user_weight_before_the_noise():
+    noise = RoundNoise(
+        round_idx=0,
+        attempt=0,
+        noise_multiplier=1.0,
+        clip_norm=2.0,
+        client_sampling_rate=0.1,
+        num_sampled=9,
+        min_survivors=4,
+        expected_clients=50.0,
+        secure_mode=False,
+    )
+    update = np.linspace(-1.0, 1.0, 1000, dtype=np.float32)  # norm ~18: clipped to 2
+    full, clipped = privatize(update, noise, seed=0, client_id=3)
+    quarter, clipped_too = privatize(update, noise, seed=0, client_id=3, weight=0.25)
+    assert clipped and clipped_too
+    # The same noise share; only the clipped update is scaled: full - quarter = 0.75 x clip(update).
+    clipped_update = update.astype(np.float64) * (2.0 / np.linalg.norm(update.astype(np.float64)))
+    np.testing.assert_allclose(full - quarter, 0.75 * clipped_update, rtol=0, atol=1e-12)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(PrivacyError, match="user weight"):
+            privatize(update, noise, seed=0, client_id=3, weight=bad)
+
+
+def test_weight_cap_weighs_each_user_by_its_capped_example_count(tiny_config, tmp_path, monkeypatch):
+    """fl.user_dp.weight_cap: client c adds min(n_c / cap, 1) x its clipped update (McMahan et al.'s
+    w-hat), the aggregate is still the plain sum of what privatize returned over q N."""
+    import fedrec.federated.clients as clients
+
+    weights: dict[int, float] = {}
+    sent: dict[tuple[int, int], list[np.ndarray]] = {}
+    real = clients.privatize
+
+    def recording(update, noise, *, seed, client_id, weight=1.0):
+        weights[client_id] = weight
+        noised, clipped = real(update, noise, seed=seed, client_id=client_id, weight=weight)
+        sent.setdefault((noise.round_idx, noise.attempt), []).append(noised.astype(np.float32))
+        return noised, clipped
+
+    monkeypatch.setattr(clients, "privatize", recording)
+    cap = 128.0
+    config = tiny_config(user_dp={"noise_multiplier": 0.5, "clip_norm": 0.05, "weight_cap": cap}, rounds=1)
+    simulation, _ = run(config, tmp_path)
+    sizes = simulation.partition.sizes()
+    assert weights and all(w < 1.0 for w in weights.values())  # clients of 64-65 rows, cap 128
+    for client, weight in weights.items():
+        assert weight == pytest.approx(min(sizes[client] / cap, 1.0), abs=1e-12)
+    record = summary(tmp_path)["rounds"][0]
+    updates = sent[(0, record["attempts"] - 1)]
+    before, after = np.load(model_file(tmp_path, 0)), np.load(model_file(tmp_path, 1))
+    server_lr = build_experiment(config).fl.server_lr  # type: ignore[union-attr]
+    expected = before + server_lr * np.sum(updates, axis=0, dtype=np.float64) / (Q * CLIENTS)
+    np.testing.assert_allclose(after, expected, rtol=0, atol=1e-5)
 
 
 def test_secure_mode_samples_clients_with_a_secret_key_and_shares_are_keyed_to_the_run():
@@ -279,6 +336,7 @@ class OwnSampling(FedAvgWorker):
             "'fl.user_dp.delta' = 0.05: expected below 1/number of clients",
         ),
         ({"user_dp": {**USER_DP, "accountant": "gdp"}}, "'fl.user_dp.accountant' = 'gdp'"),
+        ({"user_dp": {**USER_DP, "weight_cap": 0}}, "'fl.user_dp.weight_cap' = 0"),
         ({"user_dp": {**USER_DP, "epsilon_budget": 0.01}}, "below the cost of one round"),
         ({"user_dp": {**USER_DP, "target_epsilon": 1e-9, "noise_multiplier": None}}, "target_epsilon"),
         ({"user_dp": USER_DP, "algorithm": "_test_own_sampling"}, "needs the built-in Poisson sampling"),

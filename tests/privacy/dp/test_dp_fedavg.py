@@ -159,3 +159,17 @@ def test_bad_config_is_refused(bad):
     params = {**dict(noise_multiplier=1.0, clip_norm=1.0, client_sampling_rate=0.1), **bad}
     with pytest.raises(PrivacyError):
         DPFedAvgConfig(**params)
+
+
+def test_capped_weight_is_n_over_the_cap_at_most_one():
+    from privacy.dp.dp_fedavg import capped_weight
+
+    assert capped_weight(30, weight_cap=None) == 1.0
+    assert capped_weight(30, weight_cap=120.0) == 0.25
+    assert capped_weight(500, weight_cap=120.0) == 1.0
+    assert capped_weight(0, weight_cap=120.0) == 0.0
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(PrivacyError, match="weight_cap"):
+            capped_weight(30, weight_cap=bad)
+    with pytest.raises(PrivacyError, match="num_examples"):
+        capped_weight(-1, weight_cap=10.0)
