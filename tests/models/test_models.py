@@ -203,15 +203,20 @@ def test_mf_regularisation_keeps_dp_per_sample_clipping_exact():
         "item": torch.tensor([2, 0, 1, 2]),
         "label": torch.tensor([4.0, 2.0, 5.0, 1.0]),
     }
-    clip = 0.8
-    clipper = PerSampleClipper(model, max_grad_norm=clip)
     model.train()
-    got = clipper.clip(model.loss(model(batch), batch["label"], reduction="none"))
     naive_model.train()
+    assert_clipping_matches_a_per_example_loop(model, naive_model, batch, clip=0.8)
+
+
+def assert_clipping_matches_a_per_example_loop(model, naive_model, batch: dict, *, clip: float) -> None:
+    """PerSampleClipper's norms and clipped gradient sum equal a loop over single examples of a copy."""
+    got = PerSampleClipper(model, max_grad_norm=clip).clip(
+        model.loss(model(batch), batch["label"], reduction="none")
+    )
     params = [p for p in naive_model.parameters() if p.requires_grad]
     expected = [torch.zeros_like(p) for p in params]
     norms = []
-    for k in range(4):
+    for k in range(len(batch["label"])):
         one = {name: t[k : k + 1] for name, t in batch.items()}
         grads = torch.autograd.grad(naive_model.loss(naive_model(one), one["label"], reduction="sum"), params)
         norm = torch.sqrt(sum((g * g).sum() for g in grads))
@@ -272,24 +277,7 @@ def test_embedding_scale_moves_the_vectors_by_scale_squared_per_sgd_step():
 def test_embedding_scale_keeps_dp_per_sample_clipping_exact():
     model = scaled_dlrm(5.0)
     naive_model = copy.deepcopy(model)
-    data = batch()
-    clip = 0.5
-    clipper = PerSampleClipper(model, max_grad_norm=clip)
-    got = clipper.clip(model.loss(model(data), data["label"], reduction="none"))
-    params = [p for p in naive_model.parameters() if p.requires_grad]
-    expected = [torch.zeros_like(p) for p in params]
-    norms = []
-    for k in range(len(data["label"])):
-        one = {name: t[k : k + 1] for name, t in data.items()}
-        grads = torch.autograd.grad(naive_model.loss(naive_model(one), one["label"], reduction="sum"), params)
-        norm = torch.sqrt(sum((g * g).sum() for g in grads))
-        norms.append(norm)
-        factor = min(1.0, clip / (float(norm) + CLIP_EPS))
-        for acc, g in zip(expected, grads):
-            acc += factor * g
-    torch.testing.assert_close(got.norms.float(), torch.stack(norms).float())
-    for (name, p), want in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], expected):
-        torch.testing.assert_close(got.to_dense(p), want, msg=name)
+    assert_clipping_matches_a_per_example_loop(model, naive_model, batch(), clip=0.5)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True])
