@@ -41,6 +41,25 @@ TINY_DLRM = {
 }
 
 
+def round_noise(**fields: object):
+    """A user-level ``RoundNoise`` of one small seeded round (q 0.1, 9 sampled, k 4, q N 50, sigma 1,
+    S 3); ``fields`` override any of them."""
+    from fedrec.federated.user_dp import RoundNoise
+
+    defaults: dict[str, object] = {
+        "round_idx": 0,
+        "attempt": 0,
+        "noise_multiplier": 1.0,
+        "clip_norm": 3.0,
+        "client_sampling_rate": 0.1,
+        "num_sampled": 9,
+        "min_survivors": 4,
+        "expected_clients": 50.0,
+        "secure_mode": False,
+    }
+    return RoundNoise(**{**defaults, **fields})
+
+
 def write_config(directory: Path, data: dict, name: str = "fl.yml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))

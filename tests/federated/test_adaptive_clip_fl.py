@@ -8,11 +8,12 @@ import math
 
 import numpy as np
 import pytest
+from fl_helpers import round_noise
 
 from fedrec.config.loader import build_experiment
 from fedrec.errors import ConfigError
 from fedrec.federated.simulation import Simulation
-from fedrec.federated.user_dp import RoundNoise, count_share, privatize
+from fedrec.federated.user_dp import count_share, privatize
 from privacy.accounting.user_level import user_level_epsilon
 from privacy.ledger import PrivacyLedger, ledger_path
 
@@ -33,19 +34,7 @@ def rounds_of(logdir) -> list[dict]:
 
 
 def test_clients_noise_updates_at_sigma_delta_and_report_a_noised_centred_bit():
-    noise = RoundNoise(
-        round_idx=0,
-        attempt=0,
-        noise_multiplier=1.0,
-        clip_norm=3.0,
-        client_sampling_rate=0.1,
-        num_sampled=9,
-        min_survivors=4,
-        expected_clients=50.0,
-        secure_mode=False,
-        update_noise_multiplier=SIGMA_DELTA,
-        count_noise_multiplier=2.0,
-    )
+    noise = round_noise(update_noise_multiplier=SIGMA_DELTA, count_noise_multiplier=2.0)
     noised, clipped = privatize(np.zeros(200_000, dtype=np.float32), noise, seed=0, client_id=7)
     assert not clipped
     assert np.std(noised) == pytest.approx(SIGMA_DELTA * 3.0 / math.sqrt(4), rel=0.01)  # not sigma's 1.5

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from fl_helpers import train_fl, write_config
+from fl_helpers import round_noise, train_fl, write_config
 from reference_accounting import opacus_rdp_epsilon
 
 from fedrec import registry
@@ -41,17 +41,7 @@ def model_file(logdir, rounds: int):
 
 
 def test_privatize_clips_the_whole_update_adds_the_share_and_divides_by_q_n():
-    noise = RoundNoise(
-        round_idx=0,
-        attempt=0,
-        noise_multiplier=2.0,
-        clip_norm=3.0,
-        client_sampling_rate=0.1,
-        num_sampled=9,
-        min_survivors=4,
-        expected_clients=50.0,
-        secure_mode=False,
-    )
+    noise = round_noise(noise_multiplier=2.0)
     update = np.full(200_000, 1.0, dtype=np.float32)  # norm 447: clipped to 3
     noised, clipped = privatize(update, noise, seed=0, client_id=7)
     assert clipped and update[0] == 1.0  # the input is not modified
@@ -102,17 +92,7 @@ def test_released_model_is_the_sum_of_privatized_updates_over_q_n(tiny_config, t
 
 
 def test_privatize_scales_the_clipped_update_by_the_user_weight_before_the_noise():
-    noise = RoundNoise(
-        round_idx=0,
-        attempt=0,
-        noise_multiplier=1.0,
-        clip_norm=2.0,
-        client_sampling_rate=0.1,
-        num_sampled=9,
-        min_survivors=4,
-        expected_clients=50.0,
-        secure_mode=False,
-    )
+    noise = round_noise(clip_norm=2.0)
     update = np.linspace(-1.0, 1.0, 1000, dtype=np.float32)  # norm ~18: clipped to 2
     full, clipped = privatize(update, noise, seed=0, client_id=3)
     quarter, clipped_too = privatize(update, noise, seed=0, client_id=3, weight=0.25)
