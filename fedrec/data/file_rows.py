@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -58,6 +58,26 @@ def scan_rows(array: np.ndarray, chunk_rows: int | None = None) -> Iterator[tupl
     chunk_rows = chunk_rows or SCAN_CHUNK_ROWS
     for start in range(0, len(array), chunk_rows):
         yield start, read_rows(array, start, start + chunk_rows)
+
+
+def rows_where_in(arrays: Mapping[str, np.ndarray], column: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of ``arrays`` (columns of equal length) whose ``column`` is in ``values``, in order, as new
+    in-memory arrays: scanned a chunk at a time with file reads (a mapped column scanned whole would
+    join the peak RSS), the other columns read only where a chunk keeps a row."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+    for start, key in scan_rows(arrays[column]):
+        keep = np.flatnonzero(np.isin(key, values))
+        if not len(keep):
+            continue
+        for name, array in arrays.items():
+            chunk = key if name == column else read_rows(array, start, start + len(key))
+            parts[name].append(chunk[keep])
+    return {
+        name: np.concatenate(chunks)
+        if chunks
+        else np.zeros((0, *arrays[name].shape[1:]), dtype=arrays[name].dtype)
+        for name, chunks in parts.items()
+    }
 
 
 def read_items(array: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from fedrec import registry
 from fedrec.config import ExperimentConfig
 from fedrec.config.schema import FLConfig
 from fedrec.data.base import ArraySplit, ProcessedData
-from fedrec.data.file_rows import read_rows
+from fedrec.data.file_rows import read_rows, rows_where_in
 from fedrec.data.partition import Partition
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.experiment import build_model, prepare_data
@@ -271,9 +271,7 @@ class RankContext:
         if self.eval_users is None:
             return self.train.arrays
         if self._eval_train is None:
-            arrays = self.train.arrays
-            keep = np.isin(np.asarray(arrays["user"]), self.eval_users)
-            self._eval_train = {name: np.asarray(values)[keep] for name, values in arrays.items()}
+            self._eval_train = rows_where_in(self.train.arrays, "user", self.eval_users)
         return self._eval_train
 
     def evaluate(self, params: np.ndarray, splits: list[str], *, tag: int) -> dict[str, dict[str, float]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from fedrec.config.schema import EARLY_STOPPING_METRICS, ExperimentConfig
 from fedrec.data.base import ProcessedData
-from fedrec.data.file_rows import read_rows, scan_rows
+from fedrec.data.file_rows import rows_where_in
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.progress import progress_bar
 from fedrec.trainers import metrics as M
@@ -403,13 +403,10 @@ class BaseTrainer:
                 if self.eval_users is None:
                     parts.append((np.asarray(split.arrays["user"]), np.asarray(split.arrays["item"])))
                     continue
-                # Only the evaluated users' ratings are ever looked up: keep those, a chunk at a time,
-                # read from the files (a memory-mapped column scanned whole would join the peak RSS).
-                for start, split_users in scan_rows(split.arrays["user"]):
-                    keep = np.flatnonzero(np.isin(split_users, self.eval_users))
-                    if len(keep):
-                        split_items = read_rows(split.arrays["item"], start, start + len(split_users))
-                        parts.append((split_users[keep], split_items[keep]))
+                # Only the evaluated users' ratings are ever looked up: keep those (read a chunk at a time).
+                pairs = {name: split.arrays[name] for name in ("user", "item")}
+                rated = rows_where_in(pairs, "user", self.eval_users)
+                parts.append((rated["user"], rated["item"]))
             if not parts:
                 parts.append((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
             users = np.concatenate([u for u, _ in parts])

@@ -68,3 +68,22 @@ def test_private_store_reads_from_its_files_what_it_wrote(tmp_path):
     assert np.array_equal(rows, [[-1, -1, -1], [-1, -1, -1], initial[0]])
     # attempt 5 itself (a redo after a crash) still sees the rows from before its own write
     assert np.array_equal(reopened.read(np.array([3]), tag=5)["user_emb"], initial[[3]])
+
+
+def test_rows_where_in_equals_a_mask_over_the_maps_chunk_by_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "SCAN_CHUNK_ROWS", 64)  # several chunks, some without a kept row
+    rng = np.random.default_rng(1)
+    users = np.sort(rng.integers(0, 50, size=1000)).astype(np.int64)
+    arrays = {
+        "user": mapped(tmp_path, users, "user.npy"),
+        "item": mapped(tmp_path, rng.integers(0, 9, size=1000).astype(np.int32), "item.npy"),
+        "pair": mapped(tmp_path, rng.normal(size=(1000, 2)).astype(np.float32), "pair.npy"),
+    }
+    wanted = np.array([3, 17, 48])
+    got = F.rows_where_in(arrays, "user", wanted)
+    mask = np.isin(users, wanted)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(got[name], np.asarray(array)[mask])
+        assert not isinstance(got[name], np.memmap)
+    none = F.rows_where_in(arrays, "user", np.array([99]))
+    assert none["pair"].shape == (0, 2) and none["item"].dtype == np.int32
